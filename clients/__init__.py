@@ -1,0 +1,1 @@
+"""The ClientApp and what runs on a client."""

@@ -1,0 +1,88 @@
+"""What a client process keeps between messages: the parsed experiment, its model and its data.
+
+Flower starts a ClientApp per message (deployment) or reuses a Ray actor process (simulation);
+either way everything here is built once per process and reused across rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedlora.config import ExperimentConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from fedlora.training import Encoded
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """A client's tokenised train and validation splits."""
+
+    train: Encoded
+    val: Encoded
+
+
+@functools.lru_cache(maxsize=4)
+def parse_experiment(text: str) -> ExperimentConfig:
+    """Parse the experiment TOML sent by the server (cached: every message carries the same text)."""
+    return ExperimentConfig.from_toml(text)
+
+
+def set_threads(num_cpus: float) -> None:
+    """One torch thread per reserved CPU (an oversubscribed actor is many times slower)."""
+    import torch
+
+    threads = max(1, int(num_cpus))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def model_for(cfg: ExperimentConfig) -> PeftModel:
+    """The process's LoRA model for this experiment (built once), on the GPU when one is visible."""
+    import torch
+
+    from fedlora.adapters import get_model
+
+    model = get_model(cfg)
+    if torch.cuda.is_available() and cfg.federation.client_gpus > 0:
+        model.to("cuda")
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _client_data(text: str, partition_id: int) -> ClientData:
+    from fedlora.data import get_splits
+    from fedlora.models import load_tokenizer
+    from fedlora.training import encode
+
+    cfg = parse_experiment(text)
+    splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
+    tokenizer = load_tokenizer(cfg.model.path)
+    return ClientData(
+        train=encode(splits.client_train(partition_id), tokenizer, cfg.data.max_length),
+        val=encode(splits.client_val(partition_id), tokenizer, cfg.data.max_length),
+    )
+
+
+def data_for(text: str, partition_id: int) -> ClientData:
+    """The client's tokenised splits, computed once per process and partition."""
+    cfg = parse_experiment(text)
+    if not 0 <= partition_id < cfg.federation.num_clients:
+        raise ValueError(
+            f"partition-id {partition_id} is outside 0..{cfg.federation.num_clients - 1} "
+            "(federation.num_clients); fix the SuperNode's --node-config"
+        )
+    return _client_data(text, partition_id)
+
+
+def client_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> int:
+    """A distinct, reproducible seed per (experiment seed, round, client)."""
+    return (cfg.seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

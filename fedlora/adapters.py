@@ -1,0 +1,172 @@
+"""LoRA injection with peft, and the adapter arrays that travel between server and clients.
+
+The same functions serve simulated and deployed clients and the server. Arrays are keyed by
+peft's own state-dict names (``...query.lora_A.weight``, ``...classifier.weight``), never by position.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedlora.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from torch import nn
+
+#: Module-name suffixes per preset, for BERT-style and Llama-style attention blocks.
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "bert": {
+        "qv": ["query", "value"],
+        "qkvo": ["query", "key", "value", "attention.output.dense"],
+        "vo": ["value", "attention.output.dense"],
+    },
+    "llama": {
+        "qv": ["q_proj", "v_proj"],
+        "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "vo": ["v_proj", "o_proj"],
+    },
+}
+
+State = dict[str, torch.Tensor]
+
+
+def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
+    """Module-name suffixes for peft's ``target_modules``: a preset name or explicit names.
+
+    Raises ValueError naming the targets that match no linear layer of the model.
+    """
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    if len(targets) == 1 and targets[0] in TARGET_PRESETS:
+        family = "llama" if any(n.endswith("q_proj") for n in names) else "bert"
+        suffixes = PRESETS[family][targets[0]]
+    else:
+        suffixes = list(targets)
+    missing = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n in names)]
+    if missing:
+        raise ValueError(
+            f"lora.targets = {targets!r}: no linear layer named {missing}; "
+            f"use a preset ({', '.join(TARGET_PRESETS)}) or names such as {names[0].rsplit('.', 1)[-1]!r}"
+        )
+    return suffixes
+
+
+def inject_lora(model: nn.Module, lora: LoraConfig, *, seed: int) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters (A Kaiming-uniform from ``seed``, B zero) and a trainable head."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    spec = PeftLoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        use_rslora=lora.rslora,
+        target_modules=resolve_targets(model, lora.targets),
+    )
+    torch.manual_seed(seed)
+    return get_peft_model(model, spec)
+
+
+def adapter_state(model: PeftModel) -> State:
+    """The adapter and head tensors (detached CPU copies), keyed by peft's state-dict names."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into the model; every key must be one of the model's adapter or head keys."""
+    from peft import set_peft_model_state_dict
+
+    expected = set(adapter_state_keys(model))
+    unknown = sorted(set(state) - expected)
+    if unknown:
+        raise KeyError(f"adapter state has keys the model lacks: {unknown[:3]}")
+    result = set_peft_model_state_dict(model, dict(state))
+    if result.unexpected_keys:
+        raise KeyError(f"peft rejected adapter keys: {result.unexpected_keys[:3]}")
+
+
+def adapter_state_keys(model: PeftModel) -> list[str]:
+    """The names of all adapter and head tensors, in peft's order."""
+    from peft import get_peft_model_state_dict
+
+    return list(get_peft_model_state_dict(model))
+
+
+def is_lora_a(key: str) -> bool:
+    """True for a LoRA down-projection A (r x d_in)."""
+    return ".lora_A." in key
+
+
+def is_lora_b(key: str) -> bool:
+    """True for a LoRA up-projection B (d_out x r)."""
+    return ".lora_B." in key
+
+
+def is_head(key: str) -> bool:
+    """True for the classification head (trained and shared, not a LoRA factor)."""
+    return not (is_lora_a(key) or is_lora_b(key))
+
+
+def layer_of(key: str) -> str:
+    """The adapted module a LoRA key belongs to (the key without ``.lora_A.weight``)."""
+    return key.split(".lora_A.")[0].split(".lora_B.")[0]
+
+
+def lora_scale(lora: LoraConfig) -> float:
+    """The LoRA scale s applied to B @ A: alpha/r, or alpha/sqrt(r) with rsLoRA."""
+    return lora.alpha / (lora.rank**0.5 if lora.rslora else lora.rank)
+
+
+def to_arrays(state: Mapping[str, torch.Tensor]):  # type: ignore[no-untyped-def]
+    """Named tensors -> a Flower ArrayRecord (order preserved)."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def from_arrays(record) -> State:  # type: ignore[no-untyped-def]
+    """A Flower ArrayRecord -> named float tensors (copies, writable)."""
+    return {k: torch.from_numpy(arr.numpy().copy()) for k, arr in record.items()}
+
+
+def payload_bytes(record) -> int:  # type: ignore[no-untyped-def]
+    """Exact serialized bytes of the arrays in a Flower ArrayRecord (what travels on the wire)."""
+    return sum(len(arr.data) for arr in record.values())
+
+
+@functools.cache
+def _cached_model(model_path: str, lora_key: tuple[object, ...], seed: int) -> tuple[PeftModel, State]:
+    from fedlora.data import LABELS
+    from fedlora.models import load_classifier
+
+    rank, alpha, dropout, rslora, targets = lora_key
+    lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, targets=list(targets))  # type: ignore[arg-type]
+    model = inject_lora(load_classifier(model_path, num_labels=len(LABELS), seed=seed), lora, seed=seed)
+    return model, adapter_state(model)
+
+
+def _key(cfg: ExperimentConfig) -> tuple[str, tuple[object, ...], int]:
+    import dataclasses
+
+    lora_key = tuple(tuple(v) if isinstance(v, list) else v for v in dataclasses.astuple(cfg.lora))
+    return cfg.model.path, lora_key, cfg.seed
+
+
+def get_model(cfg: ExperimentConfig) -> PeftModel:
+    """The process's LoRA model for this experiment, built once and reused across rounds and clients.
+
+    Callers overwrite every adapter and head tensor (``load_adapter_state``) before use, so reuse is safe.
+    """
+    return _cached_model(*_key(cfg))[0]
+
+
+def initial_state(cfg: ExperimentConfig) -> State:
+    """The adapter and head exactly as initialised from ``cfg.seed`` (A random, B zero, head random)."""
+    return {k: v.clone() for k, v in _cached_model(*_key(cfg))[1].items()}

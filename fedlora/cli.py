@@ -1,0 +1,119 @@
+"""The ``fedlora`` command line: parse, call the library, print. Heavy imports happen lazily."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help="Federated LoRA fine-tuning of pretrained transformers, simulated on Flower and Ray.",
+                  no_args_is_help=True, add_completion=False)
+
+DEFAULT_EXPERIMENT = Path("sims/quickstart.toml")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def run(
+    experiment: Annotated[Path | None, typer.Argument(help="experiment TOML file (default: sims/quickstart.toml)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default: runs/<name>)")] = None,
+    clients: Annotated[int | None, typer.Option(help="shortcut for --set federation.num_clients=N")] = None,
+    rounds: Annotated[int | None, typer.Option(help="shortcut for --set federation.rounds=N")] = None,
+    strategy: Annotated[str | None, typer.Option(help="shortcut for --set strategy.name=NAME")] = None,
+    seed: Annotated[int | None, typer.Option(help="shortcut for --set seed=N")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's own logs")] = False,
+) -> None:
+    """Fine-tune with LoRA across simulated clients and write a run directory."""
+    from fedlora.config import ConfigError, load_config
+    from fedlora.records import RunDirectory, RunDirError
+
+    overrides = list(set_ or [])
+    for key, value in (("federation.num_clients", clients), ("federation.rounds", rounds),
+                       ("strategy.name", strategy), ("seed", seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}" if not isinstance(value, str) else f'{key}="{value}"')
+    if experiment is None and DEFAULT_EXPERIMENT.is_file():
+        experiment = DEFAULT_EXPERIMENT
+    try:
+        cfg = load_config(experiment, overrides)
+        _check_model(cfg.model.path)
+        run_dir = RunDirectory(out or Path("runs") / cfg.name)
+        run_dir.create(cfg, overwrite=overwrite)
+    except (ConfigError, RunDirError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    _simulate_with_progress(cfg, run_dir, verbose=verbose)
+
+
+def _check_model(path: str) -> None:
+    from fedlora.models import model_dir
+
+    model_dir(path)
+
+
+def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
+    from rich.console import Console
+
+    from fedlora.simulation import simulate
+
+    console = Console()
+    fed = cfg.federation
+    console.print(
+        f"[bold]fedlora[/] {cfg.name}: strategy [cyan]{cfg.strategy.name}[/], {fed.num_clients} clients "
+        f"({fed.clients_per_round()} per round), {fed.rounds} rounds, partitioner {cfg.data.partitioner} "
+        f"-> {run_dir.path}"
+    )
+
+    def on_round(row: dict[str, Any]) -> None:
+        console.print(
+            f"round {row['round']:>3}/{fed.rounds}  clients {row['num_clients']:>3}  "
+            f"train_loss {row['train_loss']:.4f}  eval_loss {row['eval_loss']:.4f}  "
+            f"eval_acc [bold]{100 * row['eval_accuracy']:.2f}%[/]  "
+            f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  {row['wall_s']:.1f} s"
+        )
+
+    try:
+        console.print("[dim]starting Ray and the clients (about 10 s)...[/]")
+        simulate(cfg, run_dir, on_round, verbose=verbose)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]; finished rounds are in {run_dir.rounds_path}")
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - one line for the user, the cause in --verbose
+        cause = exc.__cause__ or exc
+        _fail(f"the run failed: {type(cause).__name__}: {cause} (rerun with --verbose for details)", code=1)
+    if run_dir.summary_path.is_file():
+        from fedlora.records import read_summary
+
+        s = read_summary(run_dir.path)
+        console.print(
+            f"[green]done[/] in {s['wall_s']:.1f} s: final eval_accuracy {100 * s['final_eval_accuracy']:.2f}% "
+            f"(best {100 * s['best_eval_accuracy']:.2f}% in round {s['best_round']}; "
+            f"majority class {100 * s['majority_accuracy']:.2f}%) -> {run_dir.path}"
+        )
+    else:
+        _fail(f"the run ended without a summary; see {run_dir.rounds_path} (rerun with --verbose)", code=1)
+
+
+@app.command()
+def strategies() -> None:
+    """List the aggregation strategies with a one-line description."""
+    from strategies.registry import available
+
+    for name, cls in available().items():
+        typer.echo(f"{name:<12} {cls.description}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

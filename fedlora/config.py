@@ -1,0 +1,297 @@
+"""Typed experiment configuration: one parser for the CLI, the ServerApp and the ClientApp.
+
+An experiment is a TOML file whose tables mirror the dataclasses below
+(``[data]``, ``[model]``, ``[lora]``, ``[train]``, ``[federation]``, ``[strategy]``),
+plus ``--set section.key=value`` overrides. Unknown keys, wrong types and
+impossible values raise :class:`ConfigError` with one line that names the key,
+the value got and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+PARTITIONERS = ("natural", "dirichlet", "iid")
+TARGET_PRESETS = ("qv", "qkvo", "vo")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class ConfigError(ValueError):
+    """A user error in an experiment file or override; the message is one line."""
+
+
+def _help(text: str, default: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
+
+
+@dataclass
+class DataConfig:
+    """The tweets corpus and how it is split between clients."""
+
+    partitioner: str = _help("how tweets are split between clients: natural, dirichlet or iid", "natural")
+    alpha: float = _help("Dirichlet concentration for partitioner = dirichlet (lower = more label skew)", 0.5)
+    test_size: int = _help("examples in the stratified global held-out test set", 2000)
+    val_fraction: float = _help("fraction of each client's examples kept as its own validation split", 0.1)
+    max_length: int = _help("maximum tokens per tweet (longer ones are truncated)", 64)
+    max_examples: int = _help("use a stratified subset of this many tweets (0 = all 38,158)", 0)
+
+    def __post_init__(self) -> None:
+        _check(self.partitioner in PARTITIONERS, "data.partitioner", self.partitioner, f"one of {', '.join(PARTITIONERS)}")
+        _check(self.alpha > 0, "data.alpha", self.alpha, "a number > 0")
+        _check(self.test_size >= 10, "data.test_size", self.test_size, "an integer >= 10")
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a number in [0, 1)")
+        _check(8 <= self.max_length <= 512, "data.max_length", self.max_length, "an integer in [8, 512]")
+        _check(self.max_examples >= 0, "data.max_examples", self.max_examples, "0 (all) or a positive integer")
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained base model."""
+
+    path: str = _help("local Hugging Face model directory; empty = the packaged all-MiniLM-L6-v2", "")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters injected with peft."""
+
+    rank: int = _help("LoRA rank r", 8)
+    alpha: float = _help("LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora)", 16.0)
+    dropout: float = _help("dropout on the LoRA branch input", 0.05)
+    rslora: bool = _help("use rank-stabilised scaling alpha/sqrt(r)", False)
+    targets: list[str] = _help("attention projections: a preset (qv, qkvo, vo) or module names", ["qv"])
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "a number > 0")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a number in [0, 1)")
+        _check(len(self.targets) > 0, "lora.targets", self.targets, f"a preset ({', '.join(TARGET_PRESETS)}) or a list of module names")
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each sampled client."""
+
+    local_steps: int = _help("optimizer steps per client per round (used when local_epochs = 0)", 10)
+    local_epochs: float = _help("passes over the client's train split per round; 0 = use local_steps", 0.0)
+    batch_size: int = _help("examples per optimizer step", 16)
+    lr: float = _help("learning rate", 5e-4)
+    optimizer: str = _help("adamw or sgd", "adamw")
+    weight_decay: float = _help("decoupled weight decay (adamw) or L2 (sgd)", 0.0)
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "an integer >= 1")
+        _check(self.local_epochs >= 0, "train.local_epochs", self.local_epochs, "a number >= 0")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+
+
+@dataclass
+class FederationConfig:
+    """Clients, rounds, sampling and simulation resources."""
+
+    num_clients: int = _help("virtual clients (SuperNodes) in the federation", 10)
+    rounds: int = _help("federated rounds", 5)
+    fraction: float = _help("fraction of clients sampled for training each round", 1.0)
+    min_clients: int = _help("fewest clients sampled (and replies needed) per round", 2)
+    fraction_evaluate: float = _help("fraction of clients that evaluate on their validation split each round; 0 = off", 0.0)
+    client_cpus: float = _help("CPUs reserved per simulated client (Ray actor); torch uses this many threads", 1.0)
+    client_gpus: float = _help("GPUs per simulated client; fractions pack several actors on one GPU", 0.0)
+    round_timeout: float = _help("seconds to wait for replies in a round", 3600.0)
+
+    def __post_init__(self) -> None:
+        _check(self.num_clients >= 1, "federation.num_clients", self.num_clients, "an integer >= 1")
+        _check(self.rounds >= 1, "federation.rounds", self.rounds, "an integer >= 1")
+        _check(0.0 < self.fraction <= 1.0, "federation.fraction", self.fraction, "a number in (0, 1]")
+        _check(self.min_clients >= 1, "federation.min_clients", self.min_clients, "an integer >= 1")
+        _check(
+            self.min_clients <= self.num_clients,
+            "federation.min_clients",
+            self.min_clients,
+            f"at most federation.num_clients ({self.num_clients})",
+        )
+        _check(0.0 <= self.fraction_evaluate <= 1.0, "federation.fraction_evaluate", self.fraction_evaluate, "a number in [0, 1]")
+        _check(self.client_cpus > 0, "federation.client_cpus", self.client_cpus, "a number > 0")
+        _check(self.client_gpus >= 0, "federation.client_gpus", self.client_gpus, "a number >= 0")
+        _check(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "a number of seconds > 0")
+
+    def clients_per_round(self) -> int:
+        """Clients sampled for training each round: ceil-free fraction, at least min_clients."""
+        return max(self.min_clients, int(self.fraction * self.num_clients))
+
+
+@dataclass
+class StrategyConfig:
+    """The server-side aggregation strategy; ``options`` are checked by the strategy itself."""
+
+    name: str = _help("aggregation strategy (see `fedlora strategies`)", "fedit")
+    options: dict[str, Any] = _help("strategy-specific options", {})
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: everything a server and its clients need to agree on."""
+
+    name: str = _help("run name; the run directory is runs/<name> unless --out is given", "quickstart")
+    seed: int = _help("seed for data splits, adapter initialisation, sampling and training", 0)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved config as plain TOML-able values."""
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The fully resolved config as TOML text (what ``config.toml`` holds)."""
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> ExperimentConfig:
+        """Parse TOML text produced by :meth:`to_toml` or written by a user."""
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"experiment is not valid TOML: {exc}") from None
+        return from_dict(data)
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an :class:`ExperimentConfig` from nested dicts."""
+    config = _build(ExperimentConfig, data, prefix="")
+    _check_cross(config)
+    return config
+
+
+def _build(cls: type[Any], data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'experiment'} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key(prefix + key, list(fields)))
+        kwargs[key] = _coerce(hints[key], value, prefix + key)
+    return cls(**kwargs)
+
+
+def _unknown_key(key: str, valid: list[str]) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}"
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=key + ".")
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r} is invalid: expected a list")
+        return [_coerce(item, v, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} = {value!r} is invalid: expected a table")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} is invalid: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r} is invalid: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r} is invalid: expected a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} is invalid: expected a string")
+        return value
+    if isinstance(hint, types.UnionType) or hint is Any:
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # programming error
+
+
+def _check_cross(config: ExperimentConfig) -> None:
+    """Checks that involve more than one section."""
+    from strategies.registry import validate_options  # local: strategies import config
+
+    config.strategy.options = validate_options(config.strategy.name, config.strategy.options)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value`` into a key path and a TOML-parsed value (bare words stay strings)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is invalid: expected section.key=value, e.g. lora.rank=16")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' is invalid: expected section.key=value, e.g. lora.rank=16")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to nested dicts (a new dict is returned)."""
+    result = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}' is invalid: '{part}' is not a table")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read an experiment file, turning I/O and syntax problems into :class:`ConfigError`."""
+    if not path.is_file():
+        raise ConfigError(f"experiment file '{path}' not found; pass an existing .toml file (see sims/)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"experiment file '{path}' is not valid TOML: {exc}") from None
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment file (or the defaults when ``path`` is None) and apply overrides."""
+    data = read_toml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))

@@ -1,0 +1,22 @@
+"""Names shared by the ServerApp and the ClientApp: record keys and message config keys (kebab-case)."""
+
+ARRAYS = "arrays"
+"""RecordDict key of the ArrayRecord holding the adapter arrays that travel."""
+CONFIG = "config"
+"""RecordDict key of the ConfigRecord sent with every message."""
+METRICS = "metrics"
+"""RecordDict key of the MetricRecord in every reply."""
+
+SERVER_ROUND = "server-round"
+EXPERIMENT = "experiment"
+"""The fully resolved experiment as TOML text: clients parse it with the same code as the server."""
+
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+EVAL_LOSS = "eval-loss"
+EVAL_ACCURACY = "eval-accuracy"
+PARTITION_ID = "partition-id"
+
+# Node config keys (set by the simulation engine, or by --node-config on a SuperNode).
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"

@@ -1,0 +1,104 @@
+"""The run directory: ``config.toml``, ``rounds.jsonl``, ``summary.json`` and ``adapter/``.
+
+Writers never overwrite an existing run unless asked; ``rounds.jsonl`` is appended and flushed
+after every round, so an interrupted run keeps every finished round.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import ExperimentConfig
+
+PACKAGES = ("fedlora", "flwr", "torch", "transformers", "peft", "opacus", "ray", "datasets", "flwr-datasets")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used (exists already, or is not writable)."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that decide results."""
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe values: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunDirectory:
+    """Writer for one run directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def rounds_path(self) -> Path:
+        return self.path / "rounds.jsonl"
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def adapter_path(self) -> Path:
+        return self.path / "adapter"
+
+    def create(self, cfg: ExperimentConfig, *, overwrite: bool = False) -> None:
+        """Create the directory and write ``config.toml``; refuse an existing run unless ``overwrite``."""
+        if self.path.exists() and any(self.path.iterdir()):
+            if not overwrite:
+                raise RunDirError(
+                    f"run directory '{self.path}' already exists; pass --overwrite to replace it "
+                    "or --out DIR to write elsewhere"
+                )
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.path / "config.toml", cfg.to_toml())
+        self.rounds_path.touch()
+
+    def append_round(self, row: dict[str, Any]) -> None:
+        """Append one round's record to ``rounds.jsonl`` and flush it to disk."""
+        with self.rounds_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Write ``summary.json`` atomically."""
+        _atomic_write(self.summary_path, json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """All rows of a run's ``rounds.jsonl``."""
+    lines = (Path(run_dir) / "rounds.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run's ``summary.json``."""
+    return dict(json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8")))

@@ -1,0 +1,74 @@
+"""Run an experiment on Flower's simulation engine (Ray backend), in this process.
+
+Ray's processes are started by ``ray.init`` inside Flower's backend and stopped by ``ray.shutdown``
+(which ends them by PID) when the run finishes, fails, or is interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from fedlora.config import ExperimentConfig
+from fedlora.records import RunDirectory
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+def quiet_environment() -> None:
+    """Offline, no telemetry, no update checks (inherited by Ray's worker processes)."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def backend_config(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
+    """Flower's Ray backend settings: resources per client actor, and a quiet local Ray."""
+    return {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
+        "init_args": {
+            "include_dashboard": False,
+            "logging_level": "info" if verbose else "error",
+            "log_to_driver": verbose,
+            "configure_logging": True,
+        },
+    }
+
+
+def simulate(cfg: ExperimentConfig, run_dir: RunDirectory, on_round: Any = None, *, verbose: bool = False) -> None:
+    """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; blocks until done."""
+    quiet_environment()
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from strategies.server_app import make_server_app
+
+    if not verbose:
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, run_dir, on_round),
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend_config(cfg, verbose=verbose),  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    finally:
+        _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    """Stop Ray's processes if the run was interrupted before Flower's backend did it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,115 @@
+"""Local training and evaluation loops over tokenised tweets (plain PyTorch, CPU or CUDA)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedlora.config import TrainConfig
+
+if TYPE_CHECKING:
+    import datasets
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Token ids (unpadded, truncated) and labels of a split; batches are padded on the fly."""
+
+    ids: tuple[tuple[int, ...], ...]
+    labels: torch.Tensor
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def batch(self, index: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Input ids, attention mask and labels for ``index``, padded to the longest row."""
+        rows = [self.ids[int(i)] for i in index]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, row in enumerate(rows):
+            input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[j, : len(row)] = 1
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[index]}
+
+
+def encode(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
+    """Tokenise the ``text`` column (truncated to ``max_length`` tokens) and keep the ``label`` column."""
+    texts = list(ds["text"])
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    labels = torch.tensor(list(ds["label"]), dtype=torch.long)
+    return Encoded(ids=tuple(tuple(r) for r in ids), labels=labels, pad_id=int(tokenizer.pad_token_id))
+
+
+def num_steps(train: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps this round: ``local_steps``, or ``ceil(local_epochs * n / batch_size)``."""
+    if train.local_epochs > 0:
+        return max(1, math.ceil(train.local_epochs * num_examples / train.batch_size))
+    return train.local_steps
+
+
+def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless epochs of shuffled batches (the last short batch of an epoch is kept)."""
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield order[start : start + batch_size]
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters only."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def train_local(model: nn.Module, data: Encoded, train: TrainConfig, *, seed: int) -> tuple[float, int]:
+    """Run this round's local steps; returns (mean training loss, examples seen).
+
+    A fresh optimizer is made every round (clients keep no optimizer state between rounds).
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # LoRA dropout
+    model.train()
+    optimizer = make_optimizer(model, train)
+    batches = _shuffled_batches(len(data), train.batch_size, generator)
+    total, seen = 0.0, 0
+    steps = num_steps(train, len(data))
+    for _ in range(steps):
+        batch = {k: v.to(device) for k, v in data.batch(next(batches)).items()}
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        total += float(loss) * len(batch["labels"])
+        seen += len(batch["labels"])
+    return total / max(seen, 1), seen
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Encoded, *, batch_size: int = 128) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy (fraction in [0, 1]) over ``data``; (nan, nan) if empty."""
+    if len(data) == 0:
+        return math.nan, math.nan
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    # Sorting by length keeps padding (and CPU time) low; the order does not change the result.
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    for start in range(0, len(order), batch_size):
+        batch = {k: v.to(device) for k, v in data.batch(order[start : start + batch_size]).items()}
+        out = model(**batch)
+        loss_sum += float(out.loss) * len(batch["labels"])
+        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    model.train(was_training)
+    return loss_sum / len(data), correct / len(data)

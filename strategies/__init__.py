@@ -1,0 +1,1 @@
+"""Server-side aggregation strategies for LoRA adapters, and the ServerApp."""

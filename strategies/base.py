@@ -1,0 +1,154 @@
+"""The base of every LoRA strategy: Flower plumbing (sampling, messages, replies) around pure math.
+
+A strategy subclass overrides the pure hooks only:
+
+* :meth:`LoraStrategy.outgoing` - which global tensors travel to clients (default: all);
+* :meth:`LoraStrategy.aggregate` - new global state from client states and weights p_k.
+
+Everything Flower-specific (Messages, ArrayRecords, errors in replies) stays here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedlora import protocol
+from fedlora.adapters import State, from_arrays, payload_bytes, to_arrays
+from fedlora.config import ExperimentConfig
+from strategies.aggregation import normalised_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NoOptions:
+    """A strategy without options."""
+
+
+@dataclass
+class RoundTraffic:
+    """Exact payload bytes of the arrays that travelled in one round, summed over clients."""
+
+    uplink: int = 0
+    downlink: int = 0
+
+
+class LoraStrategy(Strategy):
+    """Samples clients, sends them the arrays that travel, and aggregates their replies.
+
+    ``global_state`` is the full global adapter (LoRA factors and head) the server evaluates and saves.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[Any]] = NoOptions
+
+    def __init__(self, cfg: ExperimentConfig, global_state: State) -> None:
+        self.cfg = cfg
+        self.options = self.Options(**cfg.strategy.options)
+        self.global_state = dict(global_state)
+        self.traffic = RoundTraffic()
+        self.last_metrics: dict[str, float] = {}
+        self._rng = random.Random(cfg.seed)
+
+    # ----- pure hooks (override these) -------------------------------------------------------
+    def outgoing(self, global_state: State) -> State:
+        """The tensors sent to every sampled client (default: the whole global adapter)."""
+        return dict(global_state)
+
+    def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
+        """The new global state from client states and normalised weights p_k (sum 1)."""
+        raise NotImplementedError
+
+    # ----- Flower plumbing -------------------------------------------------------------------
+    def summary(self) -> None:
+        """Log the strategy's settings in one line."""
+        opts = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.options).items())
+        log.info("strategy %s (%s)%s", self.name, self.description, f": {opts}" if opts else "")
+
+    def sample(self, grid: Grid) -> list[int]:
+        """Sample ``federation.clients_per_round()`` node ids with the strategy's seeded RNG."""
+        fed = self.cfg.federation
+        nodes = sorted(grid.get_node_ids())
+        want = min(fed.clients_per_round(), len(nodes))
+        if len(nodes) < fed.min_clients:
+            raise RuntimeError(
+                f"only {len(nodes)} clients are connected but federation.min_clients = {fed.min_clients}"
+            )
+        return sorted(self._rng.sample(nodes, want))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One TRAIN message per sampled client, carrying only the arrays that travel."""
+        record = to_arrays(self.outgoing(self.global_state))
+        nodes = self.sample(grid)
+        self.traffic = RoundTraffic(downlink=payload_bytes(record) * len(nodes))
+        cfg = ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round})
+        content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: cfg})
+        return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the replies without errors; returns the new global adapter and round metrics."""
+        ok = [r for r in replies if not r.has_error()]
+        for reply in ok:
+            self.traffic.uplink += payload_bytes(reply.content[protocol.ARRAYS])
+        if len(ok) < self.cfg.federation.min_clients:
+            log.warning("round %d: %d replies < min_clients; keeping the global adapter", server_round, len(ok))
+            self.last_metrics = {"num_clients": float(len(ok))}
+            return None, MetricRecord(self.last_metrics)
+        updates = [from_arrays(r.content[protocol.ARRAYS]) for r in ok]
+        counts = [float(r.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in ok]  # type: ignore[arg-type]
+        losses = [float(r.content[protocol.METRICS][protocol.TRAIN_LOSS]) for r in ok]  # type: ignore[arg-type]
+        p = normalised_weights(counts)
+        self.global_state = {**self.global_state, **self.aggregate(self.global_state, updates, p)}
+        self.last_metrics = {
+            "num_clients": float(len(ok)),
+            "train_loss": math.fsum(pk * loss for pk, loss in zip(p, losses, strict=True)),
+            **self.diagnostics(),
+        }
+        return to_arrays(self.global_state), MetricRecord(self.last_metrics)
+
+    def diagnostics(self) -> dict[str, float]:
+        """Strategy-specific per-round numbers for ``rounds.jsonl`` (default: none)."""
+        return {}
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """EVALUATE messages to a fraction of clients (``federation.fraction_evaluate``; 0 = none)."""
+        fraction = self.cfg.federation.fraction_evaluate
+        if fraction <= 0:
+            return []
+        nodes = sorted(grid.get_node_ids())
+        chosen = sorted(self._rng.sample(nodes, max(1, int(fraction * len(nodes)))))
+        record = to_arrays(self.outgoing(self.global_state))
+        cfg = ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round})
+        content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: cfg})
+        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in chosen]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted client validation loss and accuracy."""
+        rows = [r.content[protocol.METRICS] for r in replies if not r.has_error()]
+        rows = [m for m in rows if float(m[protocol.NUM_EXAMPLES]) > 0]  # type: ignore[arg-type]
+        if not rows:
+            return None
+        p = normalised_weights([float(m[protocol.NUM_EXAMPLES]) for m in rows])  # type: ignore[arg-type]
+        return MetricRecord(
+            {
+                "client_eval_loss": math.fsum(pk * float(m[protocol.EVAL_LOSS]) for pk, m in zip(p, rows)),  # type: ignore[arg-type]
+                "client_eval_accuracy": math.fsum(pk * float(m[protocol.EVAL_ACCURACY]) for pk, m in zip(p, rows)),  # type: ignore[arg-type]
+            }
+        )

@@ -1,0 +1,170 @@
+"""The ServerApp and the round loop: sample, train, aggregate, evaluate, record.
+
+``run_federation`` is the loop; ``make_server_app`` wraps it for the in-process CLI and
+``app`` is the Flower App entry point used by ``flwr run .`` (reads ``[tool.flwr.app.config]``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedlora import protocol
+from fedlora.config import ExperimentConfig, load_config
+from fedlora.records import RunDirectory, versions
+from strategies import registry
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Evaluator:
+    """Server-side evaluation of the global adapter on the stratified held-out test set."""
+
+    cfg: ExperimentConfig
+    majority_accuracy: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        from fedlora.data import get_splits, majority_accuracy
+        from fedlora.models import load_tokenizer
+        from fedlora.training import encode
+
+        test = get_splits(self.cfg.data, self.cfg.federation.num_clients, self.cfg.seed).test
+        self.majority_accuracy = majority_accuracy(test)
+        self.test = encode(test, load_tokenizer(self.cfg.model.path), self.cfg.data.max_length)
+
+    def __call__(self, state: dict[str, Any]) -> tuple[float, float]:
+        """(eval_loss, eval_accuracy) of ``state`` on the test set."""
+        from fedlora.adapters import get_model, load_adapter_state
+        from fedlora.training import evaluate
+
+        model = get_model(self.cfg)
+        load_adapter_state(model, state)
+        return evaluate(model, self.test)
+
+
+def run_federation(
+    grid: Grid, cfg: ExperimentConfig, run_dir: RunDirectory, on_round: RoundCallback | None = None
+) -> dict[str, Any]:
+    """Run every round of ``cfg`` on ``grid``, writing the run directory; returns the summary."""
+    from fedlora.adapters import get_model, initial_state, load_adapter_state
+
+    started = time.monotonic()
+    strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
+    strategy.summary()
+    evaluate = Evaluator(cfg)
+    base_config = ConfigRecord({protocol.EXPERIMENT: cfg.to_toml()})
+    rows: list[dict[str, Any]] = []
+    for server_round in range(1, cfg.federation.rounds + 1):
+        row = _one_round(grid, cfg, strategy, evaluate, base_config, server_round)
+        run_dir.append_round(row)
+        rows.append(row)
+        if on_round is not None:
+            on_round(row)
+    model = get_model(cfg)
+    load_adapter_state(model, strategy.global_state)
+    model.save_pretrained(str(run_dir.adapter_path))
+    summary = _summary(cfg, rows, evaluate.majority_accuracy, time.monotonic() - started)
+    run_dir.write_summary(summary)
+    return summary
+
+
+def _one_round(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    strategy: Any,
+    evaluate: Evaluator,
+    base_config: ConfigRecord,
+    server_round: int,
+) -> dict[str, Any]:
+    t0 = time.monotonic()
+    messages = list(strategy.configure_train(server_round, None, base_config, grid))
+    replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+    t_agg = time.monotonic()
+    strategy.aggregate_train(server_round, replies)
+    aggregate_s = time.monotonic() - t_agg
+    client_eval = None
+    eval_messages = list(strategy.configure_evaluate(server_round, None, base_config, grid))
+    if eval_messages:
+        client_eval = strategy.aggregate_evaluate(
+            server_round, grid.send_and_receive(eval_messages, timeout=cfg.federation.round_timeout)
+        )
+    eval_loss, eval_accuracy = evaluate(strategy.global_state)
+    metrics = dict(strategy.last_metrics)
+    row: dict[str, Any] = {
+        "round": server_round,
+        "strategy": cfg.strategy.name,
+        "num_sampled": len(messages),
+        "num_clients": int(metrics.pop("num_clients", 0)),
+        "train_loss": metrics.pop("train_loss", math.nan),
+        "eval_loss": eval_loss,
+        "eval_accuracy": eval_accuracy,
+        "uplink_bytes": strategy.traffic.uplink,
+        "downlink_bytes": strategy.traffic.downlink,
+        "aggregate_s": aggregate_s,
+        "wall_s": time.monotonic() - t0,
+        **metrics,
+    }
+    if client_eval is not None:
+        row.update({k: float(v) for k, v in client_eval.items()})  # type: ignore[arg-type]
+    return row
+
+
+def _summary(cfg: ExperimentConfig, rows: list[dict[str, Any]], majority: float, wall_s: float) -> dict[str, Any]:
+    accuracies = [r["eval_accuracy"] for r in rows]
+    best = max(range(len(rows)), key=lambda i: accuracies[i])
+    return {
+        "name": cfg.name,
+        "strategy": cfg.strategy.name,
+        "rounds": len(rows),
+        "num_clients": cfg.federation.num_clients,
+        "final_eval_accuracy": accuracies[-1],
+        "final_eval_loss": rows[-1]["eval_loss"],
+        "best_eval_accuracy": accuracies[best],
+        "best_round": rows[best]["round"],
+        "majority_accuracy": majority,
+        "total_uplink_bytes": sum(r["uplink_bytes"] for r in rows),
+        "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
+        "wall_s": wall_s,
+        "versions": versions(),
+    }
+
+
+def make_server_app(
+    cfg: ExperimentConfig, run_dir: RunDirectory, on_round: RoundCallback | None = None
+) -> ServerApp:
+    """A ServerApp bound to an already validated config and run directory (used by the CLI)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, run_dir, on_round)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run .``: the experiment file, overrides and output from the run config."""
+    run_config = context.run_config
+    experiment = str(run_config.get("experiment", "sims/quickstart.toml"))
+    overrides = [o.strip() for o in str(run_config.get("overrides", "")).split(";") if o.strip()]
+    cfg = load_config(Path(experiment), overrides)
+    out = Path(str(run_config.get("out-dir", "runs"))) / f"{cfg.name}-{int(time.time())}"
+    run_dir = RunDirectory(out)
+    run_dir.create(cfg)
+    log.warning("fedlora: writing run directory %s", out.resolve())
+    run_federation(grid, cfg, run_dir)
