@@ -13,11 +13,18 @@ from fedlora import protocol
 app = ClientApp()
 
 
-def _partition_id(context: Context) -> int:
+def _partition_id(context: Context, num_clients: int) -> int:
+    """This node's partition, checked against the experiment's ``federation.num_clients``."""
     value = context.node_config.get(protocol.NODE_PARTITION_ID)
     if value is None:
         raise ValueError("this SuperNode has no partition-id; start it with --node-config 'partition-id=N'")
-    return int(value)
+    partitions = context.node_config.get(protocol.NODE_NUM_PARTITIONS)
+    if partitions is not None and int(partitions) != num_clients:  # type: ignore[arg-type]
+        raise ValueError(
+            f"the federation has {partitions} nodes but federation.num_clients = {num_clients}; "
+            "make them equal (flwr run: --federation-config num-supernodes=N)"
+        )
+    return int(value)  # type: ignore[arg-type]
 
 
 def _setup(message: Message, context: Context):  # type: ignore[no-untyped-def]
@@ -28,7 +35,7 @@ def _setup(message: Message, context: Context):  # type: ignore[no-untyped-def]
     text = str(config[protocol.EXPERIMENT])
     cfg = runtime.parse_experiment(text)
     runtime.set_threads(cfg.federation.client_cpus)
-    pid = _partition_id(context)
+    pid = _partition_id(context, cfg.federation.num_clients)
     model = runtime.model_for(cfg)
     received = from_arrays(message.content[protocol.ARRAYS])
     load_adapter_state(model, received)

@@ -7,6 +7,7 @@ peft's own state-dict names (``...query.lora_A.weight``, ``...classifier.weight`
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -63,13 +64,15 @@ def inject_lora(model: nn.Module, lora: LoraConfig, *, seed: int) -> PeftModel:
     spec = PeftLoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=lora.dropout,
         use_rslora=lora.rslora,
         target_modules=resolve_targets(model, lora.targets),
     )
     torch.manual_seed(seed)
-    return get_peft_model(model, spec)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers renames inside peft
+        return get_peft_model(model, spec)
 
 
 def adapter_state(model: PeftModel) -> State:
@@ -88,8 +91,9 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
     if unknown:
         raise KeyError(f"adapter state has keys the model lacks: {unknown[:3]}")
     result = set_peft_model_state_dict(model, dict(state))
-    if result.unexpected_keys:
-        raise KeyError(f"peft rejected adapter keys: {result.unexpected_keys[:3]}")
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise KeyError(f"peft rejected adapter keys: {unexpected[:3]}")
 
 
 def adapter_state_keys(model: PeftModel) -> list[str]:
@@ -147,7 +151,7 @@ def _cached_model(model_path: str, lora_key: tuple[object, ...], seed: int) -> t
     from fedlora.models import load_classifier
 
     rank, alpha, dropout, rslora, targets = lora_key
-    lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, targets=list(targets))  # type: ignore[arg-type]
+    lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, targets=list(targets))  # type: ignore[arg-type, call-overload]
     model = inject_lora(load_classifier(model_path, num_labels=len(LABELS), seed=seed), lora, seed=seed)
     return model, adapter_state(model)
 

@@ -7,8 +7,11 @@ from typing import Annotated, Any
 
 import typer
 
-app = typer.Typer(help="Federated LoRA fine-tuning of pretrained transformers, simulated on Flower and Ray.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Federated LoRA fine-tuning of pretrained transformers, simulated on Flower and Ray.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 DEFAULT_EXPERIMENT = Path("sims/quickstart.toml")
 
@@ -20,8 +23,12 @@ def _fail(message: str, code: int = 2) -> None:
 
 @app.command()
 def run(
-    experiment: Annotated[Path | None, typer.Argument(help="experiment TOML file (default: sims/quickstart.toml)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")] = None,
+    experiment: Annotated[
+        Path | None, typer.Argument(help="experiment TOML file (default: sims/quickstart.toml)")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key: section.key=value (repeatable)")
+    ] = None,
     out: Annotated[Path | None, typer.Option(help="run directory (default: runs/<name>)")] = None,
     clients: Annotated[int | None, typer.Option(help="shortcut for --set federation.num_clients=N")] = None,
     rounds: Annotated[int | None, typer.Option(help="shortcut for --set federation.rounds=N")] = None,
@@ -35,8 +42,12 @@ def run(
     from fedlora.records import RunDirectory, RunDirError
 
     overrides = list(set_ or [])
-    for key, value in (("federation.num_clients", clients), ("federation.rounds", rounds),
-                       ("strategy.name", strategy), ("seed", seed)):
+    for key, value in (
+        ("federation.num_clients", clients),
+        ("federation.rounds", rounds),
+        ("strategy.name", strategy),
+        ("seed", seed),
+    ):
         if value is not None:
             overrides.append(f"{key}={value}" if not isinstance(value, str) else f'{key}="{value}"')
     if experiment is None and DEFAULT_EXPERIMENT.is_file():
@@ -68,7 +79,8 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
     console.print(
         f"[bold]fedlora[/] {cfg.name}: strategy [cyan]{cfg.strategy.name}[/], {fed.num_clients} clients "
         f"({fed.clients_per_round()} per round), {fed.rounds} rounds, partitioner {cfg.data.partitioner} "
-        f"-> {run_dir.path}"
+        f"-> {run_dir.path}",
+        soft_wrap=True,
     )
 
     def on_round(row: dict[str, Any]) -> None:
@@ -76,7 +88,9 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
             f"round {row['round']:>3}/{fed.rounds}  clients {row['num_clients']:>3}  "
             f"train_loss {row['train_loss']:.4f}  eval_loss {row['eval_loss']:.4f}  "
             f"eval_acc [bold]{100 * row['eval_accuracy']:.2f}%[/]  "
-            f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  {row['wall_s']:.1f} s"
+            f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
+            f"{row['wall_s']:.1f} s",
+            soft_wrap=True,
         )
 
     try:
@@ -85,7 +99,7 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]; finished rounds are in {run_dir.rounds_path}")
         raise typer.Exit(130) from None
-    except Exception as exc:  # noqa: BLE001 - one line for the user, the cause in --verbose
+    except Exception as exc:
         cause = exc.__cause__ or exc
         _fail(f"the run failed: {type(cause).__name__}: {cause} (rerun with --verbose for details)", code=1)
     if run_dir.summary_path.is_file():
@@ -93,12 +107,30 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
 
         s = read_summary(run_dir.path)
         console.print(
-            f"[green]done[/] in {s['wall_s']:.1f} s: final eval_accuracy {100 * s['final_eval_accuracy']:.2f}% "
+            f"[green]done[/] in {s['wall_s']:.1f} s: "
+            f"final eval_accuracy {100 * s['final_eval_accuracy']:.2f}% "
             f"(best {100 * s['best_eval_accuracy']:.2f}% in round {s['best_round']}; "
-            f"majority class {100 * s['majority_accuracy']:.2f}%) -> {run_dir.path}"
+            f"majority class {100 * s['majority_accuracy']:.2f}%) -> {run_dir.path}",
+            soft_wrap=True,
         )
     else:
         _fail(f"the run ended without a summary; see {run_dir.rounds_path} (rerun with --verbose)", code=1)
+
+
+@app.command("config")
+def show_config(
+    experiment: Annotated[
+        Path | None, typer.Argument(help="experiment TOML file (default: built-in defaults)")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value")] = None,
+) -> None:
+    """Print the fully resolved experiment as TOML (what a run would write to config.toml)."""
+    from fedlora.config import ConfigError, load_config
+
+    try:
+        typer.echo(load_config(experiment, list(set_ or [])).to_toml(), nl=False)
+    except ConfigError as exc:
+        _fail(str(exc))
 
 
 @app.command()

@@ -30,8 +30,7 @@ class ConfigError(ValueError):
 
 
 def _help(text: str, default: Any) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text})
+    """A dataclass field with a default and its help text (immutable defaults only)."""
     return field(default=default, metadata={"help": text})
 
 
@@ -46,18 +45,25 @@ class DataConfig:
 
     partitioner: str = _help("how tweets are split between clients: natural, dirichlet or iid", "natural")
     alpha: float = _help("Dirichlet concentration for partitioner = dirichlet (lower = more label skew)", 0.5)
-    test_size: int = _help("examples in the stratified global held-out test set", 2000)
+    test_size: int = _help("examples in the stratified global held-out test set", 1000)
     val_fraction: float = _help("fraction of each client's examples kept as its own validation split", 0.1)
-    max_length: int = _help("maximum tokens per tweet (longer ones are truncated)", 64)
+    max_length: int = _help("maximum tokens per tweet (longer ones are truncated)", 48)
     max_examples: int = _help("use a stratified subset of this many tweets (0 = all 38,158)", 0)
 
     def __post_init__(self) -> None:
-        _check(self.partitioner in PARTITIONERS, "data.partitioner", self.partitioner, f"one of {', '.join(PARTITIONERS)}")
+        _check(
+            self.partitioner in PARTITIONERS,
+            "data.partitioner",
+            self.partitioner,
+            f"one of {', '.join(PARTITIONERS)}",
+        )
         _check(self.alpha > 0, "data.alpha", self.alpha, "a number > 0")
         _check(self.test_size >= 10, "data.test_size", self.test_size, "an integer >= 10")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a number in [0, 1)")
         _check(8 <= self.max_length <= 512, "data.max_length", self.max_length, "an integer in [8, 512]")
-        _check(self.max_examples >= 0, "data.max_examples", self.max_examples, "0 (all) or a positive integer")
+        _check(
+            self.max_examples >= 0, "data.max_examples", self.max_examples, "0 (all) or a positive integer"
+        )
 
 
 @dataclass
@@ -75,23 +81,31 @@ class LoraConfig:
     alpha: float = _help("LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rslora)", 16.0)
     dropout: float = _help("dropout on the LoRA branch input", 0.05)
     rslora: bool = _help("use rank-stabilised scaling alpha/sqrt(r)", False)
-    targets: list[str] = _help("attention projections: a preset (qv, qkvo, vo) or module names", ["qv"])
+    targets: list[str] = field(
+        default_factory=lambda: ["qv"],
+        metadata={"help": "attention projections: a preset (qv, qkvo, vo) or module names"},
+    )
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "a number > 0")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a number in [0, 1)")
-        _check(len(self.targets) > 0, "lora.targets", self.targets, f"a preset ({', '.join(TARGET_PRESETS)}) or a list of module names")
+        _check(
+            len(self.targets) > 0,
+            "lora.targets",
+            self.targets,
+            f"a preset ({', '.join(TARGET_PRESETS)}) or a list of module names",
+        )
 
 
 @dataclass
 class TrainConfig:
     """Local training on each sampled client."""
 
-    local_steps: int = _help("optimizer steps per client per round (used when local_epochs = 0)", 10)
+    local_steps: int = _help("optimizer steps per client per round (used when local_epochs = 0)", 8)
     local_epochs: float = _help("passes over the client's train split per round; 0 = use local_steps", 0.0)
     batch_size: int = _help("examples per optimizer step", 16)
-    lr: float = _help("learning rate", 5e-4)
+    lr: float = _help("learning rate", 5e-3)
     optimizer: str = _help("adamw or sgd", "adamw")
     weight_decay: float = _help("decoupled weight decay (adamw) or L2 (sgd)", 0.0)
 
@@ -100,7 +114,9 @@ class TrainConfig:
         _check(self.local_epochs >= 0, "train.local_epochs", self.local_epochs, "a number >= 0")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
-        _check(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+        _check(
+            self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}"
+        )
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
 
 
@@ -109,11 +125,15 @@ class FederationConfig:
     """Clients, rounds, sampling and simulation resources."""
 
     num_clients: int = _help("virtual clients (SuperNodes) in the federation", 10)
-    rounds: int = _help("federated rounds", 5)
+    rounds: int = _help("federated rounds", 8)
     fraction: float = _help("fraction of clients sampled for training each round", 1.0)
     min_clients: int = _help("fewest clients sampled (and replies needed) per round", 2)
-    fraction_evaluate: float = _help("fraction of clients that evaluate on their validation split each round; 0 = off", 0.0)
-    client_cpus: float = _help("CPUs reserved per simulated client (Ray actor); torch uses this many threads", 1.0)
+    fraction_evaluate: float = _help(
+        "fraction of clients that evaluate on their validation split each round; 0 = off", 0.0
+    )
+    client_cpus: float = _help(
+        "CPUs reserved per simulated client (Ray actor); torch uses this many threads", 1.0
+    )
     client_gpus: float = _help("GPUs per simulated client; fractions pack several actors on one GPU", 0.0)
     round_timeout: float = _help("seconds to wait for replies in a round", 3600.0)
 
@@ -128,13 +148,20 @@ class FederationConfig:
             self.min_clients,
             f"at most federation.num_clients ({self.num_clients})",
         )
-        _check(0.0 <= self.fraction_evaluate <= 1.0, "federation.fraction_evaluate", self.fraction_evaluate, "a number in [0, 1]")
+        _check(
+            0.0 <= self.fraction_evaluate <= 1.0,
+            "federation.fraction_evaluate",
+            self.fraction_evaluate,
+            "a number in [0, 1]",
+        )
         _check(self.client_cpus > 0, "federation.client_cpus", self.client_cpus, "a number > 0")
         _check(self.client_gpus >= 0, "federation.client_gpus", self.client_gpus, "a number >= 0")
-        _check(self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "a number of seconds > 0")
+        _check(
+            self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "a number of seconds > 0"
+        )
 
     def clients_per_round(self) -> int:
-        """Clients sampled for training each round: ceil-free fraction, at least min_clients."""
+        """Clients sampled for training each round: int(fraction * num_clients), at least min_clients."""
         return max(self.min_clients, int(self.fraction * self.num_clients))
 
 
@@ -143,7 +170,7 @@ class StrategyConfig:
     """The server-side aggregation strategy; ``options`` are checked by the strategy itself."""
 
     name: str = _help("aggregation strategy (see `fedlora strategies`)", "fedit")
-    options: dict[str, Any] = _help("strategy-specific options", {})
+    options: dict[str, Any] = field(default_factory=dict, metadata={"help": "strategy-specific options"})
 
 
 @dataclass
@@ -205,7 +232,7 @@ def _unknown_key(key: str, valid: list[str]) -> str:
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=key + ".")
     origin = typing.get_origin(hint)
     if origin is list:

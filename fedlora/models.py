@@ -50,6 +50,7 @@ def load_classifier(path: str, num_labels: int, seed: int) -> PreTrainedModel:
     from transformers import AutoModelForSequenceClassification
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir(path)), num_labels=num_labels)
     if model.config.pad_token_id is None:

@@ -83,7 +83,9 @@ class RunDirectory:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json`` atomically."""
-        _atomic_write(self.summary_path, json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n")
+        _atomic_write(
+            self.summary_path, json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n"
+        )
 
 
 def _atomic_write(path: Path, text: str) -> None:

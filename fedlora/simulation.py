@@ -1,7 +1,8 @@
 """Run an experiment on Flower's simulation engine (Ray backend), in this process.
 
 Ray's processes are started by ``ray.init`` inside Flower's backend and stopped by ``ray.shutdown``
-(which ends them by PID) when the run finishes, fails, or is interrupted.
+when the run finishes, fails, or is interrupted; a :class:`~fedlora.processes.ProcessTracker` then
+waits for every descendant it saw and stops any straggler by PID.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ QUIET_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
@@ -36,6 +38,7 @@ def backend_config(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str,
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
         "init_args": {
             "include_dashboard": False,
+            "_node_ip_address": "127.0.0.1",  # keep Ray's traffic on loopback
             "logging_level": "info" if verbose else "error",
             "log_to_driver": verbose,
             "configure_logging": True,
@@ -43,27 +46,31 @@ def backend_config(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str,
     }
 
 
-def simulate(cfg: ExperimentConfig, run_dir: RunDirectory, on_round: Any = None, *, verbose: bool = False) -> None:
+def simulate(
+    cfg: ExperimentConfig, run_dir: RunDirectory, on_round: Any = None, *, verbose: bool = False
+) -> None:
     """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; blocks until done."""
     quiet_environment()
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
+    from fedlora.processes import ProcessTracker
     from strategies.server_app import make_server_app
 
     if not verbose:
         for name in ("flwr", "ray"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        run_simulation(
-            server_app=make_server_app(cfg, run_dir, on_round),
-            client_app=client_app,
-            num_supernodes=cfg.federation.num_clients,
-            backend_config=backend_config(cfg, verbose=verbose),  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
-    finally:
-        _shutdown_ray()
+    with ProcessTracker():
+        try:
+            run_simulation(
+                server_app=make_server_app(cfg, run_dir, on_round),
+                client_app=client_app,
+                num_supernodes=cfg.federation.num_clients,
+                backend_config=backend_config(cfg, verbose=verbose),  # type: ignore[arg-type]
+                verbose_logging=verbose,
+            )
+        finally:
+            _shutdown_ray()
 
 
 def _shutdown_ray() -> None:

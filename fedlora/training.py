@@ -90,7 +90,7 @@ def train_local(model: nn.Module, data: Encoded, train: TrainConfig, *, seed: in
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
-        total += float(loss) * len(batch["labels"])
+        total += loss.item() * len(batch["labels"])
         seen += len(batch["labels"])
     return total / max(seen, 1), seen
 

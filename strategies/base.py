@@ -43,6 +43,10 @@ class RoundTraffic:
     downlink: int = 0
 
 
+class RoundFailedError(RuntimeError):
+    """Too few clients replied to aggregate a round."""
+
+
 class LoraStrategy(Strategy):
     """Samples clients, sends them the arrays that travel, and aggregates their replies.
 
@@ -58,7 +62,7 @@ class LoraStrategy(Strategy):
         self.options = self.Options(**cfg.strategy.options)
         self.global_state = dict(global_state)
         self.traffic = RoundTraffic()
-        self.last_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, int | float] = {}
         self._rng = random.Random(cfg.seed)
 
     # ----- pure hooks (override these) -------------------------------------------------------
@@ -102,13 +106,17 @@ class LoraStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the replies without errors; returns the new global adapter and round metrics."""
+        replies = list(replies)
         ok = [r for r in replies if not r.has_error()]
         for reply in ok:
             self.traffic.uplink += payload_bytes(reply.content[protocol.ARRAYS])
         if len(ok) < self.cfg.federation.min_clients:
-            log.warning("round %d: %d replies < min_clients; keeping the global adapter", server_round, len(ok))
-            self.last_metrics = {"num_clients": float(len(ok))}
-            return None, MetricRecord(self.last_metrics)
+            errors = [str(r.error.reason) for r in replies if r.has_error()]
+            raise RoundFailedError(
+                f"round {server_round}: {len(ok)} of {len(replies)} clients replied, fewer than "
+                f"federation.min_clients = {self.cfg.federation.min_clients}"
+                + (f"; first client error: {errors[0].strip().splitlines()[-1]}" if errors else "")
+            )
         updates = [from_arrays(r.content[protocol.ARRAYS]) for r in ok]
         counts = [float(r.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in ok]  # type: ignore[arg-type]
         losses = [float(r.content[protocol.METRICS][protocol.TRAIN_LOSS]) for r in ok]  # type: ignore[arg-type]
@@ -119,7 +127,7 @@ class LoraStrategy(Strategy):
             "train_loss": math.fsum(pk * loss for pk, loss in zip(p, losses, strict=True)),
             **self.diagnostics(),
         }
-        return to_arrays(self.global_state), MetricRecord(self.last_metrics)
+        return to_arrays(self.global_state), MetricRecord(dict(self.last_metrics))  # type: ignore[arg-type]
 
     def diagnostics(self) -> dict[str, float]:
         """Strategy-specific per-round numbers for ``rounds.jsonl`` (default: none)."""
@@ -146,9 +154,13 @@ class LoraStrategy(Strategy):
         if not rows:
             return None
         p = normalised_weights([float(m[protocol.NUM_EXAMPLES]) for m in rows])  # type: ignore[arg-type]
+
+        def mean(key: str) -> float:
+            return math.fsum(pk * float(m[key]) for pk, m in zip(p, rows, strict=True))  # type: ignore[arg-type]
+
         return MetricRecord(
             {
-                "client_eval_loss": math.fsum(pk * float(m[protocol.EVAL_LOSS]) for pk, m in zip(p, rows)),  # type: ignore[arg-type]
-                "client_eval_accuracy": math.fsum(pk * float(m[protocol.EVAL_ACCURACY]) for pk, m in zip(p, rows)),  # type: ignore[arg-type]
+                "client_eval_loss": mean(protocol.EVAL_LOSS),
+                "client_eval_accuracy": mean(protocol.EVAL_ACCURACY),
             }
         )

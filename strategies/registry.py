@@ -56,7 +56,9 @@ def validate_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - fields)
     if unknown:
         valid = ", ".join(sorted(fields)) or "none"
-        raise ConfigError(f"strategy.options.{unknown[0]} is unknown for strategy '{name}'; valid options: {valid}")
+        raise ConfigError(
+            f"strategy.options.{unknown[0]} is unknown for strategy '{name}'; valid options: {valid}"
+        )
     try:
         built = _coerce(cls.Options, options, "strategy.options")
     except TypeError as exc:  # pragma: no cover - programming error in an Options class

@@ -120,7 +120,9 @@ def _one_round(
     return row
 
 
-def _summary(cfg: ExperimentConfig, rows: list[dict[str, Any]], majority: float, wall_s: float) -> dict[str, Any]:
+def _summary(
+    cfg: ExperimentConfig, rows: list[dict[str, Any]], majority: float, wall_s: float
+) -> dict[str, Any]:
     accuracies = [r["eval_accuracy"] for r in rows]
     best = max(range(len(rows)), key=lambda i: accuracies[i])
     return {
@@ -153,6 +155,14 @@ def make_server_app(
     return server_app
 
 
+def _app_path(path: str) -> Path:
+    """``path`` as given if it exists, else relative to the app's root (where ``flwr run`` unpacked it)."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    return Path(__file__).resolve().parents[1] / given
+
+
 app = ServerApp()
 
 
@@ -160,9 +170,9 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run .``: the experiment file, overrides and output from the run config."""
     run_config = context.run_config
-    experiment = str(run_config.get("experiment", "sims/quickstart.toml"))
+    experiment = _app_path(str(run_config.get("experiment", "sims/quickstart.toml")))
     overrides = [o.strip() for o in str(run_config.get("overrides", "")).split(";") if o.strip()]
-    cfg = load_config(Path(experiment), overrides)
+    cfg = load_config(experiment, overrides)
     out = Path(str(run_config.get("out-dir", "runs"))) / f"{cfg.name}-{int(time.time())}"
     run_dir = RunDirectory(out)
     run_dir.create(cfg)

@@ -38,8 +38,14 @@ def tiny_llama():  # type: ignore[no-untyped-def]
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, num_labels=3, pad_token_id=0,
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=3,
+        pad_token_id=0,
     )
     return LlamaForSequenceClassification(config)
 
@@ -48,11 +54,17 @@ def tiny_llama():  # type: ignore[no-untyped-def]
     ("preset", "bert", "llama"),
     [
         ("qv", ["query", "value"], ["q_proj", "v_proj"]),
-        ("qkvo", ["query", "key", "value", "attention.output.dense"], ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        (
+            "qkvo",
+            ["query", "key", "value", "attention.output.dense"],
+            ["q_proj", "k_proj", "v_proj", "o_proj"],
+        ),
         ("vo", ["value", "attention.output.dense"], ["v_proj", "o_proj"]),
     ],
 )
-def test_presets_resolve_for_bert_and_llama(plain_minilm, preset: str, bert: list[str], llama: list[str]) -> None:  # type: ignore[no-untyped-def]
+def test_presets_resolve_for_bert_and_llama(
+    plain_minilm, preset: str, bert: list[str], llama: list[str]
+) -> None:  # type: ignore[no-untyped-def]
     assert resolve_targets(plain_minilm, [preset]) == bert
     assert resolve_targets(tiny_llama(), [preset]) == llama
 
@@ -107,7 +119,9 @@ def test_arrays_round_trip_exactly_and_bytes_are_counted(minilm) -> None:  # typ
     assert list(back) == list(state)
     assert all(torch.equal(back[k], state[k]) for k in state)
     raw = sum(v.numel() * v.element_size() for v in state.values())
-    assert raw < payload_bytes(record) < raw + 200 * len(state)  # payload = raw data + a small header per array
+    assert (
+        raw < payload_bytes(record) < raw + 200 * len(state)
+    )  # payload = raw data + a small header per array
 
 
 def test_load_adapter_state_sets_the_model(minilm) -> None:  # type: ignore[no-untyped-def]

@@ -30,7 +30,7 @@ def test_every_sims_file_loads() -> None:
 def test_overrides_parse_toml_values_and_bare_words() -> None:
     cfg = load_config(
         ROOT / "sims" / "quickstart.toml",
-        ["lora.rank=4", "train.lr=0.01", "lora.rslora=true", "strategy.name=fedit", "lora.targets=[\"query\"]"],
+        ["lora.rank=4", "train.lr=0.01", "lora.rslora=true", "strategy.name=fedit", 'lora.targets=["query"]'],
     )
     assert cfg.lora.rank == 4
     assert cfg.train.lr == pytest.approx(0.01)
@@ -56,10 +56,16 @@ def test_toml_round_trip_is_exact() -> None:
         ({"lora": {"rank": "8"}}, "lora.rank = '8' is invalid: expected an integer"),
         ({"lora": {"rank": 2.5}}, "lora.rank = 2.5 is invalid: expected an integer"),
         ({"lora": {"rslora": 1}}, "lora.rslora = 1 is invalid: expected true or false"),
-        ({"data": {"partitioner": "random"}}, "data.partitioner = 'random' is invalid: expected one of natural"),
+        (
+            {"data": {"partitioner": "random"}},
+            "data.partitioner = 'random' is invalid: expected one of natural",
+        ),
         ({"data": {"alpha": 0}}, "data.alpha = 0.0 is invalid"),
         ({"train": {"optimizer": "adam"}}, "train.optimizer = 'adam' is invalid: expected one of adamw, sgd"),
-        ({"federation": {"fraction": 0}}, "federation.fraction = 0.0 is invalid: expected a number in (0, 1]"),
+        (
+            {"federation": {"fraction": 0}},
+            "federation.fraction = 0.0 is invalid: expected a number in (0, 1]",
+        ),
         (
             {"federation": {"num_clients": 3, "min_clients": 5}},
             "federation.min_clients = 5 is invalid: expected at most federation.num_clients (3)",
@@ -78,7 +84,7 @@ def test_bad_values_name_the_key_and_the_fix(data: dict, fragment: str) -> None:
 
 @pytest.mark.parametrize("override", ["lora.rank", "=3", "lora..rank=3"])
 def test_malformed_overrides(override: str) -> None:
-    with pytest.raises(ConfigError, match="expected section.key=value"):
+    with pytest.raises(ConfigError, match=r"expected section\.key=value"):
         apply_overrides({}, [override])
 
 
@@ -100,7 +106,10 @@ def test_broken_toml_is_a_config_error(tmp_path: Path) -> None:
         (["--set", "lora.rnak=4"], "unknown key 'lora.rnak'"),
         (["--strategy", "nope"], "strategy.name = 'nope' is unknown"),
         (["missing.toml"], "experiment file 'missing.toml' not found"),
-        (["--set", "model.path=/nonexistent"], "model.path = '/nonexistent' is not a Hugging Face model directory"),
+        (
+            ["--set", "model.path=/nonexistent"],
+            "model.path = '/nonexistent' is not a Hugging Face model directory",
+        ),
     ],
 )
 def test_cli_config_errors_are_one_line_and_exit_2(args: list[str], fragment: str, tmp_path: Path) -> None:

@@ -1,0 +1,120 @@
+"""End to end: `fedlora run` on the real model and tweets, simulated on Flower's Ray backend."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUND_KEYS = {
+    "round",
+    "strategy",
+    "num_clients",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "uplink_bytes",
+    "downlink_bytes",
+    "wall_s",
+}
+SMALL = [
+    "--clients",
+    "3",
+    "--rounds",
+    "2",
+    "--set",
+    "train.local_steps=2",
+    "--set",
+    "data.max_examples=3000",
+    "--set",
+    "data.test_size=200",
+    "--set",
+    "data.max_length=48",
+    "--set",
+    "federation.fraction_evaluate=1.0",
+]
+
+
+def ray_processes() -> set[int]:
+    """PIDs of Ray daemons and workers on this machine (to check that a run leaves none behind)."""
+    found = set()
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
+        if any(tag in text for tag in ("raylet", "gcs_server", "ray::", "default_worker.py")):
+            found.add(proc.info["pid"])
+    return found
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    before = ray_processes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "run", *SMALL, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "round   2/2" in proc.stdout
+    left = ray_processes() - before
+    assert not left, f"Ray processes left running: {left}"
+    return out
+
+
+@pytest.mark.e2e
+def test_run_directory_contract(run_dir: Path) -> None:
+    assert {p.name for p in run_dir.iterdir()} >= {"config.toml", "rounds.jsonl", "summary.json", "adapter"}
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert set(row) >= ROUND_KEYS, ROUND_KEYS - set(row)
+        assert row["num_clients"] == 3 and row["strategy"] == "fedit"
+        assert 0.0 <= row["eval_accuracy"] <= 1.0
+        assert 0.0 <= row["client_eval_accuracy"] <= 1.0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_eval_accuracy"] == rows[-1]["eval_accuracy"]
+    assert summary["best_eval_accuracy"] == max(r["eval_accuracy"] for r in rows)
+    assert summary["total_uplink_bytes"] == sum(r["uplink_bytes"] for r in rows)
+    assert 0.3 < summary["majority_accuracy"] < 0.5
+    assert {"flwr", "torch", "peft", "transformers"} <= set(summary["versions"])
+
+
+@pytest.mark.e2e
+def test_traffic_is_the_exact_adapter_payload(run_dir: Path) -> None:
+    from fedlora.adapters import initial_state, payload_bytes, to_arrays
+    from fedlora.config import ExperimentConfig
+
+    cfg = ExperimentConfig.from_toml((run_dir / "config.toml").read_text())
+    per_client = payload_bytes(to_arrays(initial_state(cfg)))
+    trainable = sum(v.numel() for v in initial_state(cfg).values())
+    assert trainable == 6 * 2 * (8 * 384 + 384 * 8) + 3 * 384 + 3  # LoRA on q, v of 6 layers + head
+    for row in (json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()):
+        assert row["uplink_bytes"] == 3 * per_client
+        assert row["downlink_bytes"] == 3 * per_client
+
+
+@pytest.mark.e2e
+def test_saved_adapter_reproduces_the_reported_accuracy(run_dir: Path) -> None:
+    from peft import PeftModel
+
+    from fedlora.config import ExperimentConfig
+    from fedlora.data import get_splits
+    from fedlora.models import load_classifier, load_tokenizer
+    from fedlora.training import encode, evaluate
+
+    cfg = ExperimentConfig.from_toml((run_dir / "config.toml").read_text())
+    torch.set_num_threads(2)
+    model = PeftModel.from_pretrained(load_classifier("", num_labels=3, seed=123), str(run_dir / "adapter"))
+    test = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed).test
+    loss, accuracy = evaluate(model, encode(test, load_tokenizer(""), cfg.data.max_length))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert accuracy == summary["final_eval_accuracy"]
+    assert loss == pytest.approx(summary["final_eval_loss"], rel=1e-4)
