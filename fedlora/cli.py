@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -97,9 +99,13 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
         console.print("[dim]starting Ray and the clients (about 10 s)...[/]")
         simulate(cfg, run_dir, on_round, verbose=verbose)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]; finished rounds are in {run_dir.rounds_path}")
-        raise typer.Exit(130) from None
-    except Exception as exc:
+        # simulate() has stopped Ray and every process it started; Flower's ServerApp thread may still
+        # wait for replies that will never come, so leave without joining it.
+        console.print(f"[yellow]interrupted[/]: Ray stopped; finished rounds are in {run_dir.rounds_path}")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    except Exception as exc:  # one line for the user; the cause in full with --verbose
         cause = exc.__cause__ or exc
         _fail(f"the run failed: {type(cause).__name__}: {cause} (rerun with --verbose for details)", code=1)
     if run_dir.summary_path.is_file():

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
+import threading
 from typing import Any
 
 from fedlora.config import ExperimentConfig
@@ -46,10 +49,28 @@ def backend_config(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str,
     }
 
 
+def _raise_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM handler: stop like Ctrl-C, so that Ray is shut down and stragglers are stopped."""
+    raise KeyboardInterrupt
+
+
+def _start_ray(config: dict[str, Any]) -> None:
+    """Start Ray here (Flower's backend reuses it) and take SIGTERM back from Ray's handlers."""
+    import ray
+
+    pythonpath = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **config["init_args"])
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
 def simulate(
     cfg: ExperimentConfig, run_dir: RunDirectory, on_round: Any = None, *, verbose: bool = False
 ) -> None:
-    """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; blocks until done."""
+    """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; blocks until done.
+
+    SIGTERM is turned into KeyboardInterrupt while it runs, so ``kill PID`` cleans up like Ctrl-C.
+    """
     quiet_environment()
     from flwr.simulation import run_simulation
 
@@ -60,17 +81,22 @@ def simulate(
     if not verbose:
         for name in ("flwr", "ray"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    config = backend_config(cfg, verbose=verbose)
+    previous = signal.getsignal(signal.SIGTERM)
     with ProcessTracker():
         try:
+            _start_ray(config)
             run_simulation(
                 server_app=make_server_app(cfg, run_dir, on_round),
                 client_app=client_app,
                 num_supernodes=cfg.federation.num_clients,
-                backend_config=backend_config(cfg, verbose=verbose),  # type: ignore[arg-type]
+                backend_config=config,  # type: ignore[arg-type]
                 verbose_logging=verbose,
             )
         finally:
             _shutdown_ray()
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
 
 
 def _shutdown_ray() -> None:

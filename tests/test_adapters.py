@@ -150,3 +150,36 @@ def test_saved_adapter_loads_with_peft(minilm, tmp_path) -> None:  # type: ignor
     loaded = PeftModel.from_pretrained(load_classifier("", num_labels=3, seed=99), str(tmp_path))
     again = adapter_state(loaded)
     assert all(torch.equal(again[k], state[k]) for k in state)
+
+
+def test_any_local_model_directory_trains(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A Llama-style model saved to a local directory (with a tokenizer) goes through the same path."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from fedlora.adapters import get_model
+    from fedlora.config import from_dict
+    from fedlora.data import get_splits
+    from fedlora.models import load_tokenizer, model_dir
+    from fedlora.training import encode, evaluate, train_local
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForSequenceClassification(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(model_dir("") / name, tmp_path / name)  # reuse MiniLM's tokenizer: no hub needed
+    cfg = from_dict({"model": {"path": str(tmp_path)}, "lora": {"targets": ["qkvo"], "rank": 4}})
+    model = get_model(cfg)
+    assert get_model(cfg) is model  # built once per process
+    assert sum(".lora_A." in k for k in adapter_state(model)) == 2 * 4
+    split = get_splits(cfg.data, 2, 0).client_train(0).select(range(64))
+    data = encode(split, load_tokenizer(str(tmp_path)), 32)
+    before = adapter_state(model)
+    train_local(model, data, cfg.train, seed=0)
+    after = adapter_state(model)
+    assert all(not torch.equal(before[k], after[k]) for k in after if ".lora_B." in k)
+    assert 0.0 <= evaluate(model, data)[1] <= 1.0
