@@ -76,3 +76,13 @@ def evaluate(message: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (used to sample clients reproducibly)."""
+    value = context.node_config.get(protocol.NODE_PARTITION_ID)
+    if value is None:
+        raise ValueError("this SuperNode has no partition-id; start it with --node-config 'partition-id=N'")
+    metrics = MetricRecord({protocol.PARTITION_ID: int(value)})  # type: ignore[arg-type]
+    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)

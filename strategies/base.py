@@ -64,6 +64,7 @@ class LoraStrategy(Strategy):
         self.traffic = RoundTraffic()
         self.last_metrics: dict[str, int | float] = {}
         self._rng = random.Random(cfg.seed)
+        self._partition_of: dict[int, int] | None = None
 
     # ----- pure hooks (override these) -------------------------------------------------------
     def outgoing(self, global_state: State) -> State:
@@ -80,16 +81,42 @@ class LoraStrategy(Strategy):
         opts = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(self.options).items())
         log.info("strategy %s (%s)%s", self.name, self.description, f": {opts}" if opts else "")
 
-    def sample(self, grid: Grid) -> list[int]:
-        """Sample ``federation.clients_per_round()`` node ids with the strategy's seeded RNG."""
+    def partitions(self, grid: Grid) -> dict[int, int]:
+        """partition-id -> node id of every connected node, asked once with a QUERY message.
+
+        Sampling by partition id (not by Flower's random node ids) makes runs with the same seed
+        sample the same clients.
+        """
+        nodes = sorted(grid.get_node_ids())
+        if self._partition_of is None or set(self._partition_of.values()) != set(nodes):
+            ask = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+            replies = grid.send_and_receive(ask, timeout=self.cfg.federation.round_timeout)
+            found = {}
+            for reply in replies:
+                if not reply.has_error():
+                    pid = int(reply.content[protocol.METRICS][protocol.PARTITION_ID])  # type: ignore[arg-type]
+                    found[pid] = reply.metadata.src_node_id
+            self._partition_of = dict(sorted(found.items()))
+        return self._partition_of
+
+    def sample(self, grid: Grid, fraction: float | None = None) -> list[int]:
+        """Node ids of the clients for this round, sampled by partition id with the seeded RNG.
+
+        ``fraction`` defaults to ``federation.fraction``; at least ``federation.min_clients`` are taken.
+        """
         fed = self.cfg.federation
         nodes = sorted(grid.get_node_ids())
-        want = min(fed.clients_per_round(), len(nodes))
         if len(nodes) < fed.min_clients:
-            raise RuntimeError(
+            raise RoundFailedError(
                 f"only {len(nodes)} clients are connected but federation.min_clients = {fed.min_clients}"
             )
-        return sorted(self._rng.sample(nodes, want))
+        fraction = fed.fraction if fraction is None else fraction
+        if fraction >= 1.0:
+            return nodes
+        by_partition = self.partitions(grid)
+        want = min(len(by_partition), max(fed.min_clients, int(fraction * fed.num_clients)))
+        chosen = sorted(self._rng.sample(sorted(by_partition), want))
+        return [by_partition[pid] for pid in chosen]
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -107,7 +134,8 @@ class LoraStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the replies without errors; returns the new global adapter and round metrics."""
         replies = list(replies)
-        ok = [r for r in replies if not r.has_error()]
+        # Sorted by partition, so that sums are taken in the same order in every run.
+        ok = sorted((r for r in replies if not r.has_error()), key=_partition_key)
         for reply in ok:
             self.traffic.uplink += payload_bytes(reply.content[protocol.ARRAYS])
         if len(ok) < self.cfg.federation.min_clients:
@@ -140,8 +168,7 @@ class LoraStrategy(Strategy):
         fraction = self.cfg.federation.fraction_evaluate
         if fraction <= 0:
             return []
-        nodes = sorted(grid.get_node_ids())
-        chosen = sorted(self._rng.sample(nodes, max(1, int(fraction * len(nodes)))))
+        chosen = self.sample(grid, fraction)
         record = to_arrays(self.outgoing(self.global_state))
         cfg = ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round})
         content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: cfg})
@@ -149,7 +176,8 @@ class LoraStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted client validation loss and accuracy."""
-        rows = [r.content[protocol.METRICS] for r in replies if not r.has_error()]
+        ok = sorted((r for r in replies if not r.has_error()), key=_partition_key)
+        rows = [r.content[protocol.METRICS] for r in ok]
         rows = [m for m in rows if float(m[protocol.NUM_EXAMPLES]) > 0]  # type: ignore[arg-type]
         if not rows:
             return None
@@ -164,3 +192,7 @@ class LoraStrategy(Strategy):
                 "client_eval_accuracy": mean(protocol.EVAL_ACCURACY),
             }
         )
+
+
+def _partition_key(reply: Message) -> int:
+    return int(reply.content[protocol.METRICS][protocol.PARTITION_ID])  # type: ignore[arg-type]
