@@ -1,9 +1,12 @@
 """The ClientApp: the same code runs in simulated (Ray) and deployed (SuperNode) clients.
 
-Each handler parses the message, calls the library, and builds the reply.
+Each handler parses the message, asks the strategy for this client's plan (freeze, keep local,
+re-initialise, rank), calls the library, and builds the reply.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -27,44 +30,60 @@ def _partition_id(context: Context, num_clients: int) -> int:
     return int(value)  # type: ignore[arg-type]
 
 
-def _setup(message: Message, context: Context):  # type: ignore[no-untyped-def]
+def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
+    """Parse the message, build this round's adapter on the process's model; returns what handlers need."""
+    import dataclasses
+
     from clients import runtime
-    from fedlora.adapters import from_arrays, load_adapter_state
+    from fedlora.adapters import from_arrays, load_adapter_state, set_base_offsets, set_trainable
+    from strategies import registry
 
     config: ConfigRecord = message.content[protocol.CONFIG]  # type: ignore[assignment]
     text = str(config[protocol.EXPERIMENT])
     cfg = runtime.parse_experiment(text)
     runtime.set_threads(cfg.federation.client_cpus)
     pid = _partition_id(context, cfg.federation.num_clients)
-    model = runtime.model_for(cfg)
+    server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
+    strategy = registry.get(cfg.strategy.name)
+    plan = strategy.client_plan(cfg, strategy.Options(**cfg.strategy.options), pid, server_round)
+    local_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=plan.rank))
+    model = runtime.model_for(local_cfg)
+    offsets = message.content.array_records.get(protocol.BASE_OFFSETS)
+    set_base_offsets(model, from_arrays(offsets) if offsets is not None else {})
     received = from_arrays(message.content[protocol.ARRAYS])
-    load_adapter_state(model, received)
-    return cfg, pid, model, runtime.data_for(text, pid), received, int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
+    state = runtime.start_state(local_cfg, plan)
+    state.update(runtime.load_local(context, plan))
+    state.update(received)
+    load_adapter_state(model, state)
+    set_trainable(model, plan.freeze)
+    return cfg, pid, plan, model, runtime.data_for(text, pid), received, server_round
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Train the received adapter on the local split; reply with the same keys, trained."""
-    from clients.runtime import client_seed
-    from fedlora.adapters import adapter_state, to_arrays
+    """Train this round's adapter on the local split; reply with the arrays the strategy wants back."""
+    from clients import runtime
+    from fedlora.adapters import adapter_state, kind_of, to_arrays
     from fedlora.training import train_local
 
-    cfg, pid, model, data, received, server_round = _setup(message, context)
-    loss, _ = train_local(model, data.train, cfg.train, seed=client_seed(cfg, server_round, pid))
+    cfg, pid, plan, model, data, received, server_round = _prepare(message, context)
+    loss, _ = train_local(model, data.train, cfg.train, seed=runtime.client_seed(cfg, server_round, pid))
     state = adapter_state(model)
+    runtime.save_local(context, plan, state)
+    keys = list(received) if plan.reply == "received" else list(state)
+    arrays: ArrayRecord = to_arrays({k: state[k] for k in keys if kind_of(k) not in plan.keep_local})
     metrics = MetricRecord(
         {protocol.NUM_EXAMPLES: len(data.train), protocol.TRAIN_LOSS: loss, protocol.PARTITION_ID: pid}
     )
-    arrays: ArrayRecord = to_arrays({k: state[k] for k in received})
     return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Evaluate the received adapter on the client's validation split."""
+    """Evaluate this client's adapter (the global one, plus anything kept locally) on its validation split."""
     from fedlora.training import evaluate as evaluate_model
 
-    _, pid, model, data, _, _ = _setup(message, context)
+    _, pid, _, model, data, _, _ = _prepare(message, context)
     loss, accuracy = evaluate_model(model, data.val)
     n = len(data.val)
     metrics = MetricRecord(

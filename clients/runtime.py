@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING
 from fedlora.config import ExperimentConfig
 
 if TYPE_CHECKING:
+    from flwr.app import Context
     from peft import PeftModel
 
+    from fedlora.adapters import State
     from fedlora.training import Encoded
+    from strategies.plan import ClientPlan
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,38 @@ def data_for(text: str, partition_id: int) -> ClientData:
 def client_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> int:
     """A distinct, reproducible seed per (experiment seed, round, client)."""
     return (cfg.seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)
+
+
+def start_state(cfg: ExperimentConfig, plan: ClientPlan) -> State:
+    """The adapter before this round's arrays are applied: the seeded initial one, or a fresh draw."""
+    from fedlora.adapters import fresh_lora, initial_state, orthogonal_a
+
+    state = initial_state(cfg)
+    if plan.a_init == "orthogonal":
+        state = orthogonal_a(state, seed=cfg.seed)
+    return state if plan.reinit_seed is None else fresh_lora(state, seed=plan.reinit_seed)
+
+
+def load_local(context: Context, plan: ClientPlan) -> State:
+    """The tensors this node kept from earlier rounds (only the kinds the plan keeps local)."""
+    from fedlora.adapters import from_arrays, kind_of
+    from fedlora.protocol import LOCAL_ADAPTER
+
+    if not plan.keep_local or LOCAL_ADAPTER not in context.state.array_records:
+        return {}
+    kept = from_arrays(context.state.array_records[LOCAL_ADAPTER])
+    return {k: v for k, v in kept.items() if kind_of(k) in plan.keep_local}
+
+
+def save_local(context: Context, plan: ClientPlan, state: State) -> None:
+    """Keep the plan's local kinds in the node's persistent state (it outlives this process)."""
+    from fedlora.adapters import kind_of, to_arrays
+    from fedlora.protocol import LOCAL_ADAPTER
+
+    if plan.keep_local:
+        context.state[LOCAL_ADAPTER] = to_arrays(
+            {k: v for k, v in state.items() if kind_of(k) in plan.keep_local}
+        )
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -174,3 +174,80 @@ def get_model(cfg: ExperimentConfig) -> PeftModel:
 def initial_state(cfg: ExperimentConfig) -> State:
     """The adapter and head exactly as initialised from ``cfg.seed`` (A random, B zero, head random)."""
     return {k: v.clone() for k, v in _cached_model(*_key(cfg))[1].items()}
+
+
+def kind_of(key: str) -> str:
+    """'lora_A', 'lora_B' or 'head' for an adapter state key."""
+    return "lora_A" if is_lora_a(key) else "lora_B" if is_lora_b(key) else "head"
+
+
+def set_trainable(model: nn.Module, frozen: frozenset[str] = frozenset()) -> None:
+    """Train every adapter and head parameter except the kinds in ``frozen`` ('lora_A', 'lora_B', 'head')."""
+    for name, param in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name or "modules_to_save" in name:
+            param.requires_grad_(kind_of(name) not in frozen)
+
+
+def kaiming_a(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """A LoRA A factor initialised like peft (Kaiming-uniform, a = sqrt(5)) from ``generator``."""
+    rows, fan_in = shape
+    bound = 1.0 / fan_in**0.5  # kaiming_uniform_ with a=sqrt(5): gain*sqrt(3/fan_in) = 1/sqrt(fan_in)
+    return (torch.rand(rows, fan_in, generator=generator) * 2 - 1) * bound
+
+
+def fresh_lora(state: Mapping[str, torch.Tensor], *, seed: int) -> State:
+    """``state`` with every A re-drawn (peft's Kaiming-uniform) from ``seed`` and every B zero; head kept."""
+    generator = torch.Generator().manual_seed(seed)
+    out: State = {}
+    for key, value in state.items():
+        if is_lora_a(key):
+            out[key] = kaiming_a(tuple(value.shape), generator).to(value.dtype)
+        elif is_lora_b(key):
+            out[key] = torch.zeros_like(value)
+        else:
+            out[key] = value.clone()
+    return out
+
+
+def base_weight_name(layer: str) -> str:
+    """The frozen base weight of an adapted layer, named like peft's state dict."""
+    return f"{layer}.base_layer.weight"
+
+
+def set_base_offsets(model: nn.Module, offsets: Mapping[str, torch.Tensor]) -> None:
+    """Set every adapted layer's frozen weight to W0 + offset (W0 = the pretrained weight; no offset = W0).
+
+    Used by strategies that fold updates into the base weights (FedEx-LoRA, FLoRA). The pretrained
+    weights are kept on the model the first time, so repeated calls never accumulate.
+    """
+    pristine: dict[str, torch.Tensor] = model.__dict__.setdefault("_fedlora_w0", {})
+    modules = dict(model.named_modules())
+    unknown = [k for k in offsets if k.removesuffix(".base_layer.weight") not in modules]
+    if unknown:
+        raise KeyError(f"base offsets name layers the model lacks: {unknown[:3]}")
+    for name, module in modules.items():
+        base = getattr(module, "base_layer", None)
+        if base is None or not hasattr(module, "lora_A"):
+            continue
+        key = base_weight_name(name)
+        if key not in offsets and key not in pristine:
+            continue
+        w0 = pristine.setdefault(key, base.weight.detach().clone())
+        with torch.no_grad():
+            offset = offsets.get(key)
+            base.weight.copy_(w0 if offset is None else w0 + offset.to(w0.dtype).to(w0.device))
+
+
+def orthogonal_a(state: Mapping[str, torch.Tensor], *, seed: int) -> State:
+    """``state`` with every A replaced by orthonormal rows (QR of a seeded Gaussian), scaled so that the
+    entries have the variance of peft's Kaiming-uniform A (1 / (3 d_in)); B and head kept."""
+    generator = torch.Generator().manual_seed(seed)
+    out: State = {}
+    for key, value in state.items():
+        if is_lora_a(key):
+            rows, d_in = value.shape
+            q, _ = torch.linalg.qr(torch.randn(d_in, rows, generator=generator, dtype=torch.float64))
+            out[key] = (q.T * (d_in / 3.0) ** 0.5 / d_in**0.5).to(value.dtype)
+        else:
+            out[key] = value.clone()
+    return out

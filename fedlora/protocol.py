@@ -2,6 +2,8 @@
 
 ARRAYS = "arrays"
 """RecordDict key of the ArrayRecord holding the adapter arrays that travel."""
+BASE_OFFSETS = "base-offsets"
+"""RecordDict key of the ArrayRecord of full-rank offsets to the frozen base weights (FedEx-LoRA, FLoRA)."""
 CONFIG = "config"
 """RecordDict key of the ConfigRecord sent with every message."""
 METRICS = "metrics"
@@ -16,7 +18,11 @@ TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 PARTITION_ID = "partition-id"
+LOCAL_ADAPTER = "fedlora-local-adapter"
+"""Node state key of the adapter tensors a client keeps between rounds (FedSA-LoRA's B)."""
 
 # Node config keys (set by the simulation engine, or by --node-config on a SuperNode).
 NODE_PARTITION_ID = "partition-id"
+LOCAL_ADAPTER = "fedlora-local-adapter"
+"""Node state key of the adapter tensors a client keeps between rounds (FedSA-LoRA's B)."""
 NODE_NUM_PARTITIONS = "num-partitions"

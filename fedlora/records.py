@@ -61,6 +61,11 @@ class RunDirectory:
     def adapter_path(self) -> Path:
         return self.path / "adapter"
 
+    @property
+    def base_offsets_path(self) -> Path:
+        """Offsets folded into the frozen base weights (FedEx-LoRA, FLoRA), keyed by peft weight names."""
+        return self.path / "base_offsets.safetensors"
+
     def create(self, cfg: ExperimentConfig, *, overwrite: bool = False) -> None:
         """Create the directory and write ``config.toml``; refuse an existing run unless ``overwrite``."""
         if self.path.exists() and any(self.path.iterdir()):

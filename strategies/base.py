@@ -3,7 +3,11 @@
 A strategy subclass overrides the pure hooks only:
 
 * :meth:`LoraStrategy.outgoing` - which global tensors travel to clients (default: all);
-* :meth:`LoraStrategy.aggregate` - new global state from client states and weights p_k.
+* :meth:`LoraStrategy.aggregate` - new global state from client states and weights p_k;
+* :meth:`LoraStrategy.client_plan` - what each client does (runs on the client: freeze, keep local,
+  re-initialise, rank);
+* ``base_offsets`` - full-rank offsets folded into the frozen base weights (FedEx-LoRA, FLoRA), sent
+  with every message and counted in the downlink.
 
 Everything Flower-specific (Messages, ArrayRecords, errors in replies) stays here.
 """
@@ -26,6 +30,7 @@ from fedlora import protocol
 from fedlora.adapters import State, from_arrays, payload_bytes, to_arrays
 from fedlora.config import ExperimentConfig
 from strategies.aggregation import normalised_weights
+from strategies.plan import ClientPlan
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +70,16 @@ class LoraStrategy(Strategy):
         self.last_metrics: dict[str, int | float] = {}
         self._rng = random.Random(cfg.seed)
         self._partition_of: dict[int, int] | None = None
+        self.base_offsets: State = {}
 
     # ----- pure hooks (override these) -------------------------------------------------------
+    @classmethod
+    def client_plan(
+        cls, cfg: ExperimentConfig, options: Any, partition_id: int, server_round: int
+    ) -> ClientPlan:
+        """Instructions for one client in one round (default: train everything, reply with what came)."""
+        return ClientPlan(rank=cfg.lora.rank)
+
     def outgoing(self, global_state: State) -> State:
         """The tensors sent to every sampled client (default: the whole global adapter)."""
         return dict(global_state)
@@ -122,12 +135,20 @@ class LoraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One TRAIN message per sampled client, carrying only the arrays that travel."""
-        record = to_arrays(self.outgoing(self.global_state))
         nodes = self.sample(grid)
-        self.traffic = RoundTraffic(downlink=payload_bytes(record) * len(nodes))
-        cfg = ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round})
-        content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: cfg})
+        content = self._content(server_round, config)
+        self.traffic = RoundTraffic(downlink=_arrays_bytes(content) * len(nodes))
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+
+    def _content(self, server_round: int, config: ConfigRecord) -> RecordDict:
+        """The arrays that travel, the base offsets if any, and the config with the round number."""
+        records: dict[str, Any] = {
+            protocol.ARRAYS: to_arrays(self.outgoing(self.global_state)),
+            protocol.CONFIG: ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round}),
+        }
+        if self.base_offsets:
+            records[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets)
+        return RecordDict(records)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -169,9 +190,7 @@ class LoraStrategy(Strategy):
         if fraction <= 0:
             return []
         chosen = self.sample(grid, fraction)
-        record = to_arrays(self.outgoing(self.global_state))
-        cfg = ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round})
-        content = RecordDict({protocol.ARRAYS: record, protocol.CONFIG: cfg})
+        content = self._content(server_round, config)
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in chosen]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
@@ -196,3 +215,7 @@ class LoraStrategy(Strategy):
 
 def _partition_key(reply: Message) -> int:
     return int(reply.content[protocol.METRICS][protocol.PARTITION_ID])  # type: ignore[arg-type]
+
+
+def _arrays_bytes(content: RecordDict) -> int:
+    return sum(payload_bytes(record) for record in content.array_records.values())

@@ -28,7 +28,12 @@ def register(name: str) -> Callable[[S], S]:
 
 
 def _load_builtin() -> None:
-    import strategies.fedit  # noqa: F401
+    import strategies.fedex_lora
+    import strategies.fedit
+    import strategies.fedsa_lora
+    import strategies.ffa_lora
+    import strategies.flora
+    import strategies.lora_fair  # noqa: F401
 
 
 def available() -> dict[str, type[LoraStrategy]]:

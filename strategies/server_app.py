@@ -43,21 +43,28 @@ class Evaluator:
         self.majority_accuracy = majority_accuracy(test)
         self.test = encode(test, load_tokenizer(self.cfg.model.path), self.cfg.data.max_length)
 
-    def __call__(self, state: dict[str, Any]) -> tuple[float, float]:
-        """(eval_loss, eval_accuracy) of ``state`` on the test set."""
-        from fedlora.adapters import get_model, load_adapter_state
+    def __call__(self, state: dict[str, Any], base_offsets: dict[str, Any]) -> tuple[float, float]:
+        """(eval_loss, eval_accuracy) of the adapter ``state`` over W0 + ``base_offsets`` on the test set."""
         from fedlora.training import evaluate
 
-        model = get_model(self.cfg)
-        load_adapter_state(model, state)
-        return evaluate(model, self.test)
+        return evaluate(global_model(self.cfg, state, base_offsets), self.test)
+
+
+def global_model(cfg: ExperimentConfig, state: dict[str, Any], base_offsets: dict[str, Any]) -> Any:
+    """The process's model holding the global adapter and base offsets."""
+    from fedlora.adapters import get_model, load_adapter_state, set_base_offsets
+
+    model = get_model(cfg)
+    set_base_offsets(model, base_offsets)
+    load_adapter_state(model, state)
+    return model
 
 
 def run_federation(
     grid: Grid, cfg: ExperimentConfig, run_dir: RunDirectory, on_round: RoundCallback | None = None
 ) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid``, writing the run directory; returns the summary."""
-    from fedlora.adapters import get_model, initial_state, load_adapter_state
+    from fedlora.adapters import initial_state
 
     started = time.monotonic()
     strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
@@ -71,9 +78,13 @@ def run_federation(
         rows.append(row)
         if on_round is not None:
             on_round(row)
-    model = get_model(cfg)
-    load_adapter_state(model, strategy.global_state)
-    model.save_pretrained(str(run_dir.adapter_path))
+    global_model(cfg, strategy.global_state, {}).save_pretrained(str(run_dir.adapter_path))
+    if strategy.base_offsets:  # FedEx-LoRA, FLoRA: what was folded into the frozen weights
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.contiguous() for k, v in strategy.base_offsets.items()}, str(run_dir.base_offsets_path)
+        )
     summary = _summary(cfg, rows, evaluate.majority_accuracy, time.monotonic() - started)
     run_dir.write_summary(summary)
     return summary
@@ -99,7 +110,7 @@ def _one_round(
         client_eval = strategy.aggregate_evaluate(
             server_round, grid.send_and_receive(eval_messages, timeout=cfg.federation.round_timeout)
         )
-    eval_loss, eval_accuracy = evaluate(strategy.global_state)
+    eval_loss, eval_accuracy = evaluate(strategy.global_state, strategy.base_offsets)
     metrics = dict(strategy.last_metrics)
     row: dict[str, Any] = {
         "round": server_round,

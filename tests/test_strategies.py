@@ -1,0 +1,189 @@
+"""Every strategy's aggregation on random named tensors, with known answers from its paper's equations."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fedlora.adapters import base_weight_name, lora_scale, orthogonal_a, set_base_offsets, set_trainable
+from fedlora.config import ConfigError, from_dict
+from strategies import registry
+from strategies.aggregation import normalised_weights
+
+LAYERS = ("base_model.model.enc.0.query", "base_model.model.enc.0.value")
+HEAD = "base_model.model.classifier.weight"
+
+
+def client_state(seed: int, rank: int = 4, d_in: int = 12, d_out: int = 10) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for layer in LAYERS:
+        state[f"{layer}.lora_A.weight"] = torch.randn(rank, d_in, generator=g, dtype=torch.float64)
+        state[f"{layer}.lora_B.weight"] = torch.randn(d_out, rank, generator=g, dtype=torch.float64)
+    state[HEAD] = torch.randn(3, d_out, generator=g, dtype=torch.float64)
+    return state
+
+
+def make(name: str, **options: object):  # type: ignore[no-untyped-def]
+    cfg = from_dict({"strategy": {"name": name, "options": options}, "lora": {"rank": 4, "alpha": 8.0}})
+    return registry.get(name)(cfg, client_state(99))
+
+
+def ideal(updates, weights, layer, scales=None):  # type: ignore[no-untyped-def]
+    p = normalised_weights(weights)
+    scales = scales or [1.0] * len(updates)
+    return sum(
+        pk * sk * u[f"{layer}.lora_B.weight"] @ u[f"{layer}.lora_A.weight"]
+        for pk, sk, u in zip(p, scales, updates, strict=True)
+    )
+
+
+UPDATES = [client_state(1), client_state(2), client_state(3)]
+WEIGHTS = [10.0, 30.0, 60.0]
+P = normalised_weights(WEIGHTS)
+
+
+def test_every_strategy_is_listed_with_a_description() -> None:
+    names = set(registry.available())
+    assert names == {"fedit", "ffa-lora", "lora-fair", "fedex-lora", "flora", "fedsa-lora"}
+    assert all(cls.description for cls in registry.available().values())
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa-lora", "lora-fair", "fedex-lora", "fedsa-lora"])
+def test_identical_clients_aggregate_to_themselves(name: str) -> None:
+    strategy = make(name)
+    same = client_state(5)
+    sent = strategy.outgoing(same)
+    out = strategy.aggregate(same, [dict(sent), dict(sent), dict(sent)], [0.2, 0.3, 0.5])
+    for key, value in out.items():
+        torch.testing.assert_close(value, same[key])
+    for offset in strategy.base_offsets.values():
+        torch.testing.assert_close(offset, torch.zeros_like(offset))
+
+
+def test_ffa_lora_sends_no_a_and_its_average_is_exact() -> None:
+    strategy = make("ffa-lora")
+    sent = strategy.outgoing(strategy.global_state)
+    assert not any(".lora_A." in k for k in sent) and HEAD in sent
+    shared_a = {k: v for k, v in client_state(7).items() if ".lora_A." in k}
+    updates = [{k: v for k, v in {**u, **shared_a}.items() if ".lora_A." not in k} for u in UPDATES]
+    out = strategy.aggregate(strategy.global_state, updates, P)
+    for layer in LAYERS:
+        exact = sum(
+            pk * (u[f"{layer}.lora_B.weight"] @ shared_a[f"{layer}.lora_A.weight"])
+            for pk, u in zip(P, updates, strict=True)
+        )
+        torch.testing.assert_close(out[f"{layer}.lora_B.weight"] @ shared_a[f"{layer}.lora_A.weight"], exact)
+    plan = registry.get("ffa-lora").client_plan(strategy.cfg, strategy.options, 0, 1)
+    assert plan.freeze == frozenset({"lora_A"})
+
+
+def test_ffa_lora_orthogonal_a_is_orthogonal_and_seeded() -> None:
+    state = {"x.lora_A.weight": torch.zeros(8, 384), "x.lora_B.weight": torch.zeros(384, 8)}
+    one, two = orthogonal_a(state, seed=3), orthogonal_a(state, seed=3)
+    a = one["x.lora_A.weight"].double()
+    gram = a @ a.T
+    torch.testing.assert_close(gram, torch.eye(8, dtype=torch.float64) * gram[0, 0], atol=1e-5, rtol=1e-4)
+    assert torch.equal(one["x.lora_A.weight"], two["x.lora_A.weight"])
+    assert float(a.pow(2).mean()) == pytest.approx(1 / (3 * 384), rel=1e-3)  # Kaiming-uniform variance
+    with pytest.raises(ConfigError, match="a_init"):
+        make("ffa-lora", a_init="gaussian")
+
+
+def test_fedex_lora_effective_weights_are_exact() -> None:
+    strategy = make("fedex-lora")
+    s = lora_scale(strategy.cfg.lora)
+    out = strategy.aggregate(strategy.global_state, UPDATES, P)
+    w0 = torch.randn(10, 12, dtype=torch.float64)
+    for layer in LAYERS:
+        offset = strategy.base_offsets[base_weight_name(layer)]
+        effective = w0 + offset + s * out[f"{layer}.lora_B.weight"] @ out[f"{layer}.lora_A.weight"]
+        torch.testing.assert_close(effective, w0 + s * ideal(UPDATES, P, layer))
+    before = {k: v.clone() for k, v in strategy.base_offsets.items()}
+    strategy.aggregate(out, UPDATES, P)  # offsets accumulate over rounds
+    for key, value in strategy.base_offsets.items():
+        torch.testing.assert_close(value, 2 * before[key])
+
+
+def test_flora_merges_mixed_ranks_exactly_and_averages_the_head() -> None:
+    strategy = make("flora", ranks=[2, 4, 8])
+    ranks = [
+        registry.get("flora").client_plan(strategy.cfg, strategy.options, pid, 1).rank for pid in range(4)
+    ]
+    assert ranks == [2, 4, 8, 2]
+    updates = [client_state(10 + i, rank=r) for i, r in enumerate([2, 4, 8])]
+    scales = [strategy.cfg.lora.alpha / r for r in (2, 4, 8)]
+    out = strategy.aggregate(strategy.global_state, updates, P)
+    for layer in LAYERS:
+        torch.testing.assert_close(
+            strategy.base_offsets[base_weight_name(layer)], ideal(updates, P, layer, scales)
+        )
+    torch.testing.assert_close(out[HEAD], sum(pk * u[HEAD] for pk, u in zip(P, updates, strict=True)))
+    assert set(out) == {HEAD}
+    assert set(strategy.outgoing(strategy.global_state)) == {HEAD}
+    plans = [registry.get("flora").client_plan(strategy.cfg, strategy.options, 0, r) for r in (1, 2)]
+    assert plans[0].reinit_seed != plans[1].reinit_seed and plans[0].reply == "adapter"
+
+
+def test_fedsa_lora_never_sends_or_changes_b() -> None:
+    strategy = make("fedsa-lora")
+    sent = strategy.outgoing(strategy.global_state)
+    assert not any(".lora_B." in k for k in sent) and HEAD in sent
+    b_before = {k: v.clone() for k, v in strategy.global_state.items() if ".lora_B." in k}
+    updates = [{k: v for k, v in u.items() if ".lora_B." not in k} for u in UPDATES]
+    new = strategy.aggregate(strategy.global_state, updates, P)
+    assert not any(".lora_B." in k for k in new)
+    strategy.global_state = {**strategy.global_state, **new}
+    assert all(torch.equal(strategy.global_state[k], v) for k, v in b_before.items())
+    plan = registry.get("fedsa-lora").client_plan(strategy.cfg, strategy.options, 0, 1)
+    assert plan.keep_local == frozenset({"lora_B"})
+    local_head = make("fedsa-lora", local_head=True)
+    assert HEAD not in local_head.outgoing(local_head.global_state)
+
+
+def test_fedsa_lora_keeps_b_in_the_node_state() -> None:
+    from flwr.app import Context, RecordDict
+
+    from clients.runtime import load_local, save_local
+    from strategies.plan import ClientPlan
+
+    context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
+    plan = ClientPlan(rank=4, keep_local=frozenset({"lora_B"}))
+    state = {k: v.float() for k, v in client_state(4).items()}
+    save_local(context, plan, state)
+    kept = load_local(context, plan)
+    assert set(kept) == {k for k in state if ".lora_B." in k}
+    assert all(torch.equal(kept[k], state[k]) for k in kept)
+
+
+def test_base_offsets_and_freezing_on_the_real_model() -> None:
+    from fedlora.adapters import get_model
+
+    cfg = from_dict({})
+    model = get_model(cfg)
+    module = dict(model.named_modules())["base_model.model.bert.encoder.layer.0.attention.self.query"]
+    w0 = module.base_layer.weight.detach().clone()
+    key = base_weight_name("base_model.model.bert.encoder.layer.0.attention.self.query")
+    offset = torch.full_like(w0, 0.01)
+    set_base_offsets(model, {key: offset})
+    set_base_offsets(model, {key: offset})  # the same offset twice: no accumulation
+    torch.testing.assert_close(module.base_layer.weight, w0 + offset)
+    set_base_offsets(model, {})
+    assert torch.equal(module.base_layer.weight, w0)
+    with pytest.raises(KeyError, match="lacks"):
+        set_base_offsets(model, {"base_model.model.nope.base_layer.weight": offset})
+    set_trainable(model, frozenset({"lora_A"}))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".lora_A." in n)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_B." in n)
+    set_trainable(model)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_A." in n)
+
+
+def test_strategy_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="ranks"):
+        make("flora", ranks=[0])
+    with pytest.raises(ConfigError, match="unknown for strategy 'fedex-lora'"):
+        make("fedex-lora", steps=3)
+    assert dataclasses.asdict(make("flora").options) == {"ranks": []}
