@@ -11,23 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from fedlora.adapters import State, base_weight_name, lora_scale
+from fedlora.adapters import State, lora_scale
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
-from strategies.lowrank import fedex_residual, layer_groups
+from strategies.lowrank import add_to_offsets, fedex_residual
 from strategies.registry import register
 
 
 def fedex_offsets(offsets: State, updates: Sequence[State], weights: Sequence[float], scale: float) -> State:
     """The base-weight offsets after one round: ``offsets`` plus each layer's FedEx residual."""
-    result = dict(offsets)
-    for layer, (key_a, key_b) in layer_groups(updates[0]).items():
-        residual = fedex_residual([u[key_a] for u in updates], [u[key_b] for u in updates], weights, scale)
-        key = base_weight_name(layer)
-        result[key] = result.get(key, torch.zeros_like(residual)) + residual
-    return result
+    return add_to_offsets(offsets, updates, lambda a, b: fedex_residual(a, b, weights, scale))
 
 
 @register("fedex-lora")

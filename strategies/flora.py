@@ -15,13 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from fedlora.adapters import State, base_weight_name, is_head, lora_scale
+from fedlora.adapters import State, is_head, lora_scale
 from fedlora.config import ConfigError, ExperimentConfig
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
-from strategies.lowrank import flora_merge, layer_groups
+from strategies.lowrank import add_to_offsets, flora_merge
 from strategies.plan import ClientPlan
 from strategies.registry import register
 
@@ -47,12 +45,7 @@ def flora_offsets(
     offsets: State, updates: Sequence[State], weights: Sequence[float], scales: Sequence[float]
 ) -> State:
     """``offsets`` plus, per adapted layer, the merged stacked update sum_k p_k s_k B_k A_k."""
-    result = dict(offsets)
-    for layer, (key_a, key_b) in layer_groups(updates[0]).items():
-        merged = flora_merge([u[key_a] for u in updates], [u[key_b] for u in updates], weights, scales)
-        key = base_weight_name(layer)
-        result[key] = result.get(key, torch.zeros_like(merged)) + merged
-    return result
+    return add_to_offsets(offsets, updates, lambda a, b: flora_merge(a, b, weights, scales))
 
 
 @register("flora")

@@ -19,16 +19,16 @@ FFA-LoRA needs no function here: A is shared and frozen, so averaging B alone wi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from fedlora.adapters import base_weight_name as base_weight_key
 from strategies.aggregation import normalised_weights
 
 LORA_A_SUFFIX = ".lora_A.weight"
 LORA_B_SUFFIX = ".lora_B.weight"
-BASE_WEIGHT_SUFFIX = ".base_layer.weight"
 
 
 def _check_factors(
@@ -205,6 +205,19 @@ def layer_groups(state_keys: Iterable[str]) -> dict[str, tuple[str, str]]:
     return {layer: (a_keys[layer], b_keys[layer]) for layer in order}
 
 
-def base_weight_key(layer: str) -> str:
-    """The peft state-dict key of the frozen base weight W0 of a layer: ``<layer>.base_layer.weight``."""
-    return layer + BASE_WEIGHT_SUFFIX
+LayerUpdate = Callable[[list[Tensor], list[Tensor]], Tensor]
+
+
+def add_to_offsets(
+    offsets: Mapping[str, Tensor], updates: Sequence[Mapping[str, Tensor]], per_layer: LayerUpdate
+) -> dict[str, Tensor]:
+    """``offsets`` (keyed ``<layer>.base_layer.weight``) plus ``per_layer(A_list, B_list)`` per adapted layer.
+
+    Used by the strategies that fold a full-rank update into the frozen base weights (FedEx-LoRA, FLoRA).
+    """
+    result = dict(offsets)
+    for layer, (key_a, key_b) in layer_groups(updates[0]).items():
+        delta = per_layer([u[key_a] for u in updates], [u[key_b] for u in updates])
+        key = base_weight_key(layer)
+        result[key] = result[key] + delta if key in result else delta
+    return result
