@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 from fedlora.config import ExperimentConfig
 
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 if TYPE_CHECKING:
     from flwr.app import Context
     from peft import PeftModel
@@ -118,6 +120,3 @@ def save_local(context: Context, plan: ClientPlan, state: State) -> None:
         context.state[LOCAL_ADAPTER] = to_arrays(
             {k: v for k, v in state.items() if kind_of(k) in plan.keep_local}
         )
-
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

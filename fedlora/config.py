@@ -160,9 +160,11 @@ class FederationConfig:
             self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "a number of seconds > 0"
         )
 
-    def clients_per_round(self) -> int:
-        """Clients sampled for training each round: int(fraction * num_clients), at least min_clients."""
-        return max(self.min_clients, int(self.fraction * self.num_clients))
+    def clients_per_round(self, fraction: float | None = None) -> int:
+        """Clients sampled per round: int(fraction * num_clients) (default ``fraction``), at least
+        min_clients and at most num_clients."""
+        share = self.fraction if fraction is None else fraction
+        return min(self.num_clients, max(self.min_clients, int(share * self.num_clients)))
 
 
 @dataclass

@@ -123,11 +123,10 @@ class LoraStrategy(Strategy):
             raise RoundFailedError(
                 f"only {len(nodes)} clients are connected but federation.min_clients = {fed.min_clients}"
             )
-        fraction = fed.fraction if fraction is None else fraction
-        if fraction >= 1.0:
+        if (fraction if fraction is not None else fed.fraction) >= 1.0:
             return nodes
         by_partition = self.partitions(grid)
-        want = min(len(by_partition), max(fed.min_clients, int(fraction * fed.num_clients)))
+        want = min(len(by_partition), fed.clients_per_round(fraction))
         chosen = sorted(self._rng.sample(sorted(by_partition), want))
         return [by_partition[pid] for pid in chosen]
 
@@ -191,6 +190,7 @@ class LoraStrategy(Strategy):
             return []
         chosen = self.sample(grid, fraction)
         content = self._content(server_round, config)
+        self.traffic.downlink += _arrays_bytes(content) * len(chosen)
         return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in chosen]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

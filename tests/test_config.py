@@ -70,7 +70,10 @@ def test_toml_round_trip_is_exact() -> None:
             {"federation": {"num_clients": 3, "min_clients": 5}},
             "federation.min_clients = 5 is invalid: expected at most federation.num_clients (3)",
         ),
-        ({"strategy": {"name": "fedprox"}}, "strategy.name = 'fedprox' is unknown; valid strategies: fedit"),
+        (
+            {"strategy": {"name": "fedprox"}},
+            "strategy.name = 'fedprox' is unknown; valid strategies: fedex-lora, fedit, fedsa-lora, ffa-lora, flora, lora-fair",
+        ),
         ({"strategy": {"options": {"x": 1}}}, "strategy.options.x is unknown for strategy 'fedit'"),
         ({"lora": 3}, "lora must be a table"),
     ],

@@ -98,7 +98,7 @@ def test_traffic_is_the_exact_adapter_payload(run_dir: Path) -> None:
     assert trainable == 6 * 2 * (8 * 384 + 384 * 8) + 3 * 384 + 3  # LoRA on q, v of 6 layers + head
     for row in (json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()):
         assert row["uplink_bytes"] == 3 * per_client
-        assert row["downlink_bytes"] == 3 * per_client
+        assert row["downlink_bytes"] == 2 * 3 * per_client  # train and evaluate messages to 3 clients
 
 
 @pytest.mark.e2e
