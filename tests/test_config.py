@@ -72,8 +72,8 @@ def test_toml_round_trip_is_exact() -> None:
         ),
         (
             {"strategy": {"name": "fedprox"}},
-            "strategy.name = 'fedprox' is unknown; valid strategies: fedex-lora, fedit, fedsa-lora, ffa-lora, "
-            "flora, lora-fair",
+            "strategy.name = 'fedprox' is unknown; valid strategies: fedex-lora, fedit, fedsa-lora, "
+            "ffa-lora, flora, lora-fair",
         ),
         ({"strategy": {"options": {"x": 1}}}, "strategy.options.x is unknown for strategy 'fedit'"),
         ({"lora": 3}, "lora must be a table"),
