@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora import protocol
 from fedlora.config import ExperimentConfig, load_config
 from fedlora.records import RunDirectory, versions
 from strategies import registry
+from strategies.base import LoraStrategy
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +94,20 @@ def run_federation(
 def _one_round(
     grid: Grid,
     cfg: ExperimentConfig,
-    strategy: Any,
+    strategy: LoraStrategy,
     evaluate: Evaluator,
     base_config: ConfigRecord,
     server_round: int,
 ) -> dict[str, Any]:
     t0 = time.monotonic()
-    messages = list(strategy.configure_train(server_round, None, base_config, grid))
+    # The strategy keeps the global adapter itself; Flower's ``arrays`` argument is not used.
+    messages = list(strategy.configure_train(server_round, ArrayRecord(), base_config, grid))
     replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
     t_agg = time.monotonic()
     strategy.aggregate_train(server_round, replies)
     aggregate_s = time.monotonic() - t_agg
     client_eval = None
-    eval_messages = list(strategy.configure_evaluate(server_round, None, base_config, grid))
+    eval_messages = list(strategy.configure_evaluate(server_round, ArrayRecord(), base_config, grid))
     if eval_messages:
         client_eval = strategy.aggregate_evaluate(
             server_round, grid.send_and_receive(eval_messages, timeout=cfg.federation.round_timeout)
