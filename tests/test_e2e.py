@@ -72,14 +72,16 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.e2e
 def test_run_directory_contract(run_dir: Path) -> None:
     assert {p.name for p in run_dir.iterdir()} >= {"config.toml", "rounds.jsonl", "summary.json", "adapter"}
-    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
+    from fedlora.records import read_rounds, read_summary
+
+    rows = read_rounds(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert set(row) >= ROUND_KEYS, ROUND_KEYS - set(row)
         assert row["num_clients"] == 3 and row["strategy"] == "fedit"
         assert 0.0 <= row["eval_accuracy"] <= 1.0
         assert 0.0 <= row["client_eval_accuracy"] <= 1.0
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     assert summary["final_eval_accuracy"] == rows[-1]["eval_accuracy"]
     assert summary["best_eval_accuracy"] == max(r["eval_accuracy"] for r in rows)
     assert summary["total_uplink_bytes"] == sum(r["uplink_bytes"] for r in rows)
