@@ -61,6 +61,23 @@ class ProcessTracker:
     def stop_all(self) -> list[int]:
         """Wait, then terminate, then kill the recorded processes still alive; returns the PIDs stopped."""
         _, alive = psutil.wait_procs(self.alive(), timeout=self.grace)
+        return self._terminate(alive)
+
+    def kill_now(self) -> list[int]:
+        """SIGKILL every recorded process still alive, without waiting; returns their PIDs.
+
+        For a forced stop: the caller exits right after, before Ray notices its daemons are gone.
+        """
+        alive = self.alive()
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                continue
+        return [p.pid for p in alive]
+
+    @staticmethod
+    def _terminate(alive: list[psutil.Process]) -> list[int]:
         stopped = [p.pid for p in alive]
         for sig_fn in (psutil.Process.terminate, psutil.Process.kill):
             for proc in alive:

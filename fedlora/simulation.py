@@ -1,7 +1,7 @@
 """Run an experiment on Flower's simulation engine (Ray backend), in this process.
 
-Ray's processes are started by ``ray.init`` inside Flower's backend and stopped by ``ray.shutdown``
-when the run finishes, fails, or is interrupted; a :class:`~fedlora.processes.ProcessTracker` then
+Ray's processes are started by ``ray.init`` here and stopped by ``ray.shutdown`` (Flower's backend
+calls it) when the run finishes, fails, or is interrupted; a :class:`~fedlora.processes.ProcessTracker` then
 waits for every descendant it saw and stops any straggler by PID.
 """
 
@@ -12,10 +12,13 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from fedlora.config import ExperimentConfig
+from fedlora.processes import ProcessTracker
 from fedlora.records import RunDirectory
+from fedlora.stopping import STOP, RunInterrupted
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -49,19 +52,27 @@ def backend_config(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str,
     }
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    """SIGTERM handler: stop like Ctrl-C, so that Ray is shut down and stragglers are stopped."""
-    raise KeyboardInterrupt
-
-
 def _start_ray(config: dict[str, Any]) -> None:
-    """Start Ray here (Flower's backend reuses it) and take SIGTERM back from Ray's handlers."""
+    """Start Ray here; Flower's backend reuses it and shuts it down at the end of the run."""
     import ray
 
     pythonpath = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **config["init_args"])
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _stop_handler(tracker: ProcessTracker) -> Callable[[int, object], None]:
+    """SIGINT/SIGTERM: the first asks the server loop to stop; a second one stops everything now."""
+
+    def handle(signum: int, frame: object) -> None:
+        if not STOP.is_set():
+            STOP.set()
+            os.write(2, b"stopping after the clients' current messages (send the signal again to force)\n")
+            return
+        tracker.sample()
+        tracker.kill_now()
+        os._exit(130)
+
+    return handle
 
 
 def simulate(
@@ -69,23 +80,28 @@ def simulate(
 ) -> None:
     """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; blocks until done.
 
-    SIGTERM is turned into KeyboardInterrupt while it runs, so ``kill PID`` cleans up like Ctrl-C.
+    SIGINT and SIGTERM stop the run gracefully (see :mod:`fedlora.stopping`), raising
+    KeyboardInterrupt here once Ray is down; a second signal stops every process at once and exits 130.
     """
     quiet_environment()
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
-    from fedlora.processes import ProcessTracker
     from strategies.server_app import make_server_app
 
     if not verbose:
         for name in ("flwr", "ray"):
             logging.getLogger(name).setLevel(logging.ERROR)
     config = backend_config(cfg, verbose=verbose)
-    previous = signal.getsignal(signal.SIGTERM)
-    with ProcessTracker():
+    in_main = threading.current_thread() is threading.main_thread()
+    STOP.clear()
+    with ProcessTracker() as tracker:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             _start_ray(config)
+            if in_main:  # after ray.init, which installs handlers of its own
+                for sig in previous:
+                    signal.signal(sig, _stop_handler(tracker))
             run_simulation(
                 server_app=make_server_app(cfg, run_dir, on_round),
                 client_app=client_app,
@@ -93,10 +109,13 @@ def simulate(
                 backend_config=config,  # type: ignore[arg-type]
                 verbose_logging=verbose,
             )
+        except RunInterrupted as exc:
+            raise KeyboardInterrupt from exc
         finally:
             _shutdown_ray()
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, previous)
+            if in_main:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
 
 
 def _shutdown_ray() -> None:

@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from fedlora import protocol
 from fedlora.adapters import State, from_arrays, payload_bytes, to_arrays
 from fedlora.config import ExperimentConfig
+from fedlora.stopping import exchange
 from strategies.aggregation import normalised_weights
 from strategies.plan import ClientPlan
 
@@ -103,7 +104,7 @@ class LoraStrategy(Strategy):
         nodes = sorted(grid.get_node_ids())
         if self._partition_of is None or set(self._partition_of.values()) != set(nodes):
             ask = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-            replies = grid.send_and_receive(ask, timeout=self.cfg.federation.round_timeout)
+            replies = exchange(grid, ask, self.cfg.federation.round_timeout)
             found = {}
             for reply in replies:
                 if not reply.has_error():

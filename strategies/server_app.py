@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora import protocol
 from fedlora.config import ExperimentConfig, load_config
 from fedlora.records import RunDirectory, versions
+from fedlora.stopping import STOP, exchange
 from strategies import registry
 from strategies.base import LoraStrategy
 
@@ -102,7 +103,7 @@ def _one_round(
     t0 = time.monotonic()
     # The strategy keeps the global adapter itself; Flower's ``arrays`` argument is not used.
     messages = list(strategy.configure_train(server_round, ArrayRecord(), base_config, grid))
-    replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout)
+    replies = exchange(grid, messages, cfg.federation.round_timeout)
     t_agg = time.monotonic()
     strategy.aggregate_train(server_round, replies)
     aggregate_s = time.monotonic() - t_agg
@@ -110,8 +111,9 @@ def _one_round(
     eval_messages = list(strategy.configure_evaluate(server_round, ArrayRecord(), base_config, grid))
     if eval_messages:
         client_eval = strategy.aggregate_evaluate(
-            server_round, grid.send_and_receive(eval_messages, timeout=cfg.federation.round_timeout)
+            server_round, exchange(grid, eval_messages, cfg.federation.round_timeout)
         )
+    STOP.check()
     eval_loss, eval_accuracy = evaluate(strategy.global_state, strategy.base_offsets)
     metrics = dict(strategy.last_metrics)
     row: dict[str, Any] = {
