@@ -1,7 +1,7 @@
 """Typed experiment configuration: one parser for the CLI, the ServerApp and the ClientApp.
 
 An experiment is a TOML file whose tables mirror the dataclasses below
-(``[data]``, ``[model]``, ``[lora]``, ``[train]``, ``[federation]``, ``[strategy]``),
+(``[data]``, ``[model]``, ``[lora]``, ``[train]``, ``[federation]``, ``[strategy]``, ``[privacy]``),
 plus ``--set section.key=value`` overrides. Unknown keys, wrong types and
 impossible values raise :class:`ConfigError` with one line that names the key,
 the value got and the valid choices.
@@ -23,6 +23,10 @@ import tomli_w
 PARTITIONERS = ("natural", "dirichlet", "iid")
 TARGET_PRESETS = ("qv", "qkvo", "vo")
 OPTIMIZERS = ("adamw", "sgd")
+PRIVACY_MODES = ("none", "dp-sgd", "dp-updates")
+ACCOUNTANTS = ("rdp", "prv")
+OPACUS_MODES = ("hooks", "ghost")
+PLACEMENTS = ("server", "client")
 
 
 class ConfigError(ValueError):
@@ -176,6 +180,46 @@ class StrategyConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy: DP-SGD in every client, or clipped and noised client updates.
+
+    ``target_epsilon`` is the budget for the whole run; with ``noise_multiplier = 0`` the noise is
+    calibrated so that the planned run (every round, every local step) spends exactly that budget.
+    """
+
+    mode: str = _help("none, dp-sgd (sample-level, Opacus in each client) or dp-updates (user-level)", "none")
+    target_epsilon: float = _help("privacy budget for the whole run; 0 = no budget (needs noise_multiplier)", 0.0)
+    noise_multiplier: float = _help("Gaussian noise std over clip_norm; 0 = calibrate to target_epsilon", 0.0)
+    clip_norm: float = _help("L2 clip: per-example gradient (dp-sgd) or per-client update (dp-updates)", 1.0)
+    delta: float = _help("delta of (epsilon, delta)-DP; must be below 1 / (examples or clients)", 1e-5)
+    accountant: str = _help("privacy accountant: rdp or prv (Opacus)", "rdp")
+    opacus_mode: str = _help("Opacus per-sample gradient mode for dp-sgd: hooks or ghost", "hooks")
+    max_physical_batch: int = _help("dp-sgd: split Poisson batches into at most this many examples; 0 = off", 0)
+    placement: str = _help("dp-updates: who clips and adds noise, server or client", "server")
+
+    def __post_init__(self) -> None:
+        _check(self.mode in PRIVACY_MODES, "privacy.mode", self.mode, f"one of {', '.join(PRIVACY_MODES)}")
+        _check(self.target_epsilon >= 0, "privacy.target_epsilon", self.target_epsilon, "a number >= 0")
+        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", self.noise_multiplier, "a number >= 0")
+        _check(self.clip_norm > 0, "privacy.clip_norm", self.clip_norm, "a number > 0")
+        _check(0 < self.delta < 1, "privacy.delta", self.delta, "a number in (0, 1)")
+        _check(self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant, "rdp or prv")
+        _check(self.opacus_mode in OPACUS_MODES, "privacy.opacus_mode", self.opacus_mode, "hooks or ghost")
+        _check(self.max_physical_batch >= 0, "privacy.max_physical_batch", self.max_physical_batch, "an integer >= 0")
+        _check(self.placement in PLACEMENTS, "privacy.placement", self.placement, "server or client")
+        if self.enabled and self.target_epsilon == 0 and self.noise_multiplier == 0:
+            raise ConfigError(
+                f"privacy.mode = {self.mode!r} needs privacy.target_epsilon (to calibrate the noise) "
+                "or privacy.noise_multiplier > 0"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any DP mechanism is on."""
+        return self.mode != "none"
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: everything a server and its clients need to agree on."""
 
@@ -187,6 +231,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config as plain TOML-able values."""
@@ -274,6 +319,19 @@ def _check_cross(config: ExperimentConfig) -> None:
     from strategies.registry import validate_options  # local: strategies import config
 
     config.strategy.options = validate_options(config.strategy.name, config.strategy.options)
+    _check_privacy(config)
+
+
+def _check_privacy(config: ExperimentConfig) -> None:
+    """dp-updates needs a strategy whose aggregate is a linear sum of the arrays that travel."""
+    from strategies.registry import get, linear_strategies
+
+    if config.privacy.mode == "dp-updates" and not get(config.strategy.name).linear_aggregate:
+        raise ConfigError(
+            f"privacy.mode = 'dp-updates' cannot protect strategy '{config.strategy.name}': it combines "
+            "each client's own factors, which the noise on the sum does not cover; use a strategy with a "
+            f"linear aggregate ({', '.join(linear_strategies())}) or privacy.mode = 'dp-sgd'"
+        )
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -62,6 +62,8 @@ class LoraStrategy(Strategy):
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     Options: ClassVar[type[Any]] = NoOptions
+    linear_aggregate: ClassVar[bool] = False
+    """True when the aggregate is sum_k p_k * x_k for every array x that travels (dp-updates needs it)."""
 
     def __init__(self, cfg: ExperimentConfig, global_state: State) -> None:
         self.cfg = cfg

@@ -19,6 +19,7 @@ class FedIT(LoraStrategy):
     """FedAvg of every adapter and head tensor."""
 
     description = "FedAvg of LoRA A, B and the head (biased: mean(B)·mean(A) != mean(B·A))"
+    linear_aggregate = True
 
     def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
         return weighted_average(updates, weights)

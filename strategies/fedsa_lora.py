@@ -33,6 +33,7 @@ class FedSaLora(LoraStrategy):
     """Average A (and the head); every client keeps its own B."""
 
     description = "share and average A (+head); each client keeps its own B in its node state"
+    linear_aggregate = True
     Options = FedSaOptions
 
     @classmethod

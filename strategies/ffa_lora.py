@@ -40,6 +40,7 @@ class FfaLora(LoraStrategy):
     """FedAvg of B and the head over a frozen, shared, never-sent A."""
 
     description = "frozen shared random A, train and send only B (+head): exact averaging, half the traffic"
+    linear_aggregate = True
     Options = FfaOptions
 
     def __init__(self, cfg: ExperimentConfig, global_state: State) -> None:

@@ -69,3 +69,8 @@ def validate_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     except TypeError as exc:  # pragma: no cover - programming error in an Options class
         raise ConfigError(str(exc)) from None
     return dataclasses.asdict(built)
+
+
+def linear_strategies() -> list[str]:
+    """Strategies whose aggregate is a (weighted) sum of the arrays that travel, array by array."""
+    return [name for name, cls in available().items() if cls.linear_aggregate]
