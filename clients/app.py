@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import protocol
@@ -61,21 +61,55 @@ def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Train this round's adapter on the local split; reply with the arrays the strategy wants back."""
+    """Train this round's adapter on the local split; reply with the arrays the strategy wants back.
+
+    With ``privacy.mode = "dp-sgd"`` training is DP-SGD and a client whose budget this round would
+    exceed declines (a reply without arrays, with the reason); with ``dp-updates`` and client
+    placement the reply carries the clipped update plus this client's share of the noise.
+    """
     from clients import runtime
     from fedlora.adapters import adapter_state, kind_of, to_arrays
     from fedlora.training import train_local
 
     cfg, pid, plan, model, data, received, server_round = _prepare(message, context)
-    loss, _ = train_local(model, data.train, cfg.train, seed=runtime.client_seed(cfg, server_round, pid))
+    seed = runtime.client_seed(cfg, server_round, pid)
+    extra: dict[str, float] = {}
+    if cfg.privacy.mode == "dp-sgd":
+        from clients.private import dp_sgd_round
+
+        outcome = dp_sgd_round(context, cfg, model, data.train, seed=seed)
+        extra = {protocol.EPSILON: outcome.epsilon, protocol.NOISE_MULTIPLIER: outcome.noise_multiplier}
+        if outcome.declined:
+            return _declined(message, pid, outcome.declined, extra)
+        loss = outcome.loss
+    else:
+        loss, _ = train_local(model, data.train, cfg.train, seed=seed)
     state = adapter_state(model)
     runtime.save_local(context, plan, state)
     keys = list(received) if plan.reply == "received" else list(state)
-    arrays: ArrayRecord = to_arrays({k: state[k] for k in keys if kind_of(k) not in plan.keep_local})
+    reply = {k: state[k] for k in keys if kind_of(k) not in plan.keep_local}
+    if cfg.privacy.mode == "dp-updates" and cfg.privacy.placement == "client":
+        from clients.private import privatise_reply
+
+        reply = privatise_reply(cfg, received, reply, seed=seed)
     metrics = MetricRecord(
-        {protocol.NUM_EXAMPLES: len(data.train), protocol.TRAIN_LOSS: loss, protocol.PARTITION_ID: pid}
+        {
+            protocol.NUM_EXAMPLES: len(data.train),
+            protocol.TRAIN_LOSS: loss,
+            protocol.PARTITION_ID: pid,
+            **extra,
+        }
     )
-    return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=message)
+    return Message(
+        RecordDict({protocol.ARRAYS: to_arrays(reply), protocol.METRICS: metrics}), reply_to=message
+    )
+
+
+def _declined(message: Message, pid: int, reason: str, extra: dict[str, float]) -> Message:
+    """A reply that trains nothing and says why (the server counts it and goes on without it)."""
+    metrics = MetricRecord({protocol.PARTITION_ID: pid, protocol.DECLINED: 1, **extra})
+    status = ConfigRecord({protocol.REASON: reason})
+    return Message(RecordDict({protocol.METRICS: metrics, protocol.STATUS: status}), reply_to=message)
 
 
 @app.evaluate()

@@ -8,7 +8,8 @@ clients. Epsilon is computed from the full history, so it is cumulative over eve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 Entry = tuple[float, float, int]
 """(noise multiplier, sample rate, steps) of one round."""
@@ -35,8 +36,10 @@ def epsilon(history: Sequence[Entry], delta: float, kind: str = "rdp") -> float:
     return float(accountant.get_epsilon(delta))  # type: ignore[attr-defined]
 
 
-def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "rdp") -> float:
-    """The smallest noise multiplier (within Opacus's tolerance) whose ``steps`` spend <= ``target_epsilon``."""
+def calibrate(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "rdp"
+) -> float:
+    """The smallest noise multiplier (within Opacus's tolerance) whose ``steps`` spend <= the target."""
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(
@@ -67,7 +70,7 @@ def history_to_lists(history: Sequence[Entry]) -> dict[str, list[float] | list[i
     }
 
 
-def history_from_lists(record: object) -> list[Entry]:
+def history_from_lists(record: Mapping[str, Any]) -> list[Entry]:
     """The inverse of :func:`history_to_lists` (accepts any mapping with those three keys)."""
-    get = record.__getitem__  # type: ignore[attr-defined]
-    return [(float(s), float(q), int(n)) for s, q, n in zip(get("noise"), get("rate"), get("steps"), strict=True)]
+    rows = zip(record["noise"], record["rate"], record["steps"], strict=True)
+    return [(float(s), float(q), int(n)) for s, q, n in rows]

@@ -57,12 +57,24 @@ def run(
     try:
         cfg = load_config(experiment, overrides)
         _check_model(cfg.model.path)
+        _check_privacy(cfg)
         run_dir = RunDirectory(out or Path("runs") / cfg.name)
         run_dir.create(cfg, overwrite=overwrite)
     except (ConfigError, RunDirError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
     _simulate_with_progress(cfg, run_dir, verbose=verbose)
+
+
+def _check_privacy(cfg: Any) -> None:
+    """Privacy settings that depend on the data (delta against client sizes) or the budget."""
+    if not cfg.privacy.enabled:
+        return
+    from fedlora.data import get_splits
+    from fedlora.privacy import check
+
+    splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
+    check(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
 
 
 def _check_model(path: str) -> None:
@@ -91,7 +103,7 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
             f"train_loss {row['train_loss']:.4f}  eval_loss {row['eval_loss']:.4f}  "
             f"eval_acc [bold]{100 * row['eval_accuracy']:.2f}%[/]  "
             f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
-            f"{row['wall_s']:.1f} s",
+            f"{row['wall_s']:.1f} s" + _privacy_progress(row),
             soft_wrap=True,
         )
 
@@ -121,6 +133,14 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
         )
     else:
         _fail(f"the run ended without a summary; see {run_dir.rounds_path} (rerun with --verbose)", code=1)
+
+
+def _privacy_progress(row: dict[str, Any]) -> str:
+    """The privacy part of a progress line (empty when DP is off)."""
+    if "epsilon" not in row:
+        return ""
+    declined = f"  declined {int(row['num_declined'])}" if row.get("num_declined") else ""
+    return f"  [magenta]eps {row['epsilon']:.2f}[/] (delta {row['delta']:g}){declined}"
 
 
 @app.command("config")

@@ -188,13 +188,17 @@ class PrivacyConfig:
     """
 
     mode: str = _help("none, dp-sgd (sample-level, Opacus in each client) or dp-updates (user-level)", "none")
-    target_epsilon: float = _help("privacy budget for the whole run; 0 = no budget (needs noise_multiplier)", 0.0)
+    target_epsilon: float = _help(
+        "privacy budget for the whole run; 0 = no budget (needs noise_multiplier)", 0.0
+    )
     noise_multiplier: float = _help("Gaussian noise std over clip_norm; 0 = calibrate to target_epsilon", 0.0)
     clip_norm: float = _help("L2 clip: per-example gradient (dp-sgd) or per-client update (dp-updates)", 1.0)
     delta: float = _help("delta of (epsilon, delta)-DP; must be below 1 / (examples or clients)", 1e-5)
     accountant: str = _help("privacy accountant: rdp or prv (Opacus)", "rdp")
     opacus_mode: str = _help("Opacus per-sample gradient mode for dp-sgd: hooks or ghost", "hooks")
-    max_physical_batch: int = _help("dp-sgd: split Poisson batches into at most this many examples; 0 = off", 0)
+    max_physical_batch: int = _help(
+        "dp-sgd: split Poisson batches into at most this many examples; 0 = off", 0
+    )
     placement: str = _help("dp-updates: who clips and adds noise, server or client", "server")
 
     def __post_init__(self) -> None:
@@ -205,7 +209,12 @@ class PrivacyConfig:
         _check(0 < self.delta < 1, "privacy.delta", self.delta, "a number in (0, 1)")
         _check(self.accountant in ACCOUNTANTS, "privacy.accountant", self.accountant, "rdp or prv")
         _check(self.opacus_mode in OPACUS_MODES, "privacy.opacus_mode", self.opacus_mode, "hooks or ghost")
-        _check(self.max_physical_batch >= 0, "privacy.max_physical_batch", self.max_physical_batch, "an integer >= 0")
+        _check(
+            self.max_physical_batch >= 0,
+            "privacy.max_physical_batch",
+            self.max_physical_batch,
+            "an integer >= 0",
+        )
         _check(self.placement in PLACEMENTS, "privacy.placement", self.placement, "server or client")
         if self.enabled and self.target_epsilon == 0 and self.noise_multiplier == 0:
             raise ConfigError(

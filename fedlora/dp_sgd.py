@@ -76,7 +76,7 @@ class PrivateTrainer:
         self.max_physical_batch = max_physical_batch
         self.generator = torch.Generator().manual_seed(seed)
         # The loader only tells Opacus the expected batch size; sampling is done by poisson_sample.
-        shape_only = DataLoader(list(range(expected_batch)), batch_size=expected_batch)
+        shape_only: DataLoader[int] = DataLoader(range(expected_batch), batch_size=expected_batch)  # type: ignore[arg-type]
         made = PrivacyEngine().make_private(
             module=model,
             optimizer=make_optimizer(model, train),
@@ -103,7 +103,7 @@ class PrivateTrainer:
         self.module._close()  # removes Opacus's hooks and per-sample gradients from the model
 
     def step(self, batch: dict[str, torch.Tensor] | None) -> float:
-        """One DP-SGD step on ``batch`` (None: an empty Poisson sample); returns the mean loss (0 if empty)."""
+        """A DP-SGD step on ``batch`` (None: an empty Poisson sample); returns its mean loss (0 if empty)."""
         if batch is None:
             self._noise_only_step()
             return 0.0

@@ -21,8 +21,19 @@ PARTITION_ID = "partition-id"
 LOCAL_ADAPTER = "fedlora-local-adapter"
 """Node state key of the adapter tensors a client keeps between rounds (FedSA-LoRA's B)."""
 
+DP_HISTORY = "fedlora-dp-history"
+"""Node state key of a DP-SGD client's accountant history (all rounds it trained in)."""
+
+# Privacy, in train replies.
+EPSILON = "epsilon"
+"""DP-SGD: this client's epsilon after this round, over every round it took part in."""
+NOISE_MULTIPLIER = "noise-multiplier"
+DECLINED = "declined"
+"""1 when the client refused to train because the round would exceed its privacy budget."""
+STATUS = "status"
+"""RecordDict key of a ConfigRecord with a ``reason`` when a client declined."""
+REASON = "reason"
+
 # Node config keys (set by the simulation engine, or by --node-config on a SuperNode).
 NODE_PARTITION_ID = "partition-id"
-LOCAL_ADAPTER = "fedlora-local-adapter"
-"""Node state key of the adapter tensors a client keeps between rounds (FedSA-LoRA's B)."""
 NODE_NUM_PARTITIONS = "num-partitions"

@@ -32,6 +32,7 @@ from fedlora.config import ExperimentConfig
 from fedlora.stopping import exchange
 from strategies.aggregation import normalised_weights
 from strategies.plan import ClientPlan
+from strategies.privacy import ServerPrivacy
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class LoraStrategy(Strategy):
         self._rng = random.Random(cfg.seed)
         self._partition_of: dict[int, int] | None = None
         self.base_offsets: State = {}
+        self.privacy = ServerPrivacy(cfg)
+        self._sent: State = {}
 
     # ----- pure hooks (override these) -------------------------------------------------------
     @classmethod
@@ -115,10 +118,11 @@ class LoraStrategy(Strategy):
             self._partition_of = dict(sorted(found.items()))
         return self._partition_of
 
-    def sample(self, grid: Grid, fraction: float | None = None) -> list[int]:
+    def sample(self, grid: Grid, fraction: float | None = None, *, training: bool = False) -> list[int]:
         """Node ids of the clients for this round, sampled by partition id with the seeded RNG.
 
         ``fraction`` defaults to ``federation.fraction``; at least ``federation.min_clients`` are taken.
+        Training rounds under dp-updates sample each client independently (Poisson, rate m / N).
         """
         fed = self.cfg.federation
         nodes = sorted(grid.get_node_ids())
@@ -129,6 +133,8 @@ class LoraStrategy(Strategy):
         if (fraction if fraction is not None else fed.fraction) >= 1.0:
             return nodes
         by_partition = self.partitions(grid)
+        if training and self.privacy.updates:
+            return [by_partition[pid] for pid in self.privacy.sample(sorted(by_partition), self._rng)]
         want = min(len(by_partition), fed.clients_per_round(fraction))
         chosen = sorted(self._rng.sample(sorted(by_partition), want))
         return [by_partition[pid] for pid in chosen]
@@ -137,7 +143,8 @@ class LoraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One TRAIN message per sampled client, carrying only the arrays that travel."""
-        nodes = self.sample(grid)
+        nodes = self.sample(grid, training=True)
+        self._sent = self.outgoing(self.global_state)
         content = self._content(server_round, config)
         self.traffic = RoundTraffic(downlink=_arrays_bytes(content) * len(nodes))
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
@@ -159,26 +166,49 @@ class LoraStrategy(Strategy):
         replies = list(replies)
         # Sorted by partition, so that sums are taken in the same order in every run.
         ok = sorted((r for r in replies if not r.has_error()), key=_partition_key)
-        for reply in ok:
+        self.privacy.observe(
+            [r.content[protocol.METRICS] for r in ok], protocol.PARTITION_ID, protocol.EPSILON
+        )
+        declined = [r for r in ok if _declined(r)]
+        trained = [r for r in ok if not _declined(r)]
+        for reply in trained:
             self.traffic.uplink += payload_bytes(reply.content[protocol.ARRAYS])
-        if len(ok) < self.cfg.federation.min_clients:
-            errors = [str(r.error.reason) for r in replies if r.has_error()]
-            raise RoundFailedError(
-                f"round {server_round}: {len(ok)} of {len(replies)} clients replied, fewer than "
-                f"federation.min_clients = {self.cfg.federation.min_clients}"
-                + (f"; first client error: {errors[0].strip().splitlines()[-1]}" if errors else "")
-            )
-        updates = [from_arrays(r.content[protocol.ARRAYS]) for r in ok]
-        counts = [float(r.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in ok]  # type: ignore[arg-type]
-        losses = [float(r.content[protocol.METRICS][protocol.TRAIN_LOSS]) for r in ok]  # type: ignore[arg-type]
-        p = normalised_weights(counts)
-        self.global_state = {**self.global_state, **self.aggregate(self.global_state, updates, p)}
-        self.last_metrics = {
-            "num_clients": float(len(ok)),
-            "train_loss": math.fsum(pk * loss for pk, loss in zip(p, losses, strict=True)),
-            **self.diagnostics(),
-        }
+        self._check_enough(server_round, replies, len(ok))
+        for reply in declined:
+            log.info("round %s: a client declined: %s", server_round, _reason(reply))
+        self.last_metrics = {"num_clients": float(len(trained)), "train_loss": math.nan}
+        if trained or self.privacy.updates:
+            self._aggregate_replies(server_round, trained)
+        if self.cfg.privacy.mode == "dp-sgd":
+            self.last_metrics["num_declined"] = float(len(declined))
+        self.last_metrics.update({**self.privacy.round_metrics(), **self.diagnostics()})
         return to_arrays(self.global_state), MetricRecord(dict(self.last_metrics))  # type: ignore[arg-type]
+
+    def _check_enough(self, server_round: int, replies: Sequence[Message], answered: int) -> None:
+        """Fail the round when fewer than min_clients (or all sampled, if fewer) answered."""
+        need = min(self.cfg.federation.min_clients, len(replies))
+        if answered >= need:
+            return
+        errors = [str(r.error.reason) for r in replies if r.has_error()]
+        raise RoundFailedError(
+            f"round {server_round}: {answered} of {len(replies)} clients replied, fewer than "
+            f"federation.min_clients = {self.cfg.federation.min_clients}"
+            + (f"; first client error: {errors[0].strip().splitlines()[-1]}" if errors else "")
+        )
+
+    def _aggregate_replies(self, server_round: int, trained: Sequence[Message]) -> None:
+        """New global state from the clients that trained (through the noised mean under dp-updates)."""
+        updates = [from_arrays(r.content[protocol.ARRAYS]) for r in trained]
+        counts = [float(r.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in trained]  # type: ignore[arg-type]
+        losses = [float(r.content[protocol.METRICS][protocol.TRAIN_LOSS]) for r in trained]  # type: ignore[arg-type]
+        p = self.privacy.weights(counts) or normalised_weights(counts)
+        if self.privacy.updates:
+            updates, weights = [self.privacy.noised_mean(self._sent, updates, server_round)], [1.0]
+        else:
+            weights = p
+        self.global_state = {**self.global_state, **self.aggregate(self.global_state, updates, weights)}
+        if losses:
+            self.last_metrics["train_loss"] = math.fsum(pk * loss for pk, loss in zip(p, losses, strict=True))
 
     def diagnostics(self) -> dict[str, float]:
         """Strategy-specific per-round numbers for ``rounds.jsonl`` (default: none)."""
@@ -214,6 +244,15 @@ class LoraStrategy(Strategy):
                 "client_eval_accuracy": mean(protocol.EVAL_ACCURACY),
             }
         )
+
+
+def _declined(reply: Message) -> bool:
+    return bool(reply.content[protocol.METRICS].get(protocol.DECLINED, 0))  # type: ignore[union-attr]
+
+
+def _reason(reply: Message) -> str:
+    status = reply.content.config_records.get(protocol.STATUS)
+    return str(status[protocol.REASON]) if status is not None else "no reason given"
 
 
 def _partition_key(reply: Message) -> int:

@@ -153,7 +153,20 @@ def _summary(
         "total_uplink_bytes": sum(r["uplink_bytes"] for r in rows),
         "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
         "wall_s": wall_s,
+        **_privacy_summary(cfg, rows),
         "versions": versions(),
+    }
+
+
+def _privacy_summary(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The privacy spent by the whole run (nothing when DP is off)."""
+    if not cfg.privacy.enabled:
+        return {}
+    return {
+        "privacy_mode": cfg.privacy.mode,
+        "final_epsilon": rows[-1]["epsilon"],
+        "delta": cfg.privacy.delta,
+        "total_declined": int(sum(r.get("num_declined", 0) for r in rows)),
     }
 
 

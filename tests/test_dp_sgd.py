@@ -50,7 +50,9 @@ def test_zero_noise_huge_clip_step_equals_plain_step(data, mode: str, freeze: fr
     plain = _model(freeze)
     _plain_step(plain, dict(batch), train)
     private = _model(freeze)
-    with PrivateTrainer(private, train, noise_multiplier=0.0, clip_norm=1e6, expected_batch=8, mode=mode) as t:
+    with PrivateTrainer(
+        private, train, noise_multiplier=0.0, clip_norm=1e6, expected_batch=8, mode=mode
+    ) as t:
         t.step(dict(batch))
     want, got = adapter_state(plain), adapter_state(private)
     start = adapter_state(_model(freeze))
@@ -132,6 +134,26 @@ def test_poisson_sampling_rate_and_train_private_round(data) -> None:  # type: i
     assert abs(mean - 16) < 0.3  # std of the mean = 4 / sqrt(2000) = 0.09
     assert sample_rate(16, len(data)) == 16 / len(data)
     train = TrainConfig(local_steps=3, batch_size=4)
-    done = train_private(_model(), data, train, PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0), noise_multiplier=1.0, seed=0)
+    done = train_private(
+        _model(),
+        data,
+        train,
+        PrivacyConfig(mode="dp-sgd", noise_multiplier=1.0),
+        noise_multiplier=1.0,
+        seed=0,
+    )
     assert done.steps == 3 and done.entry == (1.0, 4 / len(data), 3)
     assert done.loss > 0 and done.seen > 0
+
+
+def test_ffa_lora_a_stays_bit_identical_under_noisy_dp_sgd(data) -> None:  # type: ignore[no-untyped-def]
+    """Noise lands only on trained parameters: FFA-LoRA's frozen A never moves."""
+    model = _model(frozenset({"lora_A"}))
+    before = adapter_state(model)
+    train = TrainConfig(local_steps=3, batch_size=8, lr=0.05)
+    privacy = PrivacyConfig(mode="dp-sgd", noise_multiplier=2.0)
+    train_private(model, data, train, privacy, noise_multiplier=2.0, seed=0)
+    after = adapter_state(model)
+    for key in before:
+        same = torch.equal(after[key], before[key])
+        assert same if "lora_A" in key else not same, key

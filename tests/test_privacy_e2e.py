@@ -1,0 +1,115 @@
+"""Privacy end to end: `fedlora run` with DP-SGD and with dp-updates on the real model and tweets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+
+from tests.test_e2e import ROOT
+
+SMALL = ["--clients", "3", "--set", "train.local_steps=2", "--set", "data.max_examples=2000"]
+SMALL += ["--set", "data.test_size=100", "--set", "data.max_length=32"]
+
+
+def _run(out: Path, *args: str) -> list[dict]:  # type: ignore[type-arg]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "run", *SMALL, *args, "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "eps " in proc.stdout  # the progress line shows epsilon
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def _reference(history: list[tuple[float, float, int]], delta: float) -> float:
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta)) if history else 0.0
+
+
+def _saved_a_is_the_initial_a(out: Path) -> None:
+    """FFA-LoRA: the saved adapter's A is bit-identical to the A every client derives from the seed."""
+    from peft import PeftModel
+
+    from fedlora.adapters import adapter_state, initial_state, is_lora_a
+    from fedlora.config import ExperimentConfig
+    from fedlora.models import load_classifier
+
+    cfg = ExperimentConfig.from_toml((out / "config.toml").read_text())
+    saved = adapter_state(
+        PeftModel.from_pretrained(load_classifier("", num_labels=3, seed=1), str(out / "adapter"))
+    )
+    initial = initial_state(cfg)
+    a_keys = [k for k in initial if is_lora_a(k)]
+    assert a_keys and all(torch.equal(saved[k], initial[k]) for k in a_keys)
+
+
+@pytest.mark.e2e
+def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(tmp_path: Path) -> None:
+    from fedlora.config import load_config
+    from fedlora.data import get_splits
+
+    cfg = load_config(None, [*_overrides(SMALL), "federation.num_clients=3"])
+    splits = get_splits(cfg.data, 3, cfg.seed)
+    rates = [16 / len(splits.client_train(k)) for k in range(3)]
+    entry = [(1.0, q, 2) for q in rates]
+    after_two = sorted(_reference([e] * 2, 1e-5) for e in entry)
+    budget = after_two[1] + 1e-6  # the middle client can afford exactly two rounds
+    rows = _run(
+        tmp_path / "run",
+        "--strategy", "ffa-lora", "--rounds", "3",
+        "--set", "privacy.mode=dp-sgd", "--set", "privacy.noise_multiplier=1.0",
+        "--set", f"privacy.target_epsilon={budget}",
+    )  # fmt: skip
+    # Replay the budget rule with the reference accountant: a client trains while it can afford it.
+    trained = [0, 0, 0]
+    spent = [0.0, 0.0, 0.0]
+    for row in rows:
+        declined = 0
+        for k in range(3):
+            if _reference([entry[k]] * (trained[k] + 1), 1e-5) > budget:
+                declined += 1
+            else:
+                trained[k] += 1
+            spent[k] = _reference([entry[k]] * trained[k], 1e-5)
+        assert row["num_declined"] == declined
+        assert row["num_clients"] == 3 - declined
+        assert row["epsilon"] == pytest.approx(max(spent), rel=1e-9)
+        assert row["epsilon"] <= budget and row["delta"] == 1e-5 and row["clip_norm"] == 1.0
+        assert row["noise_multiplier"] == 1.0 or declined == 3
+    assert sum(r["num_declined"] for r in rows) >= 1
+    assert [r["epsilon"] for r in rows] == sorted(r["epsilon"] for r in rows)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["final_epsilon"] == rows[-1]["epsilon"] and summary["privacy_mode"] == "dp-sgd"
+    _saved_a_is_the_initial_a(tmp_path / "run")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(("strategy", "placement"), [("fedit", "server"), ("ffa-lora", "client")])
+def test_dp_updates_epsilon_is_the_subsampled_gaussian_after_each_round(
+    tmp_path: Path, strategy: str, placement: str
+) -> None:
+    rows = _run(
+        tmp_path / "run",
+        "--strategy", strategy, "--rounds", "2",
+        "--set", "privacy.mode=dp-updates", "--set", "privacy.noise_multiplier=1.0",
+        "--set", "privacy.clip_norm=0.5", "--set", f"privacy.placement={placement}",
+        "--set", "federation.fraction=0.67",
+    )  # fmt: skip
+    q = 2 / 3  # clients_per_round = int(0.67 * 3) = 2 of 3
+    for k, row in enumerate(rows, start=1):
+        assert row["epsilon"] == pytest.approx(_reference([(1.0, q, 1)] * k, 1e-5), rel=1e-9)
+        assert row["noise_multiplier"] == 1.0 and row["clip_norm"] == 0.5
+    if strategy == "ffa-lora":
+        _saved_a_is_the_initial_a(tmp_path / "run")
+
+
+def _overrides(args: list[str]) -> list[str]:
+    """The --set values of an argument list."""
+    return [args[i + 1] for i, a in enumerate(args) if a == "--set"]
