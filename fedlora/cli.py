@@ -161,11 +161,12 @@ def show_config(
 
 @app.command()
 def strategies() -> None:
-    """List the aggregation strategies with a one-line description."""
+    """List the aggregation strategies with a one-line description (and which allow dp-updates)."""
     from strategies.registry import available
 
     for name, cls in available().items():
-        typer.echo(f"{name:<12} {cls.description}")
+        dp = "  [dp-sgd, dp-updates]" if cls.linear_aggregate else "  [dp-sgd]"
+        typer.echo(f"{name:<12} {cls.description}{dp}")
 
 
 def main() -> None:

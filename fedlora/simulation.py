@@ -75,6 +75,12 @@ def _stop_handler(tracker: ProcessTracker) -> Callable[[int, object], None]:
     return handle
 
 
+def _install(signals: dict[signal.Signals, Any], handler: Any, in_main: bool) -> None:
+    if in_main:
+        for sig in signals:
+            signal.signal(sig, handler)
+
+
 def simulate(
     cfg: ExperimentConfig, run_dir: RunDirectory, on_round: Any = None, *, verbose: bool = False
 ) -> None:
@@ -98,10 +104,11 @@ def simulate(
     with ProcessTracker() as tracker:
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            # Before ray.init (a signal during start-up stops at the first check) and again after
+            # it, since ray.init installs handlers of its own.
+            _install(previous, _stop_handler(tracker), in_main)
             _start_ray(config)
-            if in_main:  # after ray.init, which installs handlers of its own
-                for sig in previous:
-                    signal.signal(sig, _stop_handler(tracker))
+            _install(previous, _stop_handler(tracker), in_main)
             run_simulation(
                 server_app=make_server_app(cfg, run_dir, on_round),
                 client_app=client_app,

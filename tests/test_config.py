@@ -145,3 +145,22 @@ def test_cli_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "already exists; pass --overwrite" in proc.stderr
     assert (run_dir / "rounds.jsonl").read_text() == '{"round": 1}\n'
+
+
+def test_every_config_key_is_documented_in_usage() -> None:
+    """docs/usage.md's key table lists every key of every section, so the docs cannot fall behind."""
+    import dataclasses
+    from pathlib import Path
+
+    from fedlora.config import ExperimentConfig
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    keys = []
+    for f in dataclasses.fields(ExperimentConfig):
+        default = getattr(ExperimentConfig(), f.name)
+        if dataclasses.is_dataclass(default):
+            keys += [f"{f.name}.{g.name}" for g in dataclasses.fields(default)]
+        else:
+            keys.append(f.name)
+    missing = [k for k in keys if f"| `{k}` |" not in text]
+    assert not missing, missing
