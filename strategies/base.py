@@ -77,6 +77,7 @@ class LoraStrategy(Strategy):
         self.base_offsets: State = {}
         self.privacy = ServerPrivacy(cfg)
         self._sent: State = {}
+        self._num_sampled = 0
 
     # ----- pure hooks (override these) -------------------------------------------------------
     @classmethod
@@ -145,6 +146,7 @@ class LoraStrategy(Strategy):
         """One TRAIN message per sampled client, carrying only the arrays that travel."""
         nodes = self.sample(grid, training=True)
         self._sent = self.outgoing(self.global_state)
+        self._num_sampled = len(nodes)
         content = self._content(server_round, config)
         self.traffic = RoundTraffic(downlink=_arrays_bytes(content) * len(nodes))
         return [Message(content=content, message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
@@ -173,7 +175,7 @@ class LoraStrategy(Strategy):
         trained = [r for r in ok if not _declined(r)]
         for reply in trained:
             self.traffic.uplink += payload_bytes(reply.content[protocol.ARRAYS])
-        self._check_enough(server_round, replies, len(ok))
+        self._check_enough(server_round, replies, len(ok))  # declining is an answer
         for reply in declined:
             log.info("round %s: a client declined: %s", server_round, _reason(reply))
         self.last_metrics = {"num_clients": float(len(trained)), "train_loss": math.nan}
@@ -185,13 +187,14 @@ class LoraStrategy(Strategy):
         return to_arrays(self.global_state), MetricRecord(dict(self.last_metrics))  # type: ignore[arg-type]
 
     def _check_enough(self, server_round: int, replies: Sequence[Message], answered: int) -> None:
-        """Fail the round when fewer than min_clients (or all sampled, if fewer) answered."""
-        need = min(self.cfg.federation.min_clients, len(replies))
+        """Fail the round when fewer than min_clients answered (or than were sampled, if fewer:
+        Poisson sampling under dp-updates may pick fewer than min_clients)."""
+        need = min(self.cfg.federation.min_clients, self._num_sampled)
         if answered >= need:
             return
         errors = [str(r.error.reason) for r in replies if r.has_error()]
         raise RoundFailedError(
-            f"round {server_round}: {answered} of {len(replies)} clients replied, fewer than "
+            f"round {server_round}: {answered} of {self._num_sampled} clients replied, fewer than "
             f"federation.min_clients = {self.cfg.federation.min_clients}"
             + (f"; first client error: {errors[0].strip().splitlines()[-1]}" if errors else "")
         )
