@@ -11,6 +11,7 @@ Dataset sizes are treated as public, as in Opacus.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,11 @@ from fedlora.training import Encoded, make_optimizer, num_steps
 
 if TYPE_CHECKING:
     from fedlora.accounting import Entry
+
+# Known and harmless here: the seeded generator is deliberate (docs/privacy.md, Limits), and the
+# backward-hook note comes from the frozen embeddings.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 @dataclass(frozen=True)

@@ -168,9 +168,7 @@ class LoraStrategy(Strategy):
         replies = list(replies)
         # Sorted by partition, so that sums are taken in the same order in every run.
         ok = sorted((r for r in replies if not r.has_error()), key=_partition_key)
-        self.privacy.observe(
-            [r.content[protocol.METRICS] for r in ok], protocol.PARTITION_ID, protocol.EPSILON
-        )
+        self.privacy.observe([r.content[protocol.METRICS] for r in ok])
         declined = [r for r in ok if _declined(r)]
         trained = [r for r in ok if not _declined(r)]
         for reply in trained:

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fedlora import accounting, privacy
+from fedlora import accounting, privacy, protocol
 from fedlora.adapters import State
 from fedlora.config import ExperimentConfig
 from fedlora.dp_updates import private_mean
@@ -66,13 +66,14 @@ class ServerPrivacy:
         self._round_info = info
         return mean
 
-    def observe(self, metrics: Sequence[Mapping[str, Any]], partition_key: str, epsilon_key: str) -> None:
-        """dp-sgd: remember each replying client's cumulative epsilon and noise multiplier."""
+    def observe(self, metrics: Sequence[Mapping[str, Any]]) -> None:
+        """dp-sgd: remember each replying client's cumulative epsilon, and the noise of those that trained."""
         self._round_noise = []
         for m in metrics:
-            if epsilon_key in m:
-                self.client_epsilon[int(m[partition_key])] = float(m[epsilon_key])
-                self._round_noise.append(float(m.get("noise-multiplier", math.nan)))
+            if protocol.EPSILON in m:
+                self.client_epsilon[int(m[protocol.PARTITION_ID])] = float(m[protocol.EPSILON])
+                if not m.get(protocol.DECLINED, 0):
+                    self._round_noise.append(float(m[protocol.NOISE_MULTIPLIER]))
 
     def epsilon(self) -> float:
         """Epsilon spent so far: max over clients (dp-sgd) or the federation's (dp-updates)."""
