@@ -189,3 +189,23 @@ def test_noised_mean_without_noise_is_the_clipped_mean_over_the_expected_count()
     for k in sent:
         want = sent[k] + sum(r[k] - sent[k] for r in replies) / 4.0
         assert torch.allclose(mean[k], want, atol=1e-7)
+
+
+def test_server_samples_clients_by_poisson_with_rate_m_over_n_and_weighs_them_equally() -> None:
+    import random
+
+    from strategies.privacy import ServerPrivacy
+
+    cfg = from_dict(
+        {
+            "privacy": {"mode": "dp-updates", "noise_multiplier": 1.0},
+            "federation": {"num_clients": 100, "fraction": 0.2},
+        }
+    )
+    server = ServerPrivacy(cfg)
+    rng = random.Random(0)
+    sizes = [len(server.sample(range(100), rng)) for _ in range(2000)]
+    assert sum(sizes) / len(sizes) == pytest.approx(20.0, abs=0.3)  # std of the mean ~0.09
+    assert min(sizes) < 20 < max(sizes)  # the count varies, as Poisson sampling does
+    assert server.weights([10.0, 500.0, 20.0]) == [1 / 3] * 3
+    assert ServerPrivacy(_cfg(mode="dp-sgd", noise_multiplier=1.0)).weights([10.0, 500.0]) is None
