@@ -28,12 +28,15 @@ def _dp_accounting_epsilon(sigma: float, q: float, steps: int, delta: float) -> 
     return float(acc.get_epsilon(delta))
 
 
-@pytest.mark.parametrize(("sigma", "q", "steps"), [(1.1, 0.01, 100), (0.8, 0.05, 64), (2.0, 1.0, 10)])
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps"), [(1.1, 0.01, 100), (0.8, 0.05, 64), (2.0, 1.0, 10), (1.0, 2 / 3, 5)]
+)
 def test_epsilon_matches_an_independent_rdp_accountant(sigma: float, q: float, steps: int) -> None:
     ours = accounting.epsilon([(sigma, q, steps)], 1e-5, "rdp")
     reference = _dp_accounting_epsilon(sigma, q, steps, 1e-5)
-    # Same mechanism and orders; the libraries convert RDP to (eps, delta) with slightly different bounds.
-    assert ours == pytest.approx(reference, rel=0.05)
+    # Same mechanism, orders and conversion; dp-accounting drops a few fractional orders where its
+    # series does not converge, which moves the result by < 0.05% (measured).
+    assert ours == pytest.approx(reference, rel=1e-3)
 
 
 def test_epsilon_accumulates_over_rounds_and_grows_monotonically() -> None:
@@ -85,7 +88,7 @@ def test_dp_updates_epsilon_after_k_rounds_is_the_subsampled_gaussian() -> None:
     )
     assert privacy.client_rate(cfg) == 0.1 and privacy.expected_clients(cfg) == pytest.approx(10.0)
     eps = accounting.epsilon(privacy.update_history(cfg, 20), 1e-5)
-    assert eps == pytest.approx(_dp_accounting_epsilon(1.2, 0.1, 20, 1e-5), rel=0.05)
+    assert eps == pytest.approx(_dp_accounting_epsilon(1.2, 0.1, 20, 1e-5), rel=1e-3)
 
 
 def test_privacy_checks_name_the_key_and_the_fix() -> None:
