@@ -8,6 +8,7 @@ clients. Epsilon is computed from the full history, so it is cumulative over eve
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,8 +43,9 @@ def calibrate(
     """The smallest noise multiplier (within Opacus's tolerance) whose ``steps`` spend <= the target."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(
-        get_noise_multiplier(
+    with warnings.catch_warnings():  # the search visits huge sigmas, whose best order is the largest
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
@@ -51,7 +53,7 @@ def calibrate(
             accountant=kind,
             epsilon_tolerance=EPSILON_TOLERANCE,
         )
-    )
+    return float(sigma)
 
 
 def would_exceed(history: Sequence[Entry], entry: Entry, budget: float, delta: float, kind: str) -> bool:

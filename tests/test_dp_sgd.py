@@ -64,14 +64,22 @@ def test_zero_noise_huge_clip_step_equals_plain_step(data, mode: str, freeze: fr
     assert not any(hasattr(p, "grad_sample") for p in private.parameters())  # hooks removed
 
 
-def test_virtual_batches_give_the_same_step(data) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_virtual_batches_give_the_same_step(data, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """A Poisson batch split into physical chunks of 3 is clipped per example and stepped once."""
     train = TrainConfig(optimizer="sgd", lr=0.5)
     batch = data.batch(list(range(8)))
     states = []
     for physical in (0, 3):
         model = _model()
         with PrivateTrainer(
-            model, train, noise_multiplier=0.0, clip_norm=0.05, expected_batch=8, max_physical_batch=physical
+            model,
+            train,
+            noise_multiplier=0.0,
+            clip_norm=0.05,
+            expected_batch=8,
+            mode=mode,
+            max_physical_batch=physical,
         ) as t:
             t.step(dict(batch))
         states.append(adapter_state(model))
