@@ -28,8 +28,6 @@ class ServerPrivacy:
 
     def __init__(self, cfg: ExperimentConfig) -> None:
         self.cfg = cfg
-        self.settings = cfg.privacy
-        self.mode = cfg.privacy.mode
         self.client_epsilon: dict[int, float] = {}
         self.rounds_noised = 0
         self._round_noise: list[float] = []
@@ -38,7 +36,7 @@ class ServerPrivacy:
     @property
     def updates(self) -> bool:
         """Whether update-level DP (dp-updates) is on."""
-        return self.mode == "dp-updates"
+        return self.cfg.privacy.mode == "dp-updates"
 
     def sample(self, partitions: Sequence[int], rng: random.Random) -> list[int]:
         """dp-updates: each partition independently with probability q (the accountant's assumption)."""
@@ -51,7 +49,7 @@ class ServerPrivacy:
 
     def noised_mean(self, sent: State, replies: Sequence[State], server_round: int) -> State:
         """dp-updates: the noised mean of the clients' clipped updates, applied to ``sent``."""
-        p = self.settings
+        p = self.cfg.privacy
         generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + server_round)
         mean, info = private_mean(
             sent,
@@ -77,7 +75,7 @@ class ServerPrivacy:
 
     def epsilon(self) -> float:
         """Epsilon spent so far: max over clients (dp-sgd) or the federation's (dp-updates)."""
-        p = self.settings
+        p = self.cfg.privacy
         if self.updates:
             history = privacy.update_history(self.cfg, self.rounds_noised)
             return accounting.epsilon(history, p.delta, p.accountant)
@@ -85,9 +83,9 @@ class ServerPrivacy:
 
     def round_metrics(self) -> dict[str, float]:
         """What ``rounds.jsonl`` records about privacy this round (nothing when DP is off)."""
-        if not self.settings.enabled:
+        if not self.cfg.privacy.enabled:
             return {}
-        p = self.settings
+        p = self.cfg.privacy
         if self.updates:
             noise = privacy.update_noise(self.cfg)
         else:
