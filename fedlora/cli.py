@@ -36,12 +36,16 @@ def run(
     rounds: Annotated[int | None, typer.Option(help="shortcut for --set federation.rounds=N")] = None,
     strategy: Annotated[str | None, typer.Option(help="shortcut for --set strategy.name=NAME")] = None,
     seed: Annotated[int | None, typer.Option(help="shortcut for --set seed=N")] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="attach to a running Ray cluster (HOST:PORT of its head)")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's own logs")] = False,
 ) -> None:
     """Fine-tune with LoRA across simulated clients and write a run directory."""
     from fedlora.config import ConfigError, load_config
     from fedlora.records import RunDirectory, RunDirError
+    from fedlora.simulation import check_ray_address
 
     overrides = list(set_ or [])
     for key, value in (
@@ -49,6 +53,7 @@ def run(
         ("federation.rounds", rounds),
         ("strategy.name", strategy),
         ("seed", seed),
+        ("federation.ray_address", ray_address),
     ):
         if value is not None:
             overrides.append(f"{key}={value}" if not isinstance(value, str) else f'{key}="{value}"')
@@ -58,6 +63,7 @@ def run(
         cfg = load_config(experiment, overrides)
         _check_model(cfg.model.path)
         _check_privacy(cfg)
+        check_ray_address(cfg.federation.ray_address)
         run_dir = RunDirectory(out or Path("runs") / cfg.name)
         run_dir.create(cfg, overwrite=overwrite)
     except (ConfigError, RunDirError, FileNotFoundError, ValueError) as exc:

@@ -38,6 +38,12 @@ def _help(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
 
 
+def _is_host_port(text: str) -> bool:
+    """Whether ``text`` is ``HOST:PORT`` with a non-empty host and a port in 1..65535."""
+    host, _, port = text.rpartition(":")
+    return bool(host) and " " not in host and port.isdigit() and 1 <= int(port) <= 65535
+
+
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
         raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
@@ -140,6 +146,10 @@ class FederationConfig:
     )
     client_gpus: float = _help("GPUs per simulated client; fractions pack several actors on one GPU", 0.0)
     round_timeout: float = _help("seconds to wait for replies in a round", 3600.0)
+    ray_address: str = _help(
+        "Ray cluster to attach to: HOST:PORT of its head (`ray start --head`); empty = start a local Ray",
+        "",
+    )
 
     def __post_init__(self) -> None:
         _check(self.num_clients >= 1, "federation.num_clients", self.num_clients, "an integer >= 1")
@@ -162,6 +172,12 @@ class FederationConfig:
         _check(self.client_gpus >= 0, "federation.client_gpus", self.client_gpus, "a number >= 0")
         _check(
             self.round_timeout > 0, "federation.round_timeout", self.round_timeout, "a number of seconds > 0"
+        )
+        _check(
+            self.ray_address == "" or _is_host_port(self.ray_address),
+            "federation.ray_address",
+            self.ray_address,
+            "HOST:PORT of a Ray head node (e.g. 10.0.0.5:6379), or empty to start a local Ray",
         )
 
     def clients_per_round(self, fraction: float | None = None) -> int:

@@ -1,21 +1,25 @@
 """Run an experiment on Flower's simulation engine (Ray backend), in this process.
 
-Ray's processes are started by ``ray.init`` here and stopped by ``ray.shutdown`` (Flower's backend
-calls it) when the run finishes, fails, or is interrupted; a :class:`~fedlora.processes.ProcessTracker` then
-waits for every descendant it saw and stops any straggler by PID.
+By default Ray's processes are started by ``ray.init`` here and stopped by ``ray.shutdown`` (Flower's
+backend calls it) when the run finishes, fails, or is interrupted; a
+:class:`~fedlora.processes.ProcessTracker` then waits for every descendant it saw and stops any
+straggler by PID. With ``federation.ray_address`` the run attaches to a running Ray cluster instead:
+``ray.shutdown`` then only disconnects, the cluster's nodes keep running and Flower ends its actors.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from fedlora.config import ExperimentConfig
+from fedlora.config import ConfigError, ExperimentConfig
 from fedlora.processes import ProcessTracker
 from fedlora.records import RunDirectory
 from fedlora.stopping import STOP, RunInterrupted
@@ -39,17 +43,60 @@ def quiet_environment() -> None:
 
 
 def backend_config(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:
-    """Flower's Ray backend settings: resources per client actor, and a quiet local Ray."""
+    """Flower's Ray backend settings: resources per client actor, and how to start or reach Ray.
+
+    Without ``federation.ray_address`` a quiet local Ray on loopback; with it, ``ray.init`` attaches
+    to that cluster (the driver must run on one of its nodes, as Ray requires).
+    """
+    address = cfg.federation.ray_address
+    init_args: dict[str, Any] = {
+        "logging_level": "info" if verbose else "error",
+        "log_to_driver": verbose,
+        "configure_logging": True,
+    }
+    if address:
+        init_args["address"] = address
+        if _is_loopback(address):  # nodes started with --node-ip-address=127.0.0.1
+            init_args["_node_ip_address"] = "127.0.0.1"
+    else:
+        init_args.update({"include_dashboard": False, "_node_ip_address": "127.0.0.1"})
     return {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
-        "init_args": {
-            "include_dashboard": False,
-            "_node_ip_address": "127.0.0.1",  # keep Ray's traffic on loopback
-            "logging_level": "info" if verbose else "error",
-            "log_to_driver": verbose,
-            "configure_logging": True,
-        },
+        "init_args": init_args,
     }
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(address: str) -> bool:
+    host, _ = _split_address(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_ray_address(address: str, *, timeout: float = 5.0) -> None:
+    """Raise :class:`ConfigError` at once when no Ray head answers at ``address`` (HOST:PORT); "" = local.
+
+    Ray itself would retry for a minute and then print a long traceback.
+    """
+    if not address:
+        return
+    host, port = _split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"federation.ray_address = {address!r}: no Ray head answers there ({exc.strerror or exc}); "
+            f"start one with `ray start --head --port {port}` or fix --ray-address"
+        ) from None
 
 
 def _start_ray(config: dict[str, Any]) -> None:
