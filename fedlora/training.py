@@ -1,7 +1,13 @@
-"""Local training and evaluation loops over tokenised tweets (plain PyTorch, CPU or CUDA)."""
+"""Local training and evaluation loops over tokenised tweets (plain PyTorch, CPU or CUDA).
+
+On a CUDA GPU with bfloat16 support the forward passes run under bf16 autocast (mixed precision):
+weights, gradients and optimizer state stay float32 and the loss is computed in float32, so no
+gradient scaling is needed. On the CPU nothing changes.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +69,13 @@ def _shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> It
             yield order[start : start + batch_size]
 
 
+def mixed_precision(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """bf16 autocast on a CUDA device that supports it; a no-op context on the CPU and older GPUs."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """AdamW or SGD over the trainable parameters only."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -87,7 +100,8 @@ def train_local(model: nn.Module, data: Encoded, train: TrainConfig, *, seed: in
     for _ in range(steps):
         batch = {k: v.to(device) for k, v in data.batch(next(batches)).items()}
         optimizer.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
+        with mixed_precision(device):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         total += loss.item() * len(batch["labels"])
@@ -108,7 +122,8 @@ def evaluate(model: nn.Module, data: Encoded, *, batch_size: int = 128) -> tuple
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
     for start in range(0, len(order), batch_size):
         batch = {k: v.to(device) for k, v in data.batch(order[start : start + batch_size]).items()}
-        out = model(**batch)
+        with mixed_precision(device):
+            out = model(**batch)
         loss_sum += float(out.loss) * len(batch["labels"])
         correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
     model.train(was_training)
