@@ -9,7 +9,7 @@ model loading, data splits; for ``fedlora run`` also Ray, the actors and the run
 
 As a check that the work is the same, both print the final accuracy (equal up to float rounding:
 the plain loop uses more torch threads per step). Runs alternate plain, federated, plain, ... and
-the ratio is of the medians. Usage: ``python benchmarks/overhead.py [--clients 20] [--rounds 3]
+the ratio is of the medians; the load average is printed (other processes on the machine slow both). Usage: ``python benchmarks/overhead.py [--clients 20] [--rounds 3]
 [--steps 10] [--repeats 1]``.
 """
 
@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.5, help="share of clients sampled per round")
     parser.add_argument("--steps", type=int, default=10, help="local steps per client per round")
     parser.add_argument("--test-size", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=1, help="federated runs (plain runs: one more)")
+    parser.add_argument("--repeats", type=int, default=1, help="pairs of runs (plain, then federated)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads, plain loop")
     parser.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
@@ -127,11 +127,12 @@ def main() -> None:
         print(plain_loop(rest, args.threads))
         return
     sets = overrides(args)
-    plain: list[tuple[float, float]] = [run_plain(sets, args.threads)]
+    load = os.getloadavg()[0]
+    plain: list[tuple[float, float]] = []
     federated: list[tuple[float, float, float]] = []
     for _ in range(args.repeats):
-        federated.append(run_federated(sets))
         plain.append(run_plain(sets, args.threads))
+        federated.append(run_federated(sets))
     plain_s = statistics.median(w for w, _ in plain)
     fed_s = statistics.median(w for w, _, _ in federated)
     inside_s = statistics.median(i for _, i, _ in federated)
@@ -146,6 +147,7 @@ def main() -> None:
     )
     print(f"overhead ratio (median fedlora run / median plain loop): {fed_s / plain_s:.3f}")
     print(f"start-up and shut-down outside the federation: {fed_s - inside_s:.1f} s")
+    print(f"load average (1 min) at start {load:.1f}, at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
