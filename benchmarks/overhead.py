@@ -9,8 +9,8 @@ model loading, data splits; for ``fedlora run`` also Ray, the actors and the run
 
 As a check that the work is the same, both print the final accuracy (equal up to float rounding:
 the plain loop uses more torch threads per step). Runs alternate plain, federated, plain, ... and
-the ratio is of the medians; the load average is printed (other processes on the machine slow both). Usage: ``python benchmarks/overhead.py [--clients 20] [--rounds 3]
-[--steps 10] [--repeats 1]``.
+the ratio is of the medians; the load average is printed (other processes on the machine slow
+both). Usage: ``python benchmarks/overhead.py [--clients 20] [--rounds 3] [--steps 10] [--repeats 1]``.
 """
 
 from __future__ import annotations
