@@ -143,6 +143,180 @@ def _privacy_progress(row: dict[str, Any]) -> str:
     return f"  [magenta]eps {row['epsilon']:.2f}[/] (delta {row['delta']:g}){declined}"
 
 
+@app.command()
+def compare(
+    grid_file: Annotated[
+        Path, typer.Argument(help="grid TOML file with a [compare] table (see sims/compare_*.toml)")
+    ],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key in every run: section.key=value")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="comparison directory (default: runs/<grid name>)")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="runs at the same time (each starts its own Ray)")] = 1,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, replacing the grid's")] = None,
+    overwrite: Annotated[bool, typer.Option(help="delete the comparison directory and start again")] = False,
+    dry_run: Annotated[bool, typer.Option(help="list the runs and exit")] = False,
+    verbose: Annotated[bool, typer.Option(help="pass --verbose to every run (logs in DIR/logs/)")] = False,
+) -> None:
+    """Run every cell of a grid at every seed, then write tables, plots and report.html.
+
+    Finished runs are skipped, so re-running an interrupted comparison resumes it.
+    """
+    import dataclasses
+    import shutil
+
+    from fedlora.compare import plan, prepare
+    from fedlora.config import ConfigError
+    from fedlora.grid import load_grid
+
+    try:
+        grid = load_grid(grid_file)
+        if seeds is not None:
+            grid = dataclasses.replace(grid, seeds=_seed_list(seeds))
+        tasks = grid.tasks(list(set_ or []))
+        for config in {t.config.to_toml(): t.config for t in tasks}.values():
+            _check_model(config.model.path)
+            _check_privacy(config)
+        root = out or Path("runs") / grid.name
+        if overwrite and root.exists():
+            if any(root.iterdir()) and not (root / "comparison.json").is_file():
+                raise ConfigError(
+                    f"'{root}' is not a comparison directory; refusing to delete it with --overwrite"
+                )
+            shutil.rmtree(root)
+        todo, done = plan(grid, tasks, root)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if dry_run:
+        for task in tasks:
+            typer.echo(f"{'done' if task in done else 'todo'}  {task.cell.label:<40} seed {task.seed}")
+        return
+    prepare(grid, tasks, root)
+    _compare_with_progress(grid, todo, done, root, jobs=jobs, verbose=verbose)
+
+
+def _seed_list(text: str) -> list[int]:
+    from fedlora.config import ConfigError
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--seeds '{text}' is invalid: expected integers separated by commas, e.g. 0,1,2"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds '{text}' is invalid: list at least one seed, each once")
+    return seeds
+
+
+def _compare_with_progress(
+    grid: Any, todo: list[Any], done: list[Any], root: Path, *, jobs: int, verbose: bool
+) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedlora.compare import Event, execute
+
+    console = Console()
+    total = len(todo) + len(done)
+    console.print(
+        f"[bold]fedlora compare[/] {grid.name}: {len(grid.cells)} cells x {len(grid.seeds)} seeds = "
+        f"{total} runs, {len(done)} already finished, {jobs} at a time -> {root}",
+        soft_wrap=True,
+    )
+    durations: list[float] = []
+    failed: list[str] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.fields[left]}"), console=console, transient=False) as progress:
+        bar = progress.add_task("runs", total=total, completed=len(done), left="")
+
+        def on_event(event: Event) -> None:
+            name = f"{event.task.cell.label} (seed {event.task.seed})"
+            if event.kind == "started":
+                progress.update(bar, description=f"running {name}")
+                return
+            if event.kind == "finished":
+                durations.append(event.seconds)
+                progress.advance(bar)
+                console.print(
+                    f"[green]done[/] {name} in {event.seconds:.0f} s{_final_accuracy(root, event.task)}"
+                )
+            elif event.kind == "failed":
+                failed.append(name)
+                progress.advance(bar)
+                console.print(
+                    f"[red]failed[/] {name}: {event.detail} (log: {root / 'logs' / event.task.key}.log)"
+                )
+            else:
+                console.print(f"[yellow]interrupted[/] {name}; it will start again on the next run")
+            remaining = total - int(progress.tasks[0].completed)
+            if not remaining:
+                progress.update(bar, description="all runs finished", left="")
+            elif durations:
+                left = sum(durations) / len(durations) * remaining / jobs
+                progress.update(bar, left=f"about {max(1, round(left / 60))} min left")
+
+        finished = execute(todo, root, on_event, jobs=jobs, verbose=verbose)
+    _write_comparison_report(console, root)
+    if not finished:
+        console.print(f"[yellow]interrupted[/]: re-run the same command to resume ({root})")
+        raise typer.Exit(130)
+    if failed:
+        _fail(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix and re-run to resume", code=1)
+
+
+def _final_accuracy(root: Path, task: Any) -> str:
+    from fedlora.records import read_summary
+
+    summary = read_summary(root / "runs" / task.key)
+    return f": final accuracy {100 * summary['final_eval_accuracy']:.1f}%"
+
+
+def _write_comparison_report(console: Any, root: Path) -> None:
+    from fedlora.config import ConfigError
+    from fedlora.report import collect, write_report
+
+    try:
+        found = collect([root])
+    except ConfigError:
+        return  # nothing finished yet
+    files = write_report(found, root, command=" ".join(["fedlora", *sys.argv[1:]]))
+    console.print(f"report: {files['html']}  table: {files['markdown']}  data: {files['csv']}")
+
+
+@app.command()
+def report(
+    dirs: Annotated[
+        list[Path], typer.Argument(help="run or comparison directories (or folders holding them)")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="where to write (default: the comparison directory, or ./report)")
+    ] = None,
+    target: Annotated[
+        float | None,
+        typer.Option(help="accuracy (0-1) for the rounds-to-target column (default: the grid's, or 0.6)"),
+    ] = None,
+) -> None:
+    """Rebuild tables and plots from existing runs, without running anything."""
+    from fedlora.config import ConfigError
+    from fedlora.report import MANIFEST, collect, write_report
+
+    if target is not None and not 0 < target <= 1:
+        _fail(f"--target {target} is invalid: expected a fraction in (0, 1], e.g. 0.6")
+    try:
+        found = collect(dirs, target)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    default = dirs[0] if len(dirs) == 1 and (dirs[0] / MANIFEST).is_file() else Path("report")
+    files = write_report(found, out or default, command=" ".join(["fedlora", *sys.argv[1:]]))
+    typer.echo(files["markdown"].read_text(encoding="utf-8"))
+    for unfinished in found.unfinished:
+        typer.secho(f"left out (not finished): {unfinished}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"wrote {', '.join(str(p) for p in files.values())}")
+
+
 @app.command("config")
 def show_config(
     experiment: Annotated[

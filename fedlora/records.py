@@ -76,7 +76,7 @@ class RunDirectory:
                 )
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path / "config.toml", cfg.to_toml())
+        atomic_write(self.path / "config.toml", cfg.to_toml())
         self.rounds_path.touch()
 
     def append_round(self, row: dict[str, Any]) -> None:
@@ -88,12 +88,13 @@ class RunDirectory:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json`` atomically."""
-        _atomic_write(
+        atomic_write(
             self.summary_path, json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n"
         )
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (readers never see half)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
