@@ -169,6 +169,34 @@ def strategies() -> None:
         typer.echo(f"{name:<12} {cls.description}{dp}")
 
 
+deploy_app = typer.Typer(
+    help="Run the same ClientApp on real SuperNodes (TLS, authenticated nodes); see docs/deploy.md.",
+    no_args_is_help=True,
+)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("local")
+def deploy_local(
+    nodes: Annotated[int, typer.Option(help="SuperNodes to start, one partition each")] = 3,
+    directory: Annotated[
+        Path, typer.Option("--dir", help="certificates, keys, FLWR_HOME and logs go here")
+    ] = Path(".deploy"),
+    federation: Annotated[str, typer.Option(help="name of the SuperLink connection in FLWR_HOME")] = (
+        "fedlora-local"
+    ),
+) -> None:
+    """Bring up a SuperLink (TLS, node authentication) and N SuperNodes on loopback until Ctrl-C."""
+    if nodes < 1:
+        _fail(f"--nodes {nodes} is invalid: expected an integer >= 1")
+    from fedlora.deploy import DeployError, serve
+
+    try:
+        serve(directory, nodes, federation, echo=typer.echo)
+    except DeployError as exc:
+        _fail(str(exc), code=1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
