@@ -197,6 +197,20 @@ def deploy_local(
         _fail(str(exc), code=1)
 
 
+@deploy_app.command("health")
+def deploy_health(
+    address: Annotated[str, typer.Option(help="the --health-server-address of a SuperLink or SuperNode")] = (
+        "127.0.0.1:8081"
+    ),
+) -> None:
+    """Exit 0 if the Flower process at ADDRESS reports SERVING, else 1 (the image's HEALTHCHECK)."""
+    from fedlora.deploy import healthy
+
+    if not healthy(address):
+        _fail(f"no healthy Flower process answers at {address}", code=1)
+    typer.echo(f"{address}: serving")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

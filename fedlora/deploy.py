@@ -207,6 +207,7 @@ class LocalDeployment:
     start_timeout: float = 90.0
     env: dict[str, str] = field(init=False)
     port: int = field(init=False, default=0)
+    health_port: int = field(init=False, default=0)
     processes: dict[str, subprocess.Popen[bytes]] = field(init=False, default_factory=dict)
     tracker: ProcessTracker = field(init=False)
 
@@ -247,7 +248,7 @@ class LocalDeployment:
         """Credentials, FLWR_HOME, SuperLink, registration, SuperNodes; returns once all nodes are online."""
         self.logs.mkdir(parents=True, exist_ok=True)
         make_credentials(self.credentials.directory, self.num_nodes, hosts=("localhost", self.host))
-        self.port = free_ports(1, self.host)[0]
+        self.port, self.health_port = free_ports(2, self.host)
         write_flwr_home(self.home, self.federation, self.address, self.credentials.ca_cert)
         self.start_superlink()
         for i in range(self.num_nodes):
@@ -308,6 +309,7 @@ class LocalDeployment:
                 "--host", self.host,
                 "--port", str(self.port),
                 "--database", ":flwr-in-memory:",
+                "--health-server-address", f"{self.host}:{self.health_port}",
             ],
         )  # fmt: skip
         deadline = time.monotonic() + self.start_timeout
@@ -438,3 +440,22 @@ def serve(directory: Path, num_nodes: int, federation: str, *, echo: Callable[[s
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     echo("stopped: no process of this deployment is running")
+
+
+def healthy(address: str, timeout: float = 3.0) -> bool:
+    """Whether the gRPC health server of a SuperLink or SuperNode at ``address`` reports SERVING.
+
+    Flower starts that server with ``--health-server-address`` (plaintext, meant for 127.0.0.1 only);
+    the container image's HEALTHCHECK calls this through ``fedlora deploy health``.
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -192,6 +192,19 @@ def test_plaintext_client_is_refused(deployment: LocalDeployment) -> None:
 
 
 @pytest.mark.e2e
+def test_health_command_answers_for_the_superlink(deployment: LocalDeployment) -> None:
+    def health(address: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "fedlora.cli", "deploy", "health", "--address", address]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    ok = health(f"127.0.0.1:{deployment.health_port}")
+    assert ok.returncode == 0 and "serving" in ok.stdout, ok.stderr
+    dead = health(f"127.0.0.1:{free_ports(1)[0]}")
+    assert dead.returncode == 1
+    assert dead.stderr.strip().startswith("error: no healthy Flower process answers at 127.0.0.1:")
+
+
+@pytest.mark.e2e
 def test_stop_leaves_nothing_running(deployment: LocalDeployment) -> None:
     pids = deployment.pids()
     assert len(pids) > NODES + 1  # the SuperLink, the SuperNodes and what they started
