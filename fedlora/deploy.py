@@ -281,7 +281,7 @@ class LocalDeployment:
     def pids(self) -> list[int]:
         """Every PID this deployment started (its processes and the descendants seen so far)."""
         self.tracker.sample()
-        return sorted({p.pid for p in self.processes.values()} | {p.pid for p in self.tracker._seen.values()})
+        return sorted({p.pid for p in self.processes.values()} | set(self.tracker.seen()))
 
     # -- pieces ----------------------------------------------------------------------------------
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
@@ -417,11 +417,18 @@ def running(pids: list[int]) -> list[int]:
 def serve(directory: Path, num_nodes: int, federation: str, *, echo: Callable[[str], None] = print) -> None:
     """``fedlora deploy local``: bring the topology up, say how to submit a run, wait for Ctrl-C.
 
-    SIGINT and SIGTERM end the wait; every process started is then stopped by PID. A SuperLink or
-    SuperNode that exits on its own ends the wait too, with a :class:`DeployError`.
+    The first SIGINT or SIGTERM, during start-up or after, stops every process started, by PID (later
+    signals are ignored while that happens, so nothing is left half-stopped). A SuperLink or
+    SuperNode that exits on its own ends the wait with a :class:`DeployError`.
     """
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupted = threading.Event()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if not interrupted.is_set():
+            interrupted.set()
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with LocalDeployment(directory, num_nodes, federation) as deployment:
             echo(
@@ -431,15 +438,16 @@ def serve(directory: Path, num_nodes: int, federation: str, *, echo: Callable[[s
             echo("Submit a run from this directory in another terminal:")
             echo(f"  {deployment.submit_command()}")
             echo("Ctrl-C stops the SuperLink and the SuperNodes.")
-            while not stop.wait(1.0):
+            while True:
+                time.sleep(1.0)
                 exited = [n for n, p in deployment.processes.items() if p.poll() is not None]
                 if exited:
                     raise DeployError(f"{exited[0]} exited; see {deployment.logs / exited[0]}.log")
-            echo("stopping...")
+    except KeyboardInterrupt:
+        echo("stopped: no process of this deployment is running")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    echo("stopped: no process of this deployment is running")
 
 
 def healthy(address: str, timeout: float = 3.0) -> bool:

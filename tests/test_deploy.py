@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -74,7 +75,10 @@ def test_flwr_home_is_read_by_flower(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_free_ports_are_distinct_and_bindable() -> None:
     ports = free_ports(5)
-    assert len(set(ports)) == 5 and all(1024 <= p < 65536 for p in ports)
+    assert len(set(ports)) == 5
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
 
 
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl")
@@ -136,17 +140,29 @@ def finished_run(deployment: LocalDeployment) -> Path:
     return runs[0]
 
 
-def _refused(deployment: LocalDeployment, name: str, args: list[str], timeout: float = 60) -> str:
-    """Start a SuperNode that must be refused; return its log once it gave up."""
-    proc = deployment.spawn(name, [*args, "--max-retries", "3"])
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail(f"{name} was not refused within {timeout} s")
-    log = (deployment.logs / f"{name}.log").read_text()
-    assert proc.returncode != 0, log
-    return log
+@pytest.fixture(scope="module")
+def intruders(deployment: LocalDeployment) -> dict[str, tuple[int, str]]:
+    """Start, side by side, three SuperNodes the SuperLink must refuse; their exit codes and logs.
+
+    ``stranger``: TLS and a key that was never registered; ``anonymous``: TLS, no key;
+    ``plaintext``: no TLS (and no key: Flower itself refuses a key over plaintext).
+    """
+    stranger = make_credentials(deployment.directory / "stranger", 1)
+    ports = free_ports(3)
+    args = {
+        "stranger": deployment.supernode_args(0, ports[0], key=stranger.node_key(0)),
+        "anonymous": deployment.supernode_args(0, ports[1], auth=False),
+        "plaintext": deployment.supernode_args(0, ports[2], tls=False, auth=False),
+    }
+    procs = {name: deployment.spawn(name, [*a, "--max-retries", "2"]) for name, a in args.items()}
+    deadline = time.monotonic() + 90
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"{name} was not refused within 90 s")
+    return {name: (p.returncode, (deployment.logs / f"{name}.log").read_text()) for name, p in procs.items()}
 
 
 @pytest.mark.e2e
@@ -166,29 +182,28 @@ def test_ffa_lora_job_completes_on_three_authenticated_nodes(
 
 
 @pytest.mark.e2e
-def test_unregistered_key_is_refused(deployment: LocalDeployment) -> None:
-    stranger = make_credentials(deployment.directory / "stranger", 1)
-    args = deployment.supernode_args(0, free_ports(1)[0], key=stranger.node_key(0))
-    log = _refused(deployment, "stranger", args)
-    assert "Failed to activate SuperNode" in log
+def test_unregistered_key_is_refused(
+    deployment: LocalDeployment, intruders: dict[str, tuple[int, str]]
+) -> None:
+    code, log = intruders["stranger"]
+    assert code != 0 and "Failed to activate SuperNode" in log, log
     assert len(deployment.nodes()) == NODES  # nobody new joined
 
 
 @pytest.mark.e2e
-def test_supernode_without_a_key_is_refused(deployment: LocalDeployment) -> None:
-    log = _refused(deployment, "anonymous", deployment.supernode_args(0, free_ports(1)[0], auth=False))
-    assert "SuperNode authentication is enabled" in log
-    assert len(deployment.nodes()) == NODES
+def test_supernode_without_a_key_is_refused(intruders: dict[str, tuple[int, str]]) -> None:
+    code, log = intruders["anonymous"]
+    assert code != 0 and "SuperNode authentication is enabled" in log, log
 
 
 @pytest.mark.e2e
-def test_plaintext_client_is_refused(deployment: LocalDeployment) -> None:
-    args = deployment.supernode_args(0, free_ports(1)[0], tls=False, auth=False)
-    log = _refused(deployment, "plaintext", args)
-    assert "could not establish a connection" in log
+def test_plaintext_client_is_refused(
+    deployment: LocalDeployment, intruders: dict[str, tuple[int, str]]
+) -> None:
+    code, log = intruders["plaintext"]
+    assert code != 0 and "could not establish a connection" in log, log
     with pytest.raises(httpx.HTTPError):  # the port speaks TLS only
         httpx.get(f"http://{deployment.address}/health", timeout=5)
-    assert len(deployment.nodes()) == NODES
 
 
 @pytest.mark.e2e
