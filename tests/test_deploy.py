@@ -177,7 +177,7 @@ def test_ffa_lora_job_completes_on_three_authenticated_nodes(
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["final_eval_accuracy"] == rows[-1]["eval_accuracy"]
     assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()
-    for i in range(NODES):  # every node trained with its own partition, in its own ClientApp process
+    for i in range(NODES):  # every SuperNode started ClientApp processes for its messages
         assert "Start `flwr-clientapp` process" in (deployment.logs / f"supernode-{i}.log").read_text()
 
 
