@@ -384,7 +384,7 @@ class LocalDeployment:
     def submit_command(self) -> str:
         """The command that submits a run of the app to this federation (from the app's directory)."""
         return (
-            f"FLWR_HOME={self.home} flwr run . {self.federation} --stream "
+            f"FLWR_HOME={self.home} {flower_bin('flwr')} run . {self.federation} --stream "
             f"--run-config \"overrides='federation.num_clients={self.num_nodes}'\""
         )
 

@@ -257,7 +257,10 @@ def test_cli_brings_up_and_tears_down_on_ctrl_c(tmp_path: Path) -> None:
             lines.append(line)
             if "flwr run ." in line or not line:
                 break
-        assert any("flwr run . fedlora-local" in line for line in lines), "".join(lines)
+        submit = [line for line in lines if "flwr run . fedlora-local" in line]
+        assert submit, "".join(lines)
+        home = Path(submit[0].split("FLWR_HOME=")[1].split()[0])
+        assert "[superlink.fedlora-local]" in (home / "config.toml").read_text()
         seen = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         assert len(seen) >= 2  # a SuperLink and a SuperNode at least
         proc.send_signal(signal.SIGINT)
