@@ -4,6 +4,7 @@
 #   docker build -t fedlora-cuda \
 #     --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
 #     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu126 .   # CUDA torch on a CUDA base
+# (set TORCH_SPEC too if that index has no build of the pinned torch version)
 #
 # The model (all-MiniLM-L6-v2) and the tweets corpus are pip packages installed at build time, so a
 # container downloads nothing at start (HF_HUB_OFFLINE=1 makes any attempt an error).
