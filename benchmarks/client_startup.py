@@ -6,7 +6,9 @@ Both runs use the same small experiment (``--nodes`` clients, all sampled, ``--r
 local step on 1,500 tweets) on this machine, one after the other; the ClientApp appends one line per
 message to a log (``clients.runtime.log_startup``, enabled by FEDLORA_STARTUP_LOG). Round 1 includes
 loading the model and data in both modes; later rounds show the steady state, where simulation
-reuses the warm process and deployment pays the whole start-up again.
+reuses the warm process and deployment pays the whole start-up again. "start-up CPU s" is the CPU
+time a process had used at its first training step (median over fresh processes): unlike the wall
+times, it barely depends on what else the machine runs.
 
 Usage: ``python benchmarks/client_startup.py [--nodes 3] [--rounds 3]`` from the repository root.
 """
@@ -70,12 +72,13 @@ def _rows(log: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def summarise(rows: list[dict[str, float]]) -> tuple[float, float, int, int]:
-    """(median start-up in round 1, median in later rounds, messages, fresh processes)."""
+def summarise(rows: list[dict[str, float]]) -> tuple[float, float, int, int, float]:
+    """(median start-up s in round 1, median in later rounds, messages, fresh processes,
+    median CPU seconds a fresh process used before its first step)."""
     first = [r["startup_s"] for r in rows if r["round"] == 1]
     later = [r["startup_s"] for r in rows if r["round"] > 1]
-    fresh = sum(1 for r in rows if r["fresh"])
-    return statistics.median(first), statistics.median(later), len(rows), fresh
+    fresh = [r["cpu_s"] for r in rows if r["fresh"]]
+    return statistics.median(first), statistics.median(later), len(rows), len(fresh), statistics.median(fresh)
 
 
 def main() -> None:
@@ -95,12 +98,15 @@ def main() -> None:
             "simulation": simulate(work, args.nodes, args.rounds),
             "deployment": deploy(work, args.nodes, args.rounds),
         }
-    print(f"{'mode':<11} {'messages':>8} {'processes':>9} {'round 1 s':>10} {'later rounds s':>15}")
+    print(
+        f"{'mode':<11} {'messages':>8} {'processes':>9} {'round 1 s':>10} {'later rounds s':>15} "
+        f"{'start-up CPU s':>15}"
+    )
     medians = {}
     for mode, rows in results.items():
-        first, later, messages, fresh = summarise(rows)
+        first, later, messages, fresh, cpu = summarise(rows)
         medians[mode] = later
-        print(f"{mode:<11} {messages:>8} {fresh:>9} {first:>10.2f} {later:>15.2f}")
+        print(f"{mode:<11} {messages:>8} {fresh:>9} {first:>10.2f} {later:>15.2f} {cpu:>15.2f}")
     ratio = medians["deployment"] / medians["simulation"]
     overhead = medians["deployment"] - medians["simulation"]
     print(f"ratio deployment / simulation (median, rounds >= 2): {ratio:.1f}x")
