@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import psutil
@@ -79,6 +80,24 @@ def test_free_ports_are_distinct_and_bindable() -> None:
     for port in ports:
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_log_startup_writes_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients import runtime
+
+    sent = time.time() - 1.5
+    message = SimpleNamespace(
+        content={"config": {"server-round": 2}}, metadata=SimpleNamespace(created_at=sent)
+    )
+    monkeypatch.delenv(runtime.STARTUP_LOG, raising=False)
+    runtime.log_startup(message)  # type: ignore[arg-type]  # unset: nothing written anywhere
+    log = tmp_path / "startup.jsonl"
+    monkeypatch.setenv(runtime.STARTUP_LOG, str(log))
+    runtime.log_startup(message)  # type: ignore[arg-type]
+    (row,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert row["round"] == 2 and row["pid"] == os.getpid()
+    assert 1.5 <= row["startup_s"] < 60 and row["cpu_s"] > 0
+    assert row["fresh"] is False  # this process had seen a message before
 
 
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl")
