@@ -56,7 +56,9 @@ def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
     state.update(received)
     load_adapter_state(model, state)
     set_trainable(model, plan.freeze)
-    return cfg, pid, plan, model, runtime.data_for(text, pid), received, server_round
+    data = runtime.data_for(text, pid)
+    runtime.log_startup(message)
+    return cfg, pid, plan, model, data, received, server_round
 
 
 @app.train()

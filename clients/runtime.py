@@ -7,16 +7,19 @@ either way everything here is built once per process and reused across rounds.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedlora import protocol
 from fedlora.config import ExperimentConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 if TYPE_CHECKING:
-    from flwr.app import Context
+    from flwr.app import Context, Message
     from peft import PeftModel
 
     from fedlora.adapters import State
@@ -120,3 +123,32 @@ def save_local(context: Context, plan: ClientPlan, state: State) -> None:
         context.state[LOCAL_ADAPTER] = to_arrays(
             {k: v for k, v in state.items() if kind_of(k) in plan.keep_local}
         )
+
+
+STARTUP_LOG = "FEDLORA_STARTUP_LOG"
+"""Environment variable: a file to which :func:`log_startup` appends one JSON line per message."""
+_messages_seen = 0
+
+
+def log_startup(message: Message) -> None:
+    """Measure client start-up: append the seconds from the server creating ``message`` until now
+    (local training starts next) to the file named by FEDLORA_STARTUP_LOG; nothing when it is unset.
+
+    Used by ``benchmarks/client_startup.py``; ``fresh`` is true for a process's first message, whose
+    ``cpu_s`` is then the CPU cost of starting the process (imports, model, data), which a busy
+    machine does not inflate the way it inflates ``startup_s``.
+    """
+    global _messages_seen
+    _messages_seen += 1
+    path = os.environ.get(STARTUP_LOG)
+    if not path:
+        return
+    row = {
+        "round": int(message.content[protocol.CONFIG][protocol.SERVER_ROUND]),  # type: ignore[arg-type,index]
+        "startup_s": time.time() - message.metadata.created_at,
+        "cpu_s": time.process_time(),  # CPU seconds this process has used so far
+        "pid": os.getpid(),
+        "fresh": _messages_seen == 1,
+    }
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(json.dumps(row) + "\n")

@@ -343,6 +343,48 @@ def strategies() -> None:
         typer.echo(f"{name:<12} {cls.description}{dp}")
 
 
+deploy_app = typer.Typer(
+    help="Run the same ClientApp on real SuperNodes (TLS, authenticated nodes); see docs/deploy.md.",
+    no_args_is_help=True,
+)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("local")
+def deploy_local(
+    nodes: Annotated[int, typer.Option(help="SuperNodes to start, one partition each")] = 3,
+    directory: Annotated[
+        Path, typer.Option("--dir", help="certificates, keys, FLWR_HOME and logs go here")
+    ] = Path(".deploy"),
+    federation: Annotated[str, typer.Option(help="name of the SuperLink connection in FLWR_HOME")] = (
+        "fedlora-local"
+    ),
+) -> None:
+    """Bring up a SuperLink (TLS, node authentication) and N SuperNodes on loopback until Ctrl-C."""
+    if nodes < 1:
+        _fail(f"--nodes {nodes} is invalid: expected an integer >= 1")
+    from fedlora.deploy import DeployError, serve
+
+    try:
+        serve(directory, nodes, federation, echo=typer.echo)
+    except DeployError as exc:
+        _fail(str(exc), code=1)
+
+
+@deploy_app.command("health")
+def deploy_health(
+    address: Annotated[str, typer.Option(help="the --health-server-address of a SuperLink or SuperNode")] = (
+        "127.0.0.1:8081"
+    ),
+) -> None:
+    """Exit 0 if the Flower process at ADDRESS reports SERVING, else 1 (the image's HEALTHCHECK)."""
+    from fedlora.deploy import healthy
+
+    if not healthy(address):
+        _fail(f"no healthy Flower process answers at {address}", code=1)
+    typer.echo(f"{address}: serving")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
