@@ -211,6 +211,8 @@ def _summary(
         "majority_accuracy": majority,
         "total_uplink_bytes": sum(r["uplink_bytes"] for r in rows),
         "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
+        "total_failed": sum(r.get("num_failed") or 0 for r in rows),
+        "total_rejected": sum(r.get("num_rejected") or 0 for r in rows),
         "wall_s": wall_s,
         **_privacy_summary(cfg, rows),
         "versions": versions(),
