@@ -136,7 +136,11 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
     except KeyboardInterrupt:
         # simulate() has stopped Ray and every process it started; Flower's ServerApp thread may still
         # wait for replies that will never come, so leave without joining it.
-        console.print(f"[yellow]interrupted[/]: Ray stopped; finished rounds are in {run_dir.rounds_path}")
+        console.print(
+            f"[yellow]interrupted[/]: Ray stopped; finished rounds are in {run_dir.rounds_path} "
+            f"(continue with: fedlora run --resume {run_dir.path})",
+            soft_wrap=True,
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)

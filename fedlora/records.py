@@ -116,11 +116,7 @@ class RunDirectory:
         """Rewrite ``rounds.jsonl`` (atomically) to rounds 1..``last_round``, the last one being
         ``last_row`` (a crash may fall between writing the checkpoint and appending its row); returns
         the rows."""
-        rows = (
-            [r for r in read_rounds(self.path) if r["round"] < last_round]
-            if self.rounds_path.is_file()
-            else []
-        )
+        rows = [r for r in _readable_rows(self.rounds_path) if r["round"] < last_round]
         rows.append({k: _clean(v) for k, v in last_row.items()})
         if [r["round"] for r in rows] != list(range(1, last_round + 1)):
             raise RunDirError(f"'{self.rounds_path}' does not hold rounds 1..{last_round - 1}; cannot resume")
@@ -139,6 +135,17 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _readable_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``rounds.jsonl`` that parse (a crash may have cut the last one short)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:

@@ -266,3 +266,44 @@ def test_client_store_without_a_directory_uses_the_node_context() -> None:
     ClientStore(context, None, 0, 1).save_config("h", {"noise": [1.0]})
     assert ClientStore(context, None, 0, 2).load_config("h") == {"noise": [1.0]}
     assert "h" in context.state.config_records
+
+
+def test_resume_restores_a_row_lost_between_checkpoint_and_rounds_file(tmp_path: Path) -> None:
+    from fedlora.records import RunDirectory, read_rounds
+
+    run = RunDirectory(tmp_path)
+    run.create(from_dict({}))
+    run.append_round({"round": 1, "eval_accuracy": 0.4})
+    run.append_round({"round": 2, "eval_accuracy": 0.5})
+    with run.rounds_path.open("a") as f:
+        f.write('{"round": 3, "eval_acc')  # a crash cut this line short
+    rows = run.keep_rounds(3, {"round": 3, "eval_accuracy": 0.6, "train_loss": math.nan})
+    assert (
+        [r["eval_accuracy"] for r in read_rounds(tmp_path)]
+        == [0.4, 0.5, 0.6]
+        == [r["eval_accuracy"] for r in rows]
+    )
+    assert read_rounds(tmp_path)[-1]["train_loss"] is None
+
+
+def test_a_failed_round_is_retried_then_stops_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from strategies import server_app
+    from strategies.base import RoundFailedError
+
+    calls: list[int] = []
+
+    def one_round(*args: object) -> dict[str, object]:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RoundFailedError("round 1: 1 valid replies from 5 sampled clients")
+        return {"round": 1}
+
+    monkeypatch.setattr(server_app, "_one_round", one_round)
+    cfg = from_dict({"robustness": {"round_retries": 2}})
+    assert server_app._round_with_retries(None, cfg, None, None, None, 1) == {"round": 1, "attempts": 3}  # type: ignore[arg-type]
+    calls.clear()
+    cfg = from_dict({"robustness": {"round_retries": 1}})
+    with pytest.raises(
+        RoundFailedError, match=r"gave up after 2 attempt\(s\) \(robustness.round_retries = 1\)"
+    ):
+        server_app._round_with_retries(None, cfg, None, None, None, 1)  # type: ignore[arg-type]
