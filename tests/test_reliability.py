@@ -307,3 +307,17 @@ def test_a_failed_round_is_retried_then_stops_with_the_reason(monkeypatch: pytes
         RoundFailedError, match=r"gave up after 2 attempt\(s\) \(robustness.round_retries = 1\)"
     ):
         server_app._round_with_retries(None, cfg, None, None, None, 1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("in_directory", [True, False])
+def test_dp_sgd_history_survives_in_the_client_store(tmp_path: Path, in_directory: bool) -> None:
+    from clients.private import load_history, save_history
+    from clients.state import ClientStore
+
+    context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
+    root = str(tmp_path) if in_directory else None
+    history = [(1.1, 0.05, 7), (0.9, 0.05, 7)]
+    save_history(ClientStore(context, root, 1, 3), history)
+    assert load_history(ClientStore(context, root, 1, 4)) == history
+    if in_directory:  # a replay of round 3 starts from the history before it
+        assert load_history(ClientStore(context, root, 1, 3)) == []
