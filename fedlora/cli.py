@@ -37,6 +37,10 @@ def run(
     strategy: Annotated[str | None, typer.Option(help="shortcut for --set strategy.name=NAME")] = None,
     seed: Annotated[int | None, typer.Option(help="shortcut for --set seed=N")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="continue RUN_DIR after its last finished round (its config.toml is used)"),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's own logs")] = False,
 ) -> None:
     """Fine-tune with LoRA across simulated clients and write a run directory."""
@@ -52,18 +56,37 @@ def run(
     ):
         if value is not None:
             overrides.append(f"{key}={value}" if not isinstance(value, str) else f'{key}="{value}"')
+    if resume is not None:
+        given = [name for name, v in (("EXPERIMENT", experiment), ("--out", out)) if v is not None]
+        given += ["--set or a shortcut"] if overrides else []
+        given += ["--overwrite"] if overwrite else []
+        if given:
+            _fail(f"--resume takes everything from RUN_DIR/config.toml; drop {', '.join(given)}")
     if experiment is None and DEFAULT_EXPERIMENT.is_file():
         experiment = DEFAULT_EXPERIMENT
     try:
-        cfg = load_config(experiment, overrides)
+        if resume is not None:
+            run_dir = RunDirectory(resume)
+            cfg = run_dir.resumable_config()
+        else:
+            cfg = load_config(experiment, overrides)
         _check_model(cfg.model.path)
+        _check_data(cfg)
         _check_privacy(cfg)
-        run_dir = RunDirectory(out or Path("runs") / cfg.name)
-        run_dir.create(cfg, overwrite=overwrite)
+        if resume is None:
+            run_dir = RunDirectory(out or Path("runs") / cfg.name)
+            run_dir.create(cfg, overwrite=overwrite)
     except (ConfigError, RunDirError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
-    _simulate_with_progress(cfg, run_dir, verbose=verbose)
+    _simulate_with_progress(cfg, run_dir, verbose=verbose, resume=resume is not None)
+
+
+def _check_data(cfg: Any) -> None:
+    """Splits that cannot be made (an empty client, too few tweets), before anything is written."""
+    from fedlora.data import get_splits
+
+    get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
 
 
 def _check_privacy(cfg: Any) -> None:
@@ -83,7 +106,7 @@ def _check_model(path: str) -> None:
     model_dir(path)
 
 
-def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
+def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bool = False) -> None:
     from rich.console import Console
 
     from fedlora.simulation import simulate
@@ -103,23 +126,31 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
             f"train_loss {row['train_loss']:.4f}  eval_loss {row['eval_loss']:.4f}  "
             f"eval_acc [bold]{100 * row['eval_accuracy']:.2f}%[/]  "
             f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
-            f"{row['wall_s']:.1f} s" + _privacy_progress(row),
+            f"{row['wall_s']:.1f} s" + _privacy_progress(row) + _fault_progress(row),
             soft_wrap=True,
         )
 
     try:
         console.print("[dim]starting Ray and the clients (about 10 s)...[/]")
-        simulate(cfg, run_dir, on_round, verbose=verbose)
+        simulate(cfg, run_dir, on_round, verbose=verbose, resume=resume)
     except KeyboardInterrupt:
         # simulate() has stopped Ray and every process it started; Flower's ServerApp thread may still
         # wait for replies that will never come, so leave without joining it.
-        console.print(f"[yellow]interrupted[/]: Ray stopped; finished rounds are in {run_dir.rounds_path}")
+        console.print(
+            f"[yellow]interrupted[/]: Ray stopped; finished rounds are in {run_dir.rounds_path} "
+            f"(continue with: fedlora run --resume {run_dir.path})",
+            soft_wrap=True,
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
     except Exception as exc:  # one line for the user; the cause in full with --verbose
         cause = exc.__cause__ or exc
-        _fail(f"the run failed: {type(cause).__name__}: {cause} (rerun with --verbose for details)", code=1)
+        _fail(
+            f"the run failed: {type(cause).__name__}: {cause} (finished rounds are kept; continue with "
+            f"--resume {run_dir.path} once fixed, or rerun with --verbose for details)",
+            code=1,
+        )
     if run_dir.summary_path.is_file():
         from fedlora.records import read_summary
 
@@ -133,6 +164,14 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
         )
     else:
         _fail(f"the run ended without a summary; see {run_dir.rounds_path} (rerun with --verbose)", code=1)
+
+
+def _fault_progress(row: dict[str, Any]) -> str:
+    """Failed and rejected clients, and retries, in a progress line (empty when all went well)."""
+    parts = [f"{row[k]} {k[4:]}" for k in ("num_failed", "num_rejected") if row.get(k)]
+    if row.get("attempts", 1) > 1:
+        parts.append(f"attempt {row['attempts']}")
+    return f"  [yellow]{', '.join(parts)}[/]" if parts else ""
 
 
 def _privacy_progress(row: dict[str, Any]) -> str:
