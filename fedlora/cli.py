@@ -215,6 +215,7 @@ def compare(
         tasks = grid.tasks(list(set_ or []))
         for config in {t.config.to_toml(): t.config for t in tasks}.values():
             _check_model(config.model.path)
+            _check_data(config)
             _check_privacy(config)
         root = out or Path("runs") / grid.name
         if overwrite and root.exists():

@@ -9,7 +9,8 @@ Layout of a comparison directory::
     comparison.csv, comparison.md, *.png, report.html
 
 A run with a ``summary.json`` and the same resolved config is finished and skipped on a re-run; an
-unfinished one starts again. Runs are separate processes (each with its own Ray), ``jobs`` at a time;
+unfinished one continues from its last checkpointed round (``fedlora run --resume``), or starts
+again if it never finished a round. Runs are separate processes (each with its own Ray), ``jobs`` at a time;
 the first SIGINT/SIGTERM stops them gracefully, a second stops every process by PID at once.
 """
 
@@ -32,7 +33,7 @@ from typing import Any
 from fedlora.config import ConfigError
 from fedlora.grid import Grid, Task
 from fedlora.processes import ProcessTracker
-from fedlora.records import atomic_write
+from fedlora.records import RunDirectory, RunDirError, atomic_write
 from fedlora.results import is_finished, write_json
 
 POLL_S = 0.2
@@ -106,12 +107,31 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def resumable(run_dir: Path, task: Task) -> bool:
+    """An unfinished run with a checkpoint of the same config continues from its last round."""
+    try:
+        config = RunDirectory(run_dir).resumable_config()
+    except (RunDirError, ConfigError, OSError):
+        return False
+    return tomllib.loads(config.to_toml()) == tomllib.loads(task.config.to_toml())
+
+
+def _command(task: Task, where: Comparison, verbose: bool) -> list[str]:
+    """``fedlora run --resume`` for a run interrupted after a round, else a fresh ``fedlora run``."""
+    command = [sys.executable, "-m", "fedlora.cli", "run"]
+    run_dir = where.run_dir(task)
+    if resumable(run_dir, task):
+        command += ["--resume", str(run_dir)]
+    else:
+        command += [str(where.config_file(task)), "--out", str(run_dir), "--overwrite"]
+    return command + (["--verbose"] if verbose else [])
+
+
 def _start(task: Task, where: Comparison, verbose: bool) -> tuple[subprocess.Popen[bytes], Any]:
     log_path = where.log_file(task)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("wb")
-    command = [sys.executable, "-m", "fedlora.cli", "run", str(where.config_file(task))]
-    command += ["--out", str(where.run_dir(task)), "--overwrite"] + (["--verbose"] if verbose else [])
+    log = log_path.open("ab")  # a resumed run adds to its log
+    command = _command(task, where, verbose)
     proc = subprocess.Popen(
         command,
         stdout=log,
