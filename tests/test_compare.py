@@ -298,3 +298,21 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["compare", str(good), "--out", str(tmp_path / "keep"), "--overwrite"])
     assert result.exit_code == 2 and "not a comparison directory" in result.output
     assert (tmp_path / "keep" / "notes.txt").read_text() == "mine"
+
+
+def test_an_unfinished_run_with_a_checkpoint_continues_with_resume(tmp_path: Path) -> None:
+    import torch
+
+    from fedlora import checkpoint
+    from fedlora.compare import Comparison, _command
+
+    grid = parse_grid({"experiment": "quickstart.toml", "seeds": [0]}, base_dir=SIMS)
+    (task,) = grid.tasks()
+    where = Comparison(tmp_path)
+    run = RunDirectory(where.run_dir(task))
+    run.create(task.config)
+    assert "--overwrite" in _command(task, where, verbose=False)  # no round finished: start again
+    checkpoint.save(run.checkpoint_path, checkpoint.Checkpoint(round=1, global_state={"w": torch.zeros(2)}))
+    assert _command(task, where, verbose=False)[-2:] == ["--resume", str(run.path)]
+    (other,) = grid.tasks(["lora.rank=4"])  # the grid changed: the checkpoint is not this run's
+    assert "--overwrite" in _command(other, where, verbose=False)
