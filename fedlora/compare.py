@@ -24,13 +24,12 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import ConfigError
+from fedlora.config import ConfigError, ExperimentConfig
 from fedlora.grid import Grid, Task
 from fedlora.processes import ProcessTracker
 from fedlora.records import RunDirectory, RunDirError, atomic_write
@@ -86,8 +85,13 @@ def plan(grid: Grid, tasks: list[Task], root: Path) -> tuple[list[Task], list[Ta
 
 
 def _same_config(run_dir: Path, task: Task) -> bool:
-    written = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8"))
-    return written == tomllib.loads(task.config.to_toml())
+    """Whether the run's ``config.toml`` resolves to the task's config (keys added to fedlora since the
+    run was made count at their defaults, so upgrading does not invalidate finished runs)."""
+    try:
+        written = ExperimentConfig.from_toml((run_dir / "config.toml").read_text(encoding="utf-8"))
+    except (ConfigError, OSError):
+        return False
+    return written.to_dict() == task.config.to_dict()
 
 
 def prepare(grid: Grid, tasks: list[Task], root: Path) -> None:
@@ -113,7 +117,7 @@ def resumable(run_dir: Path, task: Task) -> bool:
         config = RunDirectory(run_dir).resumable_config()
     except (RunDirError, ConfigError, OSError):
         return False
-    return tomllib.loads(config.to_toml()) == tomllib.loads(task.config.to_toml())
+    return config.to_dict() == task.config.to_dict()
 
 
 def _command(task: Task, where: Comparison, verbose: bool) -> list[str]:

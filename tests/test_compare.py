@@ -316,3 +316,19 @@ def test_an_unfinished_run_with_a_checkpoint_continues_with_resume(tmp_path: Pat
     assert _command(task, where, verbose=False)[-2:] == ["--resume", str(run.path)]
     (other,) = grid.tasks(["lora.rank=4"])  # the grid changed: the checkpoint is not this run's
     assert "--overwrite" in _command(other, where, verbose=False)
+
+
+def test_a_run_made_before_new_keys_existed_still_counts_as_finished(tmp_path: Path) -> None:
+    import tomllib
+
+    import tomli_w
+
+    grid = parse_grid({"experiment": "quickstart.toml", "seeds": [0]}, base_dir=SIMS)
+    tasks = grid.tasks()
+    run = RunDirectory(tmp_path / "runs" / tasks[0].key)
+    run.create(tasks[0].config)
+    run.write_summary({"final_eval_accuracy": 0.5})
+    older = tomllib.loads((run.path / "config.toml").read_text())
+    del older["faults"]  # a section added to fedlora after this run was made, at its defaults
+    (run.path / "config.toml").write_text(tomli_w.dumps(older))
+    assert plan(grid, tasks, tmp_path) == ([], tasks)
