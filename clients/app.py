@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedlora import protocol
@@ -28,6 +28,14 @@ def _partition_id(context: Context, num_clients: int) -> int:
             "make them equal (flwr run: --federation-config num-supernodes=N)"
         )
     return int(value)  # type: ignore[arg-type]
+
+
+def _store(context: Context, config: ConfigRecord, partition_id: int, server_round: int) -> Any:
+    """This client's state store: the node's ``state-dir``, else the one the server names, else Context."""
+    from clients.state import ClientStore
+
+    root = context.node_config.get(protocol.NODE_STATE_DIR) or config.get(protocol.STATE_DIR)
+    return ClientStore(context, str(root) if root else None, partition_id, server_round)
 
 
 def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
@@ -51,33 +59,42 @@ def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
     offsets = message.content.array_records.get(protocol.BASE_OFFSETS)
     set_base_offsets(model, from_arrays(offsets) if offsets is not None else {})
     received = from_arrays(message.content[protocol.ARRAYS])
+    store = _store(context, config, pid, server_round)
+    evaluating = message.metadata.message_type == MessageType.EVALUATE
     state = runtime.start_state(local_cfg, plan)
-    state.update(runtime.load_local(context, plan))
+    state.update(runtime.load_local(store, plan, include_current=evaluating))
     state.update(received)
     load_adapter_state(model, state)
     set_trainable(model, plan.freeze)
-    return cfg, pid, plan, model, runtime.data_for(text, pid), received, server_round
+    data = runtime.data_for(text, pid)
+    runtime.log_startup(message)
+    return cfg, pid, plan, model, data, received, server_round, store
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Train this round's adapter on the local split; reply with the arrays the strategy wants back.
 
-    With ``privacy.mode = "dp-sgd"`` training is DP-SGD and a client whose budget this round would
-    exceed declines (a reply without arrays, with the reason); with ``dp-updates`` and client
-    placement the reply carries the clipped update plus this client's share of the noise.
+    A client given a fault in ``[faults]`` (simulations) raises, waits, or spoils its reply
+    (:mod:`fedlora.faults`). With ``privacy.mode = "dp-sgd"`` training is DP-SGD and a client whose
+    budget this round would exceed declines (a reply without arrays, with the reason); with
+    ``dp-updates`` and client placement the reply carries the clipped update plus this client's
+    share of the noise.
     """
     from clients import runtime
+    from fedlora import faults
     from fedlora.adapters import adapter_state, kind_of, to_arrays
     from fedlora.training import train_local
 
-    cfg, pid, plan, model, data, received, server_round = _prepare(message, context)
+    cfg, pid, plan, model, data, received, server_round, store = _prepare(message, context)
+    fault = faults.fault_for(cfg, server_round, pid)
+    faults.before_training(cfg, fault, pid, server_round)
     seed = runtime.client_seed(cfg, server_round, pid)
     extra: dict[str, float] = {}
     if cfg.privacy.mode == "dp-sgd":
         from clients.private import dp_sgd_round
 
-        outcome = dp_sgd_round(context, cfg, model, data.train, seed=seed)
+        outcome = dp_sgd_round(store, cfg, model, data.train, seed=seed)
         extra = {protocol.EPSILON: outcome.epsilon, protocol.NOISE_MULTIPLIER: outcome.noise_multiplier}
         if outcome.declined:
             return _declined(message, pid, outcome.declined, extra)
@@ -85,13 +102,14 @@ def train(message: Message, context: Context) -> Message:
     else:
         loss, _ = train_local(model, data.train, cfg.train, seed=seed)
     state = adapter_state(model)
-    runtime.save_local(context, plan, state)
+    runtime.save_local(store, plan, state)
     keys = list(received) if plan.reply == "received" else list(state)
     reply = {k: state[k] for k in keys if kind_of(k) not in plan.keep_local}
     if cfg.privacy.mode == "dp-updates" and cfg.privacy.placement == "client":
         from clients.private import privatise_reply
 
         reply = privatise_reply(cfg, received, reply, seed=seed)
+    reply = faults.spoil(reply, fault)
     metrics = MetricRecord(
         {
             protocol.NUM_EXAMPLES: len(data.train),
@@ -117,7 +135,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Evaluate this client's adapter (the global one, plus anything kept locally) on its validation split."""
     from fedlora.training import evaluate as evaluate_model
 
-    _, pid, _, model, data, _, _ = _prepare(message, context)
+    _, pid, _, model, data, _, _, _ = _prepare(message, context)
     loss, accuracy = evaluate_model(model, data.val)
     n = len(data.val)
     metrics = MetricRecord(

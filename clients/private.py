@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ConfigRecord, Context
 
+from clients.state import ClientStore
 from fedlora import accounting, protocol
 from fedlora.config import ExperimentConfig
 from fedlora.training import Encoded
@@ -24,27 +24,27 @@ class DpSgdOutcome:
     declined: str = ""
 
 
-def load_history(context: Context) -> list[accounting.Entry]:
-    """This node's DP-SGD accountant history (every round it trained in), from its persistent state."""
-    record = context.state.config_records.get(protocol.DP_HISTORY)
-    return accounting.history_from_lists(record) if record is not None else []
+def load_history(store: ClientStore) -> list[accounting.Entry]:
+    """This node's DP-SGD accountant history (every earlier round it trained in), from its store."""
+    record = store.load_config(protocol.DP_HISTORY)
+    return accounting.history_from_lists(record) if record is not None else []  # type: ignore[arg-type]
 
 
-def save_history(context: Context, history: list[accounting.Entry]) -> None:
-    """Store the history in the node's state, which outlives the ClientApp process."""
-    context.state[protocol.DP_HISTORY] = ConfigRecord(accounting.history_to_lists(history))  # type: ignore[arg-type]
+def save_history(store: ClientStore, history: list[accounting.Entry]) -> None:
+    """Keep the history in the client's store, which outlives the ClientApp process."""
+    store.save_config(protocol.DP_HISTORY, accounting.history_to_lists(history))  # type: ignore[arg-type]
 
 
 def dp_sgd_round(
-    context: Context, cfg: ExperimentConfig, model: torch.nn.Module, data: Encoded, *, seed: int
+    store: ClientStore, cfg: ExperimentConfig, model: torch.nn.Module, data: Encoded, *, seed: int
 ) -> DpSgdOutcome:
-    """Train with DP-SGD unless this round would exceed the budget; the accountant lives in ``context``."""
+    """Train with DP-SGD unless this round would exceed the budget; the accountant lives in ``store``."""
     from fedlora.dp_sgd import train_private
     from fedlora.privacy import dp_sgd_plan
 
     p = cfg.privacy
     noise, rate, steps = dp_sgd_plan(cfg, len(data))
-    history = load_history(context)
+    history = load_history(store)
     entry = (noise, rate, steps)
     if accounting.would_exceed(history, entry, p.target_epsilon, p.delta, p.accountant):
         spent = accounting.epsilon(history, p.delta, p.accountant)
@@ -57,7 +57,7 @@ def dp_sgd_round(
         )
     done = train_private(model, data, cfg.train, p, noise_multiplier=noise, seed=seed)
     history.append(done.entry)
-    save_history(context, history)
+    save_history(store, history)
     return DpSgdOutcome(
         loss=done.loss, epsilon=accounting.epsilon(history, p.delta, p.accountant), noise_multiplier=noise
     )

@@ -7,18 +7,22 @@ either way everything here is built once per process and reused across rounds.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedlora import protocol
 from fedlora.config import ExperimentConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 if TYPE_CHECKING:
-    from flwr.app import Context
+    from flwr.app import Message
     from peft import PeftModel
 
+    from clients.state import ClientStore
     from fedlora.adapters import State
     from fedlora.training import Encoded
     from strategies.plan import ClientPlan
@@ -100,23 +104,51 @@ def start_state(cfg: ExperimentConfig, plan: ClientPlan) -> State:
     return state if plan.reinit_seed is None else fresh_lora(state, seed=plan.reinit_seed)
 
 
-def load_local(context: Context, plan: ClientPlan) -> State:
-    """The tensors this node kept from earlier rounds (only the kinds the plan keeps local)."""
-    from fedlora.adapters import from_arrays, kind_of
+def load_local(store: ClientStore, plan: ClientPlan, *, include_current: bool = False) -> State:
+    """The tensors this node kept from earlier rounds (only the kinds the plan keeps local); with
+    ``include_current`` also those kept in this round (evaluation after training)."""
+    from fedlora.adapters import kind_of
     from fedlora.protocol import LOCAL_ADAPTER
 
-    if not plan.keep_local or LOCAL_ADAPTER not in context.state.array_records:
+    if not plan.keep_local:
         return {}
-    kept = from_arrays(context.state.array_records[LOCAL_ADAPTER])
+    kept = store.load_arrays(LOCAL_ADAPTER, include_current=include_current) or {}
     return {k: v for k, v in kept.items() if kind_of(k) in plan.keep_local}
 
 
-def save_local(context: Context, plan: ClientPlan, state: State) -> None:
-    """Keep the plan's local kinds in the node's persistent state (it outlives this process)."""
-    from fedlora.adapters import kind_of, to_arrays
+def save_local(store: ClientStore, plan: ClientPlan, state: State) -> None:
+    """Keep the plan's local kinds in the client's store (it outlives this process)."""
+    from fedlora.adapters import kind_of
     from fedlora.protocol import LOCAL_ADAPTER
 
     if plan.keep_local:
-        context.state[LOCAL_ADAPTER] = to_arrays(
-            {k: v for k, v in state.items() if kind_of(k) in plan.keep_local}
-        )
+        store.save_arrays(LOCAL_ADAPTER, {k: v for k, v in state.items() if kind_of(k) in plan.keep_local})
+
+
+STARTUP_LOG = "FEDLORA_STARTUP_LOG"
+"""Environment variable: a file to which :func:`log_startup` appends one JSON line per message."""
+_messages_seen = 0
+
+
+def log_startup(message: Message) -> None:
+    """Measure client start-up: append the seconds from the server creating ``message`` until now
+    (local training starts next) to the file named by FEDLORA_STARTUP_LOG; nothing when it is unset.
+
+    Used by ``benchmarks/client_startup.py``; ``fresh`` is true for a process's first message, whose
+    ``cpu_s`` is then the CPU cost of starting the process (imports, model, data), which a busy
+    machine does not inflate the way it inflates ``startup_s``.
+    """
+    global _messages_seen
+    _messages_seen += 1
+    path = os.environ.get(STARTUP_LOG)
+    if not path:
+        return
+    row = {
+        "round": int(message.content[protocol.CONFIG][protocol.SERVER_ROUND]),  # type: ignore[arg-type,index]
+        "startup_s": time.time() - message.metadata.created_at,
+        "cpu_s": time.process_time(),  # CPU seconds this process has used so far
+        "pid": os.getpid(),
+        "fresh": _messages_seen == 1,
+    }
+    with open(path, "a", encoding="utf-8") as log:
+        log.write(json.dumps(row) + "\n")

@@ -40,6 +40,10 @@ def run(
         str | None, typer.Option(help="attach to a running Ray cluster (HOST:PORT of its head)")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="continue RUN_DIR after its last finished round (its config.toml is used)"),
+    ] = None,
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's own logs")] = False,
 ) -> None:
     """Fine-tune with LoRA across simulated clients and write a run directory."""
@@ -57,19 +61,38 @@ def run(
     ):
         if value is not None:
             overrides.append(f"{key}={value}" if not isinstance(value, str) else f'{key}="{value}"')
+    if resume is not None:
+        given = [name for name, v in (("EXPERIMENT", experiment), ("--out", out)) if v is not None]
+        given += ["--set or a shortcut"] if overrides else []
+        given += ["--overwrite"] if overwrite else []
+        if given:
+            _fail(f"--resume takes everything from RUN_DIR/config.toml; drop {', '.join(given)}")
     if experiment is None and DEFAULT_EXPERIMENT.is_file():
         experiment = DEFAULT_EXPERIMENT
     try:
-        cfg = load_config(experiment, overrides)
+        if resume is not None:
+            run_dir = RunDirectory(resume)
+            cfg = run_dir.resumable_config()
+        else:
+            cfg = load_config(experiment, overrides)
         _check_model(cfg.model.path)
+        _check_data(cfg)
         _check_privacy(cfg)
         check_ray_address(cfg.federation.ray_address)
-        run_dir = RunDirectory(out or Path("runs") / cfg.name)
-        run_dir.create(cfg, overwrite=overwrite)
+        if resume is None:
+            run_dir = RunDirectory(out or Path("runs") / cfg.name)
+            run_dir.create(cfg, overwrite=overwrite)
     except (ConfigError, RunDirError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
-    _simulate_with_progress(cfg, run_dir, verbose=verbose)
+    _simulate_with_progress(cfg, run_dir, verbose=verbose, resume=resume is not None)
+
+
+def _check_data(cfg: Any) -> None:
+    """Splits that cannot be made (an empty client, too few tweets), before anything is written."""
+    from fedlora.data import get_splits
+
+    get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
 
 
 def _check_privacy(cfg: Any) -> None:
@@ -89,7 +112,7 @@ def _check_model(path: str) -> None:
     model_dir(path)
 
 
-def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
+def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bool = False) -> None:
     from rich.console import Console
 
     from fedlora.simulation import simulate
@@ -109,23 +132,31 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
             f"train_loss {row['train_loss']:.4f}  eval_loss {row['eval_loss']:.4f}  "
             f"eval_acc [bold]{100 * row['eval_accuracy']:.2f}%[/]  "
             f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
-            f"{row['wall_s']:.1f} s" + _privacy_progress(row),
+            f"{row['wall_s']:.1f} s" + _privacy_progress(row) + _fault_progress(row),
             soft_wrap=True,
         )
 
     try:
         console.print("[dim]starting Ray and the clients (about 10 s)...[/]")
-        simulate(cfg, run_dir, on_round, verbose=verbose)
+        simulate(cfg, run_dir, on_round, verbose=verbose, resume=resume)
     except KeyboardInterrupt:
         # simulate() has stopped Ray and every process it started; Flower's ServerApp thread may still
         # wait for replies that will never come, so leave without joining it.
-        console.print(f"[yellow]interrupted[/]: Ray stopped; finished rounds are in {run_dir.rounds_path}")
+        console.print(
+            f"[yellow]interrupted[/]: Ray stopped; finished rounds are in {run_dir.rounds_path} "
+            f"(continue with: fedlora run --resume {run_dir.path})",
+            soft_wrap=True,
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
     except Exception as exc:  # one line for the user; the cause in full with --verbose
         cause = exc.__cause__ or exc
-        _fail(f"the run failed: {type(cause).__name__}: {cause} (rerun with --verbose for details)", code=1)
+        _fail(
+            f"the run failed: {type(cause).__name__}: {cause} (finished rounds are kept; continue with "
+            f"--resume {run_dir.path} once fixed, or rerun with --verbose for details)",
+            code=1,
+        )
     if run_dir.summary_path.is_file():
         from fedlora.records import read_summary
 
@@ -141,12 +172,195 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool) -> None:
         _fail(f"the run ended without a summary; see {run_dir.rounds_path} (rerun with --verbose)", code=1)
 
 
+def _fault_progress(row: dict[str, Any]) -> str:
+    """Failed and rejected clients, and retries, in a progress line (empty when all went well)."""
+    parts = [f"{row[k]} {k[4:]}" for k in ("num_failed", "num_rejected") if row.get(k)]
+    if row.get("attempts", 1) > 1:
+        parts.append(f"attempt {row['attempts']}")
+    return f"  [yellow]{', '.join(parts)}[/]" if parts else ""
+
+
 def _privacy_progress(row: dict[str, Any]) -> str:
     """The privacy part of a progress line (empty when DP is off)."""
     if "epsilon" not in row:
         return ""
     declined = f"  declined {int(row['num_declined'])}" if row.get("num_declined") else ""
     return f"  [magenta]eps {row['epsilon']:.2f}[/] (delta {row['delta']:g}){declined}"
+
+
+@app.command()
+def compare(
+    grid_file: Annotated[
+        Path, typer.Argument(help="grid TOML file with a [compare] table (see sims/compare_*.toml)")
+    ],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override a key in every run: section.key=value")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="comparison directory (default: runs/<grid name>)")] = None,
+    jobs: Annotated[int, typer.Option(min=1, help="runs at the same time (each starts its own Ray)")] = 1,
+    seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, replacing the grid's")] = None,
+    overwrite: Annotated[bool, typer.Option(help="delete the comparison directory and start again")] = False,
+    dry_run: Annotated[bool, typer.Option(help="list the runs and exit")] = False,
+    verbose: Annotated[bool, typer.Option(help="pass --verbose to every run (logs in DIR/logs/)")] = False,
+) -> None:
+    """Run every cell of a grid at every seed, then write tables, plots and report.html.
+
+    Finished runs are skipped, so re-running an interrupted comparison resumes it.
+    """
+    import dataclasses
+    import shutil
+
+    from fedlora.compare import plan, prepare
+    from fedlora.config import ConfigError
+    from fedlora.grid import load_grid
+
+    try:
+        grid = load_grid(grid_file)
+        if seeds is not None:
+            grid = dataclasses.replace(grid, seeds=_seed_list(seeds))
+        tasks = grid.tasks(list(set_ or []))
+        for config in {t.config.to_toml(): t.config for t in tasks}.values():
+            _check_model(config.model.path)
+            _check_data(config)
+            _check_privacy(config)
+        root = out or Path("runs") / grid.name
+        if overwrite and root.exists():
+            if any(root.iterdir()) and not (root / "comparison.json").is_file():
+                raise ConfigError(
+                    f"'{root}' is not a comparison directory; refusing to delete it with --overwrite"
+                )
+            shutil.rmtree(root)
+        todo, done = plan(grid, tasks, root)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if dry_run:
+        for task in tasks:
+            typer.echo(f"{'done' if task in done else 'todo'}  {task.cell.label:<40} seed {task.seed}")
+        return
+    prepare(grid, tasks, root)
+    _compare_with_progress(grid, todo, done, root, jobs=jobs, verbose=verbose)
+
+
+def _seed_list(text: str) -> list[int]:
+    from fedlora.config import ConfigError
+
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--seeds '{text}' is invalid: expected integers separated by commas, e.g. 0,1,2"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds '{text}' is invalid: list at least one seed, each once")
+    return seeds
+
+
+def _compare_with_progress(
+    grid: Any, todo: list[Any], done: list[Any], root: Path, *, jobs: int, verbose: bool
+) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedlora.compare import Event, execute
+
+    console = Console()
+    total = len(todo) + len(done)
+    console.print(
+        f"[bold]fedlora compare[/] {grid.name}: {len(grid.cells)} cells x {len(grid.seeds)} seeds = "
+        f"{total} runs, {len(done)} already finished, {jobs} at a time -> {root}",
+        soft_wrap=True,
+    )
+    durations: list[float] = []
+    failed: list[str] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.fields[left]}"), console=console, transient=False) as progress:
+        bar = progress.add_task("runs", total=total, completed=len(done), left="")
+
+        def on_event(event: Event) -> None:
+            name = f"{event.task.cell.label} (seed {event.task.seed})"
+            if event.kind == "started":
+                progress.update(bar, description=f"running {name}")
+                return
+            if event.kind == "finished":
+                durations.append(event.seconds)
+                progress.advance(bar)
+                console.print(
+                    f"[green]done[/] {name} in {event.seconds:.0f} s{_final_accuracy(root, event.task)}"
+                )
+            elif event.kind == "failed":
+                failed.append(name)
+                progress.advance(bar)
+                console.print(
+                    f"[red]failed[/] {name}: {event.detail} (log: {root / 'logs' / event.task.key}.log)"
+                )
+            else:
+                console.print(f"[yellow]interrupted[/] {name}; it will start again on the next run")
+            remaining = total - int(progress.tasks[0].completed)
+            if not remaining:
+                progress.update(bar, description="all runs finished", left="")
+            elif durations:
+                left = sum(durations) / len(durations) * remaining / jobs
+                progress.update(bar, left=f"about {max(1, round(left / 60))} min left")
+
+        finished = execute(todo, root, on_event, jobs=jobs, verbose=verbose)
+    _write_comparison_report(console, root)
+    if not finished:
+        console.print(f"[yellow]interrupted[/]: re-run the same command to resume ({root})")
+        raise typer.Exit(130)
+    if failed:
+        _fail(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix and re-run to resume", code=1)
+
+
+def _final_accuracy(root: Path, task: Any) -> str:
+    from fedlora.records import read_summary
+
+    summary = read_summary(root / "runs" / task.key)
+    return f": final accuracy {100 * summary['final_eval_accuracy']:.1f}%"
+
+
+def _write_comparison_report(console: Any, root: Path) -> None:
+    from fedlora.config import ConfigError
+    from fedlora.report import collect, write_report
+
+    try:
+        found = collect([root])
+    except ConfigError:
+        return  # nothing finished yet
+    files = write_report(found, root, command=" ".join(["fedlora", *sys.argv[1:]]))
+    console.print(f"report: {files['html']}  table: {files['markdown']}  data: {files['csv']}")
+
+
+@app.command()
+def report(
+    dirs: Annotated[
+        list[Path], typer.Argument(help="run or comparison directories (or folders holding them)")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="where to write (default: the comparison directory, or ./report)")
+    ] = None,
+    target: Annotated[
+        float | None,
+        typer.Option(help="accuracy (0-1) for the rounds-to-target column (default: the grid's, or 0.6)"),
+    ] = None,
+) -> None:
+    """Rebuild tables and plots from existing runs, without running anything."""
+    from fedlora.config import ConfigError
+    from fedlora.report import MANIFEST, collect, write_report
+
+    if target is not None and not 0 < target <= 1:
+        _fail(f"--target {target} is invalid: expected a fraction in (0, 1], e.g. 0.6")
+    try:
+        found = collect(dirs, target)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    default = dirs[0] if len(dirs) == 1 and (dirs[0] / MANIFEST).is_file() else Path("report")
+    files = write_report(found, out or default, command=" ".join(["fedlora", *sys.argv[1:]]))
+    typer.echo(files["markdown"].read_text(encoding="utf-8"))
+    for unfinished in found.unfinished:
+        typer.secho(f"left out (not finished): {unfinished}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"wrote {', '.join(str(p) for p in files.values())}")
 
 
 @app.command("config")
@@ -173,6 +387,48 @@ def strategies() -> None:
     for name, cls in available().items():
         dp = "  [dp-sgd, dp-updates]" if cls.linear_aggregate else "  [dp-sgd]"
         typer.echo(f"{name:<12} {cls.description}{dp}")
+
+
+deploy_app = typer.Typer(
+    help="Run the same ClientApp on real SuperNodes (TLS, authenticated nodes); see docs/deploy.md.",
+    no_args_is_help=True,
+)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("local")
+def deploy_local(
+    nodes: Annotated[int, typer.Option(help="SuperNodes to start, one partition each")] = 3,
+    directory: Annotated[
+        Path, typer.Option("--dir", help="certificates, keys, FLWR_HOME and logs go here")
+    ] = Path(".deploy"),
+    federation: Annotated[str, typer.Option(help="name of the SuperLink connection in FLWR_HOME")] = (
+        "fedlora-local"
+    ),
+) -> None:
+    """Bring up a SuperLink (TLS, node authentication) and N SuperNodes on loopback until Ctrl-C."""
+    if nodes < 1:
+        _fail(f"--nodes {nodes} is invalid: expected an integer >= 1")
+    from fedlora.deploy import DeployError, serve
+
+    try:
+        serve(directory, nodes, federation, echo=typer.echo)
+    except DeployError as exc:
+        _fail(str(exc), code=1)
+
+
+@deploy_app.command("health")
+def deploy_health(
+    address: Annotated[str, typer.Option(help="the --health-server-address of a SuperLink or SuperNode")] = (
+        "127.0.0.1:8081"
+    ),
+) -> None:
+    """Exit 0 if the Flower process at ADDRESS reports SERVING, else 1 (the image's HEALTHCHECK)."""
+    from fedlora.deploy import healthy
+
+    if not healthy(address):
+        _fail(f"no healthy Flower process answers at {address}", code=1)
+    typer.echo(f"{address}: serving")
 
 
 def main() -> None:

@@ -27,6 +27,8 @@ PRIVACY_MODES = ("none", "dp-sgd", "dp-updates")
 ACCOUNTANTS = ("rdp", "prv")
 OPACUS_MODES = ("hooks", "ghost")
 PLACEMENTS = ("server", "client")
+CORPUS_SIZE = 38_158
+"""Tweets in the corpus (docs/data.md); lets the config refuse impossible sizes before loading it."""
 
 
 class ConfigError(ValueError):
@@ -137,7 +139,7 @@ class FederationConfig:
     num_clients: int = _help("virtual clients (SuperNodes) in the federation", 10)
     rounds: int = _help("federated rounds", 8)
     fraction: float = _help("fraction of clients sampled for training each round", 1.0)
-    min_clients: int = _help("fewest clients sampled (and replies needed) per round", 2)
+    min_clients: int = _help("fewest clients sampled, and fewest valid replies a round needs", 2)
     fraction_evaluate: float = _help(
         "fraction of clients that evaluate on their validation split each round; 0 = off", 0.0
     )
@@ -185,6 +187,65 @@ class FederationConfig:
         min_clients and at most num_clients."""
         share = self.fraction if fraction is None else fraction
         return min(self.num_clients, max(self.min_clients, int(share * self.num_clients)))
+
+
+@dataclass
+class RobustnessConfig:
+    """What the server does with bad replies and failed rounds."""
+
+    max_update_norm: float = _help(
+        "reject a reply whose update (reply minus what was sent) has an L2 norm above this; 0 = no bound", 0.0
+    )
+    round_retries: int = _help(
+        "times a round is retried when fewer than federation.min_clients valid replies arrive", 0
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            self.max_update_norm >= 0,
+            "robustness.max_update_norm",
+            self.max_update_norm,
+            "0 (no bound) or a number > 0",
+        )
+        _check(self.round_retries >= 0, "robustness.round_retries", self.round_retries, "an integer >= 0")
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for simulations: exact shares of the clients, drawn anew each round from the seed."""
+
+    raise_fraction: float = _help(
+        "share of the clients (drawn anew each round) whose train handler raises an error", 0.0
+    )
+    straggle_fraction: float = _help("share of the clients that wait straggle_s seconds before training", 0.0)
+    straggle_s: float = _help(
+        "seconds a straggler waits (above federation.round_timeout: never answers)", 0.0
+    )
+    nan_fraction: float = _help("share of the clients that reply with NaN in every array", 0.0)
+    corrupt_fraction: float = _help("share of the clients that reply with one array of a wrong shape", 0.0)
+
+    def __post_init__(self) -> None:
+        for name in ("raise_fraction", "straggle_fraction", "nan_fraction", "corrupt_fraction"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"faults.{name}", value, "a number in [0, 1]")
+        _check(self.straggle_s >= 0, "faults.straggle_s", self.straggle_s, "a number of seconds >= 0")
+        if self.total > 1.0:
+            raise ConfigError(
+                f"faults: raise_fraction + straggle_fraction + nan_fraction + corrupt_fraction = "
+                f"{self.total:g} is invalid: expected at most 1 (each client plays one fault per round)"
+            )
+        if self.straggle_fraction > 0 and self.straggle_s == 0:
+            raise ConfigError("faults.straggle_fraction > 0 needs faults.straggle_s > 0 (seconds to wait)")
+
+    @property
+    def total(self) -> float:
+        """Share of sampled clients given any fault."""
+        return self.raise_fraction + self.straggle_fraction + self.nan_fraction + self.corrupt_fraction
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any fault is injected."""
+        return self.total > 0
 
 
 @dataclass
@@ -257,6 +318,8 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config as plain TOML-able values."""
@@ -345,12 +408,63 @@ def _check_cross(config: ExperimentConfig) -> None:
 
     config.strategy.options = validate_options(config.strategy.name, config.strategy.options)
     _check_privacy(config)
+    _check_sizes(config)
+    _check_faults(config)
+
+
+def _check_sizes(config: ExperimentConfig) -> None:
+    """Clients, examples and validation splits that cannot fit together."""
+    data, fed = config.data, config.federation
+    in_use = min(data.max_examples, CORPUS_SIZE) if data.max_examples else CORPUS_SIZE
+    _check(
+        data.test_size < in_use,
+        "data.test_size",
+        data.test_size,
+        f"fewer than the {in_use} tweets in use (data.max_examples)",
+    )
+    pool = in_use - data.test_size
+    _check(
+        fed.num_clients <= pool,
+        "federation.num_clients",
+        fed.num_clients,
+        f"at most the {pool} training tweets (data.max_examples - data.test_size)",
+    )
+    if fed.fraction_evaluate > 0 and data.val_fraction == 0:
+        raise ConfigError(
+            f"federation.fraction_evaluate = {fed.fraction_evaluate:g} needs client validation splits, "
+            "but data.val_fraction = 0; set data.val_fraction > 0 or federation.fraction_evaluate = 0"
+        )
+
+
+def _check_faults(config: ExperimentConfig) -> None:
+    """Fault injection that would make every round fail."""
+    f = config.faults
+    broken = f.raise_fraction + f.nan_fraction + f.corrupt_fraction
+    if f.straggle_s > config.federation.round_timeout:
+        broken += f.straggle_fraction
+    if broken >= 1.0:
+        raise ConfigError(
+            f"faults: {broken:g} of the clients would never send a valid update, so no round could finish; "
+            "keep faults.raise_fraction + nan_fraction + corrupt_fraction (+ straggle_fraction when "
+            "straggle_s > federation.round_timeout) below 1"
+        )
 
 
 def _check_privacy(config: ExperimentConfig) -> None:
     """dp-updates needs a strategy whose aggregate is a linear sum of the arrays that travel."""
     from strategies.registry import get, linear_strategies
 
+    p = config.privacy
+    if p.placement != "server" and p.mode != "dp-updates":
+        raise ConfigError(
+            f"privacy.placement = {p.placement!r} only applies to privacy.mode = 'dp-updates' "
+            f"(mode is {p.mode!r}); remove privacy.placement or set privacy.mode = 'dp-updates'"
+        )
+    if p.max_physical_batch > 0 and p.mode != "dp-sgd":
+        raise ConfigError(
+            f"privacy.max_physical_batch = {p.max_physical_batch} only applies to privacy.mode = 'dp-sgd' "
+            f"(mode is {p.mode!r}); remove it or set privacy.mode = 'dp-sgd'"
+        )
     if config.privacy.mode == "dp-updates" and not get(config.strategy.name).linear_aggregate:
         raise ConfigError(
             f"privacy.mode = 'dp-updates' cannot protect strategy '{config.strategy.name}': it combines "

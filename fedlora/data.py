@@ -20,15 +20,17 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 import pandas as pd
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from fedlora.config import DataConfig
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 """Class names; the label id of a tweet is its index here (0, 1, 2)."""
@@ -255,6 +257,8 @@ def _rows_of(partitioner: IidPartitioner | DirichletPartitioner, num_clients: in
 
 def _iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
     """Shuffle the rows; flwr's IidPartitioner cuts them into contiguous shards (sizes differ by <= 1)."""
+    from flwr_datasets.partitioner import IidPartitioner  # here: flwr_datasets imports matplotlib
+
     rows = np.random.default_rng([seed, _IID_STREAM]).permutation(n)
     partitioner = IidPartitioner(num_partitions=num_clients)
     partitioner.dataset = datasets.Dataset.from_dict({"row": rows})
@@ -263,6 +267,8 @@ def _iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
 
 def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
     """flwr's DirichletPartitioner by label (no self-balancing), redrawn until no client is empty."""
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     partitioner = DirichletPartitioner(
         num_partitions=num_clients,
         partition_by="label",

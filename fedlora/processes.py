@@ -54,6 +54,10 @@ class ProcessTracker:
             if key not in self._before:
                 self._seen.setdefault(key, child)
 
+    def seen(self) -> list[int]:
+        """PIDs of every process recorded so far, running or not."""
+        return [p.pid for p in self._seen.values()]
+
     def alive(self) -> list[psutil.Process]:
         """Recorded processes that are still running (PID reuse is excluded by start time)."""
         return [p for p in self._seen.values() if _same_and_running(p)]

@@ -10,6 +10,9 @@ METRICS = "metrics"
 """RecordDict key of the MetricRecord in every reply."""
 
 SERVER_ROUND = "server-round"
+STATE_DIR = "state-dir"
+"""Where clients keep their state between rounds: a node config key (deployment) or a message config
+key (the simulation's directory under the run directory); absent = the node's Context.state."""
 EXPERIMENT = "experiment"
 """The fully resolved experiment as TOML text: clients parse it with the same code as the server."""
 
@@ -37,3 +40,4 @@ REASON = "reason"
 # Node config keys (set by the simulation engine, or by --node-config on a SuperNode).
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
+NODE_STATE_DIR = "state-dir"

@@ -66,6 +66,16 @@ class RunDirectory:
         """Offsets folded into the frozen base weights (FedEx-LoRA, FLoRA), keyed by peft weight names."""
         return self.path / "base_offsets.safetensors"
 
+    @property
+    def checkpoint_path(self) -> Path:
+        """The server's checkpoint after the last finished round (:mod:`fedlora.checkpoint`)."""
+        return self.path / "checkpoint.safetensors"
+
+    @property
+    def client_state_path(self) -> Path:
+        """Simulated clients' state between rounds, versioned by round (:mod:`clients.state`)."""
+        return self.path / "client_state"
+
     def create(self, cfg: ExperimentConfig, *, overwrite: bool = False) -> None:
         """Create the directory and write ``config.toml``; refuse an existing run unless ``overwrite``."""
         if self.path.exists() and any(self.path.iterdir()):
@@ -76,7 +86,7 @@ class RunDirectory:
                 )
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.path / "config.toml", cfg.to_toml())
+        atomic_write(self.path / "config.toml", cfg.to_toml())
         self.rounds_path.touch()
 
     def append_round(self, row: dict[str, Any]) -> None:
@@ -86,18 +96,57 @@ class RunDirectory:
             f.flush()
             os.fsync(f.fileno())
 
+    def resumable_config(self) -> ExperimentConfig:
+        """The run's config, when the run can be resumed: it has a checkpoint and no summary yet."""
+        config = self.path / "config.toml"
+        if not config.is_file():
+            raise RunDirError(f"'{self.path}' is not a run directory (no config.toml); pass one to --resume")
+        if self.summary_path.is_file():
+            raise RunDirError(
+                f"run '{self.path}' has finished already (summary.json exists); nothing to resume"
+            )
+        if not self.checkpoint_path.is_file():
+            raise RunDirError(
+                f"run '{self.path}' has no checkpoint (it stopped before round 1 finished); "
+                "start it again with --overwrite"
+            )
+        return ExperimentConfig.from_toml(config.read_text(encoding="utf-8"))
+
+    def keep_rounds(self, last_round: int, last_row: dict[str, Any]) -> list[dict[str, Any]]:
+        """Rewrite ``rounds.jsonl`` (atomically) to rounds 1..``last_round``, the last one being
+        ``last_row`` (a crash may fall between writing the checkpoint and appending its row); returns
+        the rows."""
+        rows = [r for r in _readable_rows(self.rounds_path) if r["round"] < last_round]
+        rows.append({k: _clean(v) for k, v in last_row.items()})
+        if [r["round"] for r in rows] != list(range(1, last_round + 1)):
+            raise RunDirError(f"'{self.rounds_path}' does not hold rounds 1..{last_round - 1}; cannot resume")
+        atomic_write(self.rounds_path, "".join(json.dumps(r) + "\n" for r in rows))
+        return rows
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         """Write ``summary.json`` atomically."""
-        _atomic_write(
+        atomic_write(
             self.summary_path, json.dumps({k: _clean(v) for k, v in summary.items()}, indent=2) + "\n"
         )
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder (readers never see half)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def _readable_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``rounds.jsonl`` that parse (a crash may have cut the last one short)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:

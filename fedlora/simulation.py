@@ -129,9 +129,17 @@ def _install(signals: dict[signal.Signals, Any], handler: Any, in_main: bool) ->
 
 
 def simulate(
-    cfg: ExperimentConfig, run_dir: RunDirectory, on_round: Any = None, *, verbose: bool = False
+    cfg: ExperimentConfig,
+    run_dir: RunDirectory,
+    on_round: Any = None,
+    *,
+    verbose: bool = False,
+    resume: bool = False,
 ) -> None:
     """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; blocks until done.
+
+    With ``resume`` the run continues after the run directory's checkpoint. Clients keep their state
+    between rounds under the run directory (``client_state/``), so a resumed run replays exactly.
 
     SIGINT and SIGTERM stop the run gracefully (see :mod:`fedlora.stopping`), raising
     KeyboardInterrupt here once Ray is down; a second signal stops every process at once and exits 130.
@@ -143,8 +151,10 @@ def simulate(
     from strategies.server_app import make_server_app
 
     if not verbose:
-        for name in ("flwr", "ray"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        # Flower logs every client's exception with its traceback at ERROR; the server loop logs one
+        # line per failed client itself, and errors of the ServerApp reach the caller as exceptions.
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
+        logging.getLogger("ray").setLevel(logging.ERROR)
     config = backend_config(cfg, verbose=verbose)
     in_main = threading.current_thread() is threading.main_thread()
     STOP.clear()
@@ -157,7 +167,9 @@ def simulate(
             _start_ray(config)
             _install(previous, _stop_handler(tracker), in_main)
             run_simulation(
-                server_app=make_server_app(cfg, run_dir, on_round),
+                server_app=make_server_app(
+                    cfg, run_dir, on_round, resume=resume, client_state_dir=run_dir.client_state_path
+                ),
                 client_app=client_app,
                 num_supernodes=cfg.federation.num_clients,
                 backend_config=config,  # type: ignore[arg-type]

@@ -27,9 +27,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora import protocol
-from fedlora.adapters import State, from_arrays, payload_bytes, to_arrays
+from fedlora.adapters import State, from_arrays, is_lora_a, is_lora_b, kind_of, payload_bytes, to_arrays
 from fedlora.config import ExperimentConfig
 from fedlora.stopping import exchange
+from fedlora.validation import Spec, check_metrics, check_reply
 from strategies.aggregation import normalised_weights
 from strategies.plan import ClientPlan
 from strategies.privacy import ServerPrivacy
@@ -52,6 +53,28 @@ class RoundTraffic:
 
 class RoundFailedError(RuntimeError):
     """Too few clients replied to aggregate a round."""
+
+
+@dataclass
+class RoundCounts:
+    """What became of one round's training messages (``rounds.jsonl``: num_sampled, num_replied, ...)."""
+
+    sampled: int = 0
+    replied: int = 0
+    """Replies without an error (declined ones included)."""
+    failed: int = 0
+    """Sampled clients that raised, or did not answer within ``federation.round_timeout``."""
+    rejected: int = 0
+    """Replies left out by validation (keys, shapes, dtypes, NaN/Inf, norm, metrics)."""
+
+    def as_row(self) -> dict[str, int]:
+        """The counts under their ``rounds.jsonl`` names."""
+        return {
+            "num_sampled": self.sampled,
+            "num_replied": self.replied,
+            "num_failed": self.failed,
+            "num_rejected": self.rejected,
+        }
 
 
 class LoraStrategy(Strategy):
@@ -78,6 +101,7 @@ class LoraStrategy(Strategy):
         self.privacy = ServerPrivacy(cfg)
         self._sent: State = {}
         self._num_sampled = 0
+        self.counts = RoundCounts()
 
     # ----- pure hooks (override these) -------------------------------------------------------
     @classmethod
@@ -90,6 +114,24 @@ class LoraStrategy(Strategy):
     def outgoing(self, global_state: State) -> State:
         """The tensors sent to every sampled client (default: the whole global adapter)."""
         return dict(global_state)
+
+    def expected_reply(self, partition_id: int, server_round: int) -> Spec:
+        """Keys, shapes and dtypes client ``partition_id`` must reply with, from its plan: what was sent
+        (``reply = 'received'``) or the whole adapter at the client's rank (``'adapter'``), minus the
+        kinds it keeps local."""
+        plan = self.client_plan(self.cfg, self.options, partition_id, server_round)
+        source = self._sent if plan.reply == "received" else self.global_state
+        spec: Spec = {}
+        for key, value in source.items():
+            if kind_of(key) in plan.keep_local:
+                continue
+            shape = tuple(value.shape)
+            if is_lora_a(key):
+                shape = (plan.rank, *shape[1:])
+            elif is_lora_b(key):
+                shape = (shape[0], plan.rank)
+            spec[key] = (shape, value.dtype)
+        return spec
 
     def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
         """The new global state from client states and normalised weights p_k (sum 1)."""
@@ -164,16 +206,31 @@ class LoraStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the replies without errors; returns the new global adapter and round metrics."""
+        """Aggregate the valid replies; returns the new global adapter and round metrics.
+
+        Replies with an error, and replies that fail validation (:meth:`_validate`), are left out and
+        counted; the round fails with :class:`RoundFailedError` when fewer than ``federation.min_clients``
+        valid replies remain (declining under dp-sgd counts as a valid answer).
+        """
         replies = list(replies)
         # Sorted by partition, so that sums are taken in the same order in every run.
         ok = sorted((r for r in replies if not r.has_error()), key=_partition_key)
-        self.privacy.observe([r.content[protocol.METRICS] for r in ok])
+        self.counts = RoundCounts(
+            sampled=self._num_sampled, replied=len(ok), failed=self._num_sampled - len(ok)
+        )
+        for reply in replies:
+            if reply.has_error():
+                log.warning(
+                    "round %s: a client failed: %s", server_round, _last_line(str(reply.error.reason))
+                )
+        self.privacy.observe([r.content[protocol.METRICS] for r in ok if protocol.METRICS in r.content])
         declined = [r for r in ok if _declined(r)]
         trained = [r for r in ok if not _declined(r)]
         for reply in trained:
-            self.traffic.uplink += payload_bytes(reply.content[protocol.ARRAYS])
-        self._check_enough(server_round, replies, len(ok))  # declining is an answer
+            if protocol.ARRAYS in reply.content:
+                self.traffic.uplink += payload_bytes(reply.content[protocol.ARRAYS])
+        trained = self._validate(server_round, trained)
+        self._check_enough(server_round, replies, len(trained) + len(declined))
         for reply in declined:
             log.info("round %s: a client declined: %s", server_round, _reason(reply))
         self.last_metrics = {"num_clients": float(len(trained)), "train_loss": math.nan}
@@ -184,17 +241,46 @@ class LoraStrategy(Strategy):
         self.last_metrics.update({**self.privacy.round_metrics(), **self.diagnostics()})
         return to_arrays(self.global_state), MetricRecord(dict(self.last_metrics))  # type: ignore[arg-type]
 
+    def _validate(self, server_round: int, trained: Sequence[Message]) -> list[Message]:
+        """The replies whose metrics and arrays pass :func:`fedlora.validation.check_reply`; the others
+        are logged with their reason and counted as rejected."""
+        valid = []
+        for reply in trained:
+            reason = self._problem(reply, server_round)
+            if reason is None:
+                valid.append(reply)
+                continue
+            self.counts.rejected += 1
+            log.warning("round %s: rejected the reply of client %s: %s", server_round, _who(reply), reason)
+        return valid
+
+    def _problem(self, reply: Message, server_round: int) -> str | None:
+        metrics = reply.content.metric_records.get(protocol.METRICS)
+        if metrics is None or protocol.PARTITION_ID not in metrics:
+            return "no metrics with a partition-id"
+        bad = check_metrics(metrics, protocol.NUM_EXAMPLES)
+        if bad or protocol.ARRAYS not in reply.content.array_records:
+            return bad or "no arrays"
+        try:
+            arrays = from_arrays(reply.content[protocol.ARRAYS])
+        except Exception as exc:  # a malformed record from a buggy client must not stop the round
+            return f"unreadable arrays ({type(exc).__name__}: {exc})"
+        expected = self.expected_reply(_partition_key(reply), server_round)
+        return check_reply(arrays, expected, self._sent, self.cfg.robustness.max_update_norm)
+
     def _check_enough(self, server_round: int, replies: Sequence[Message], answered: int) -> None:
-        """Fail the round when fewer than min_clients answered (or than were sampled, if fewer:
-        Poisson sampling under dp-updates may pick fewer than min_clients)."""
+        """Fail the round when fewer than min_clients valid replies arrived (or than were sampled, if
+        fewer: Poisson sampling under dp-updates may pick fewer than min_clients)."""
         need = min(self.cfg.federation.min_clients, self._num_sampled)
         if answered >= need:
             return
         errors = [str(r.error.reason) for r in replies if r.has_error()]
+        c = self.counts
         raise RoundFailedError(
-            f"round {server_round}: {answered} of {self._num_sampled} clients replied, fewer than "
-            f"federation.min_clients = {self.cfg.federation.min_clients}"
-            + (f"; first client error: {errors[0].strip().splitlines()[-1]}" if errors else "")
+            f"round {server_round}: {answered} valid replies from {c.sampled} sampled clients "
+            f"({c.failed} failed, {c.rejected} rejected), fewer than federation.min_clients = "
+            f"{self.cfg.federation.min_clients}"
+            + (f"; first client error: {_last_line(errors[0])}" if errors else "")
         )
 
     def _aggregate_replies(self, server_round: int, trained: Sequence[Message]) -> None:
@@ -214,6 +300,27 @@ class LoraStrategy(Strategy):
     def diagnostics(self) -> dict[str, float]:
         """Strategy-specific per-round numbers for ``rounds.jsonl`` (default: none)."""
         return {}
+
+    # ----- checkpoint -------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict[str, Any]:
+        """JSON-able state beyond the global adapter and base offsets: the sampling RNG and the
+        privacy accountant (dp-sgd: each client's latest epsilon; dp-updates: rounds noised)."""
+        version, internal, gauss = self._rng.getstate()
+        return {
+            "rng": [version, list(internal), gauss],
+            "client_epsilon": {str(k): v for k, v in self.privacy.client_epsilon.items()},
+            "rounds_noised": self.privacy.rounds_noised,
+        }
+
+    def restore(self, global_state: State, base_offsets: State, saved: dict[str, Any]) -> None:
+        """Continue from a checkpoint: the inverse of (``global_state``, ``base_offsets``,
+        :meth:`checkpoint_state`)."""
+        self.global_state = dict(global_state)
+        self.base_offsets = dict(base_offsets)
+        version, internal, gauss = saved["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self.privacy.client_epsilon = {int(k): float(v) for k, v in saved["client_epsilon"].items()}
+        self.privacy.rounds_noised = int(saved["rounds_noised"])
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -248,7 +355,8 @@ class LoraStrategy(Strategy):
 
 
 def _declined(reply: Message) -> bool:
-    return bool(reply.content[protocol.METRICS].get(protocol.DECLINED, 0))  # type: ignore[union-attr]
+    metrics = reply.content.metric_records.get(protocol.METRICS)
+    return metrics is not None and bool(metrics.get(protocol.DECLINED, 0))
 
 
 def _reason(reply: Message) -> str:
@@ -257,7 +365,22 @@ def _reason(reply: Message) -> str:
 
 
 def _partition_key(reply: Message) -> int:
-    return int(reply.content[protocol.METRICS][protocol.PARTITION_ID])  # type: ignore[arg-type]
+    """The reply's partition id (-1 when it has none: validation then rejects it)."""
+    metrics = reply.content.metric_records.get(protocol.METRICS)
+    if metrics is None or protocol.PARTITION_ID not in metrics:
+        return -1
+    return int(metrics[protocol.PARTITION_ID])  # type: ignore[arg-type]
+
+
+def _who(reply: Message) -> str:
+    pid = _partition_key(reply)
+    return f"partition {pid}" if pid >= 0 else f"node {reply.metadata.src_node_id}"
+
+
+def _last_line(text: str) -> str:
+    """The last line of a client's error (Flower wraps it: ``... Message: <reason>'>``)."""
+    lines = text.strip().removesuffix("'>").strip().splitlines()
+    return lines[-1] if lines else "no reason given"
 
 
 def _arrays_bytes(content: RecordDict) -> int:

@@ -17,12 +17,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import protocol
+from fedlora import checkpoint, protocol
 from fedlora.config import ExperimentConfig, load_config
 from fedlora.records import RunDirectory, versions
 from fedlora.stopping import STOP, exchange
 from strategies import registry
-from strategies.base import LoraStrategy
+from strategies.base import LoraStrategy, RoundFailedError
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +63,52 @@ def global_model(cfg: ExperimentConfig, state: dict[str, Any], base_offsets: dic
 
 
 def run_federation(
-    grid: Grid, cfg: ExperimentConfig, run_dir: RunDirectory, on_round: RoundCallback | None = None
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_dir: RunDirectory,
+    on_round: RoundCallback | None = None,
+    *,
+    resume: bool = False,
+    client_state_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run every round of ``cfg`` on ``grid``, writing the run directory; returns the summary."""
+    """Run every round of ``cfg`` on ``grid``, writing the run directory; returns the summary.
+
+    After each round the checkpoint is written (atomically) before the round's row is appended to
+    ``rounds.jsonl``. With ``resume`` the run continues after the checkpoint's round. With
+    ``client_state_dir`` clients keep their state there, versioned by round (:mod:`clients.state`).
+    """
     from fedlora.adapters import initial_state
 
     started = time.monotonic()
     strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
     strategy.summary()
     evaluate = Evaluator(cfg)
-    base_config = ConfigRecord({protocol.EXPERIMENT: cfg.to_toml()})
+    config: dict[str, Any] = {protocol.EXPERIMENT: cfg.to_toml()}
+    if client_state_dir is not None:
+        config[protocol.STATE_DIR] = str(Path(client_state_dir).resolve())
+    base_config = ConfigRecord(config)
     rows: list[dict[str, Any]] = []
-    for server_round in range(1, cfg.federation.rounds + 1):
-        row = _one_round(grid, cfg, strategy, evaluate, base_config, server_round)
+    before_s = 0.0
+    if resume:
+        saved = checkpoint.load(run_dir.checkpoint_path)
+        strategy.restore(saved.global_state, saved.base_offsets, saved.strategy)
+        rows = run_dir.keep_rounds(saved.round, saved.row)
+        before_s = saved.wall_s
+        log.warning("fedlora: resuming after round %s", saved.round)
+    for server_round in range(len(rows) + 1, cfg.federation.rounds + 1):
+        row = _round_with_retries(grid, cfg, strategy, evaluate, base_config, server_round)
+        wall_s = before_s + time.monotonic() - started
+        checkpoint.save(
+            run_dir.checkpoint_path,
+            checkpoint.Checkpoint(
+                server_round,
+                strategy.global_state,
+                strategy.base_offsets,
+                strategy.checkpoint_state(),
+                row,
+                wall_s,
+            ),
+        )
         run_dir.append_round(row)
         rows.append(row)
         if on_round is not None:
@@ -87,9 +120,35 @@ def run_federation(
         save_file(
             {k: v.contiguous() for k, v in strategy.base_offsets.items()}, str(run_dir.base_offsets_path)
         )
-    summary = _summary(cfg, rows, evaluate.majority_accuracy, time.monotonic() - started)
+    summary = _summary(cfg, rows, evaluate.majority_accuracy, before_s + time.monotonic() - started)
     run_dir.write_summary(summary)
     return summary
+
+
+def _round_with_retries(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    strategy: LoraStrategy,
+    evaluate: Evaluator,
+    base_config: ConfigRecord,
+    server_round: int,
+) -> dict[str, Any]:
+    """One round; retried (with a new sample) up to ``robustness.round_retries`` times when too few
+    valid replies arrive. The last failure stops the run (finished rounds stay in the run directory)."""
+    retries = cfg.robustness.round_retries
+    for attempt in range(retries + 1):
+        try:
+            row = _one_round(grid, cfg, strategy, evaluate, base_config, server_round)
+        except RoundFailedError as exc:
+            if attempt == retries:
+                raise RoundFailedError(
+                    f"{exc}; gave up after {retries + 1} attempt(s) (robustness.round_retries = {retries})"
+                ) from None
+            log.warning("fedlora: %s; retrying the round (%s of %s)", exc, attempt + 1, retries)
+            continue
+        row["attempts"] = attempt + 1
+        return row
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _one_round(
@@ -119,8 +178,8 @@ def _one_round(
     row: dict[str, Any] = {
         "round": server_round,
         "strategy": cfg.strategy.name,
-        "num_sampled": len(messages),
         "num_clients": int(metrics.pop("num_clients", 0)),
+        **strategy.counts.as_row(),
         "train_loss": metrics.pop("train_loss", math.nan),
         "eval_loss": eval_loss,
         "eval_accuracy": eval_accuracy,
@@ -152,6 +211,8 @@ def _summary(
         "majority_accuracy": majority,
         "total_uplink_bytes": sum(r["uplink_bytes"] for r in rows),
         "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
+        "total_failed": sum(r.get("num_failed") or 0 for r in rows),
+        "total_rejected": sum(r.get("num_rejected") or 0 for r in rows),
         "wall_s": wall_s,
         **_privacy_summary(cfg, rows),
         "versions": versions(),
@@ -171,14 +232,19 @@ def _privacy_summary(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[
 
 
 def make_server_app(
-    cfg: ExperimentConfig, run_dir: RunDirectory, on_round: RoundCallback | None = None
+    cfg: ExperimentConfig,
+    run_dir: RunDirectory,
+    on_round: RoundCallback | None = None,
+    *,
+    resume: bool = False,
+    client_state_dir: Path | None = None,
 ) -> ServerApp:
     """A ServerApp bound to an already validated config and run directory (used by the CLI)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run_dir, on_round)
+        run_federation(grid, cfg, run_dir, on_round, resume=resume, client_state_dir=client_state_dir)
 
     return server_app
 

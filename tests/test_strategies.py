@@ -147,13 +147,14 @@ def test_fedsa_lora_keeps_b_in_the_node_state() -> None:
     from flwr.app import Context, RecordDict
 
     from clients.runtime import load_local, save_local
+    from clients.state import ClientStore
     from strategies.plan import ClientPlan
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     plan = ClientPlan(rank=4, keep_local=frozenset({"lora_B"}))
     state = {k: v.float() for k, v in client_state(4).items()}
-    save_local(context, plan, state)
-    kept = load_local(context, plan)
+    save_local(ClientStore(context, None, 0, 1), plan, state)
+    kept = load_local(ClientStore(context, None, 0, 2), plan)
     assert set(kept) == {k for k in state if ".lora_B." in k}
     assert all(torch.equal(kept[k], state[k]) for k in kept)
 

@@ -1,0 +1,219 @@
+"""Run a comparison grid: one ``fedlora run`` process per (cell, seed), resumable and interruptible.
+
+Layout of a comparison directory::
+
+    comparison.json          the grid's cells, seeds and target (what `fedlora report` reads)
+    configs/<cell>/seed-N.toml   each run's fully resolved experiment
+    runs/<cell>/seed-N/      each run's directory (config.toml, rounds.jsonl, summary.json, adapter/)
+    logs/<cell>/seed-N.log   each run's console output
+    comparison.csv, comparison.md, *.png, report.html
+
+A run with a ``summary.json`` and the same resolved config is finished and skipped on a re-run; an
+unfinished one continues from its last checkpointed round (``fedlora run --resume``), or starts
+again if it never finished a round. Runs are separate processes (each with its own Ray), ``jobs`` at a time;
+the first SIGINT/SIGTERM stops them gracefully, a second stops every process by PID at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import ConfigError, ExperimentConfig
+from fedlora.grid import Grid, Task
+from fedlora.processes import ProcessTracker
+from fedlora.records import RunDirectory, RunDirError, atomic_write
+from fedlora.results import is_finished, write_json
+
+POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Event:
+    """Progress reported to the caller: a run started, finished, failed, was skipped or interrupted."""
+
+    kind: str
+    task: Task
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class Comparison:
+    """Paths of one comparison directory."""
+
+    root: Path
+
+    def run_dir(self, task: Task) -> Path:
+        return self.root / "runs" / task.key
+
+    def config_file(self, task: Task) -> Path:
+        return self.root / "configs" / f"{task.key}.toml"
+
+    def log_file(self, task: Task) -> Path:
+        return self.root / "logs" / f"{task.key}.log"
+
+
+def plan(grid: Grid, tasks: list[Task], root: Path) -> tuple[list[Task], list[Task]]:
+    """Split tasks into (to run, already finished); refuse finished runs made with another config."""
+    where = Comparison(root)
+    todo, done, clashes = [], [], []
+    for task in tasks:
+        run_dir = where.run_dir(task)
+        if not is_finished(run_dir):
+            todo.append(task)
+        elif _same_config(run_dir, task):
+            done.append(task)
+        else:
+            clashes.append(task.key)
+    if clashes:
+        raise ConfigError(
+            f"{len(clashes)} finished run(s) in '{root}' used a different config (e.g. {clashes[0]}); "
+            "pass --overwrite to start the comparison again, or --out DIR to keep both"
+        )
+    return todo, done
+
+
+def _same_config(run_dir: Path, task: Task) -> bool:
+    """Whether the run's ``config.toml`` resolves to the task's config (keys added to fedlora since the
+    run was made count at their defaults, so upgrading does not invalidate finished runs)."""
+    try:
+        written = ExperimentConfig.from_toml((run_dir / "config.toml").read_text(encoding="utf-8"))
+    except (ConfigError, OSError):
+        return False
+    return written.to_dict() == task.config.to_dict()
+
+
+def prepare(grid: Grid, tasks: list[Task], root: Path) -> None:
+    """Write the manifest and every run's resolved config (runs themselves write nothing yet)."""
+    where = Comparison(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_json(grid.manifest(), root / "comparison.json")
+    for task in tasks:
+        path = where.config_file(task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, task.config.to_toml())
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the run gets SIGTERM (a graceful stop) if `fedlora compare` itself is killed."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def resumable(run_dir: Path, task: Task) -> bool:
+    """An unfinished run with a checkpoint of the same config continues from its last round."""
+    try:
+        config = RunDirectory(run_dir).resumable_config()
+    except (RunDirError, ConfigError, OSError):
+        return False
+    return config.to_dict() == task.config.to_dict()
+
+
+def _command(task: Task, where: Comparison, verbose: bool) -> list[str]:
+    """``fedlora run --resume`` for a run interrupted after a round, else a fresh ``fedlora run``."""
+    command = [sys.executable, "-m", "fedlora.cli", "run"]
+    run_dir = where.run_dir(task)
+    if resumable(run_dir, task):
+        command += ["--resume", str(run_dir)]
+    else:
+        command += [str(where.config_file(task)), "--out", str(run_dir), "--overwrite"]
+    return command + (["--verbose"] if verbose else [])
+
+
+def _start(task: Task, where: Comparison, verbose: bool) -> tuple[subprocess.Popen[bytes], Any]:
+    log_path = where.log_file(task)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("ab")  # a resumed run adds to its log
+    command = _command(task, where, verbose)
+    proc = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a terminal's Ctrl-C reaches only us; we forward one SIGTERM
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    return proc, log
+
+
+def _last_error(log: Path) -> str:
+    lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["no output"])[-1].strip()[:300]
+
+
+class Stopper:
+    """SIGINT/SIGTERM handling for the runner: the first asks runs to stop, the second kills them."""
+
+    def __init__(self, tracker: ProcessTracker, running: Callable[[], list[subprocess.Popen[bytes]]]):
+        self.requested = False
+        self._tracker = tracker
+        self._running = running
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.requested:
+            self.requested = True
+            os.write(2, b"stopping the running comparisons (send the signal again to force)\n")
+            for proc in self._running():
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+            return
+        self._tracker.sample()
+        self._tracker.kill_now()
+        os._exit(130)
+
+
+def execute(
+    tasks: list[Task], root: Path, on_event: Callable[[Event], None], *, jobs: int = 1, verbose: bool = False
+) -> bool:
+    """Run ``tasks`` (``jobs`` at a time); returns False if interrupted. Failures are reported, not raised."""
+    where = Comparison(root)
+    queue = list(tasks)
+    running: dict[int, tuple[Task, subprocess.Popen[bytes], Any, float]] = {}
+    in_main = threading.current_thread() is threading.main_thread()
+    with ProcessTracker() as tracker:
+        stopper = Stopper(tracker, lambda: [p for _, p, _, _ in running.values()])
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        if in_main:
+            for sig in previous:
+                signal.signal(sig, stopper)
+        try:
+            while queue or running:
+                while queue and len(running) < jobs and not stopper.requested:
+                    task = queue.pop(0)
+                    proc, log = _start(task, where, verbose)
+                    running[proc.pid] = (task, proc, log, time.monotonic())
+                    on_event(Event("started", task))
+                for pid, (task, proc, log, started) in list(running.items()):
+                    if proc.poll() is None:
+                        continue
+                    log.close()
+                    del running[pid]
+                    on_event(_outcome(task, proc.returncode, time.monotonic() - started, where))
+                if stopper.requested and not running:
+                    break
+                time.sleep(POLL_S)
+        finally:
+            if in_main:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+    return not stopper.requested
+
+
+def _outcome(task: Task, code: int, seconds: float, where: Comparison) -> Event:
+    if code == 0 and is_finished(where.run_dir(task)):
+        return Event("finished", task, seconds)
+    if code in (130, -signal.SIGTERM, -signal.SIGINT):
+        return Event("interrupted", task, seconds)
+    return Event("failed", task, seconds, f"exit {code}: {_last_error(where.log_file(task))}")

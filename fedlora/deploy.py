@@ -1,0 +1,469 @@
+"""A deployed federation on loopback: one SuperLink (TLS, SuperNode authentication) and N SuperNodes.
+
+This is the topology of ``docker-compose.yml`` as plain local processes (no Docker engine needed):
+
+- :func:`make_credentials` writes a CA, the SuperLink's TLS certificate and one OpenSSH ECDSA (P-384)
+  key pair per SuperNode into a directory (what ``deploy/certs.sh`` does with openssl and ssh-keygen);
+- :func:`write_flwr_home` writes a project-local ``FLWR_HOME/config.toml`` with a ``[superlink.NAME]``
+  connection (address and root certificate), so ``flwr run . NAME`` reaches the SuperLink;
+- :class:`LocalDeployment` starts the SuperLink on a free port, registers every SuperNode's public key
+  with ``flwr supernode register``, starts the SuperNodes with their partitions (``--node-config``),
+  waits until all are online, and on exit stops every process it started, and their descendants, by PID.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, TYPE_CHECKING
+
+import psutil
+
+from fedlora.processes import ProcessTracker
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey, EllipticCurvePublicKey
+    from cryptography.x509 import Certificate
+
+FEDERATION = "fedlora-local"
+"""Default name of the ``[superlink.NAME]`` connection written into FLWR_HOME."""
+
+DEPLOY_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+}
+
+
+class DeployError(RuntimeError):
+    """The topology could not be brought up; the message is one line and names the log to read."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Paths of the TLS material and the SuperNodes' authentication keys in one directory."""
+
+    directory: Path
+    num_nodes: int
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.directory / "superlink.crt"
+
+    @property
+    def server_key(self) -> Path:
+        return self.directory / "superlink.key"
+
+    def node_key(self, i: int) -> Path:
+        """SuperNode ``i``'s private key (OpenSSH format; what ``--auth-supernode-private-key`` reads)."""
+        return self.directory / f"supernode-{i}"
+
+    def node_public_key(self, i: int) -> Path:
+        """SuperNode ``i``'s public key (what ``flwr supernode register`` reads)."""
+        return self.directory / f"supernode-{i}.pub"
+
+
+def make_credentials(
+    directory: Path, num_nodes: int, *, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), days: int = 365
+) -> Credentials:
+    """Write a CA, a SuperLink certificate for ``hosts`` (DNS names or IPs) and ``num_nodes`` key pairs.
+
+    Keys: EC P-384 for the CA and the SuperLink, ECDSA P-384 in OpenSSH format for the SuperNodes (the
+    only kind Flower 1.42 accepts for node authentication). Certificates are valid for ``days`` days.
+    Private keys are written with mode 0600.
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    creds = Credentials(directory, num_nodes)
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = _certificate(ca_key, ca_key.public_key(), "fedlora CA", None, days)
+    server_cert = _certificate(ca_key, server_key.public_key(), hosts[0], hosts, days)
+    pem, none = serialization.Encoding.PEM, serialization.NoEncryption()
+    _write(creds.ca_cert, ca_cert.public_bytes(pem))
+    _write(creds.server_cert, server_cert.public_bytes(pem))
+    _write(creds.server_key, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, none), True)
+    for i in range(num_nodes):
+        key = ec.generate_private_key(ec.SECP384R1())
+        _write(creds.node_key(i), key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, none), True)
+        ssh = serialization.Encoding.OpenSSH
+        public = key.public_key().public_bytes(ssh, serialization.PublicFormat.OpenSSH)
+        _write(creds.node_public_key(i), public + f" supernode-{i}\n".encode())
+    return creds
+
+
+def _certificate(
+    ca_key: EllipticCurvePrivateKey,
+    public_key: EllipticCurvePublicKey,
+    common_name: str,
+    hosts: tuple[str, ...] | None,
+    days: int,
+) -> Certificate:
+    """A certificate signed by ``ca_key``: the CA itself if ``hosts`` is None, else a server for ``hosts``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedlora CA")]))
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=hosts is None, path_length=None), critical=True)
+    )
+    if hosts is not None:
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.write_bytes(data)
+    if private:
+        path.chmod(0o600)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports that were free on ``host`` a moment ago (the OS picks them)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def write_flwr_home(home: Path, name: str, address: str, root_certificates: Path | None) -> Path:
+    """Write ``home/config.toml`` with one ``[superlink.NAME]`` connection (TLS unless no CA); returns it."""
+    import tomli_w
+
+    connection: dict[str, object] = {"address": address}
+    if root_certificates is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(root_certificates.resolve())
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    path.write_text(tomli_w.dumps({"superlink": {"default": name, name: connection}}))
+    return path
+
+
+def flower_bin(name: str) -> str:
+    """A Flower executable next to this Python interpreter (a virtual environment), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+@dataclass
+class LocalDeployment:
+    """The loopback topology as processes; a context manager that stops everything it started.
+
+    ``directory`` receives ``certs/``, ``flwr-home/``, ``logs/`` and the SuperNodes' state.
+    ``app_dir`` is the Flower App (the repository root), the working directory of every process.
+    """
+
+    directory: Path
+    num_nodes: int = 3
+    federation: str = FEDERATION
+    app_dir: Path = field(default_factory=Path.cwd)
+    host: str = "127.0.0.1"
+    start_timeout: float = 90.0
+    env: dict[str, str] = field(init=False)
+    port: int = field(init=False, default=0)
+    health_port: int = field(init=False, default=0)
+    processes: dict[str, subprocess.Popen[bytes]] = field(init=False, default_factory=dict)
+    tracker: ProcessTracker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.directory = self.directory.resolve()
+        self.app_dir = self.app_dir.resolve()
+        self.credentials = Credentials(self.directory / "certs", self.num_nodes)
+        self.home = self.directory / "flwr-home"
+        self.logs = self.directory / "logs"
+        self.env = {**os.environ, **DEPLOY_ENV, "FLWR_HOME": str(self.home)}
+        pythonpath = [str(self.app_dir), os.environ.get("PYTHONPATH", "")]
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in pythonpath if p)
+        # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH.
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        self.tracker = ProcessTracker(interval=0.5, grace=5.0)
+
+    @property
+    def address(self) -> str:
+        """The SuperLink's address as SuperNodes and ``flwr`` reach it (Fleet and Control API share it)."""
+        return f"{self.host}:{self.port}"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def __enter__(self) -> LocalDeployment:
+        self.tracker.__enter__()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Credentials, FLWR_HOME, SuperLink, registration, SuperNodes; returns once all nodes are online."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        make_credentials(self.credentials.directory, self.num_nodes, hosts=("localhost", self.host))
+        self.port, self.health_port = free_ports(2, self.host)
+        write_flwr_home(self.home, self.federation, self.address, self.credentials.ca_cert)
+        self.start_superlink()
+        for i in range(self.num_nodes):
+            self.register(self.credentials.node_public_key(i))
+        node_ports = free_ports(self.num_nodes, self.host)
+        for i, port in enumerate(node_ports):
+            self.start_supernode(i, port)
+        self.wait_online(self.num_nodes)
+
+    def stop(self) -> list[int]:
+        """Stop the SuperNodes, then the SuperLink, then any descendant still alive; returns PIDs stopped."""
+        stopped = []
+        order = sorted(self.processes, key=lambda name: name == "superlink")
+        for name in order:
+            proc = self.processes[name]
+            if proc.poll() is None:
+                stopped.append(proc.pid)
+                proc.terminate()
+        for name in order:
+            try:
+                self.processes[name].wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.processes[name].kill()
+                self.processes[name].wait()
+        self.tracker.sample()
+        self.tracker.grace = 0.5
+        self.tracker.__exit__(None, None, None)
+        return stopped + self.tracker.stopped
+
+    def pids(self) -> list[int]:
+        """Every PID this deployment started (its processes and the descendants seen so far)."""
+        self.tracker.sample()
+        return sorted({p.pid for p in self.processes.values()} | set(self.tracker.seen()))
+
+    # -- pieces ----------------------------------------------------------------------------------
+    def spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        """Start one long-running process in its own session, output to ``logs/NAME.log``."""
+        log: IO[bytes] = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            args, cwd=self.app_dir, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        self.processes[name] = proc
+        return proc
+
+    def start_superlink(self) -> None:
+        """The SuperLink with TLS on its one port and SuperNode authentication; waits until it accepts."""
+        c = self.credentials
+        proc = self.spawn(
+            "superlink",
+            [
+                flower_bin("flower-superlink"),
+                "--ssl-ca-certfile", str(c.ca_cert),
+                "--ssl-certfile", str(c.server_cert),
+                "--ssl-keyfile", str(c.server_key),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+                "--host", self.host,
+                "--port", str(self.port),
+                "--database", ":flwr-in-memory:",
+                "--health-server-address", f"{self.host}:{self.health_port}",
+            ],
+        )  # fmt: skip
+        deadline = time.monotonic() + self.start_timeout
+        while not _accepts(self.host, self.port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise DeployError(f"the SuperLink did not start; see {self.logs / 'superlink.log'}")
+            time.sleep(0.2)
+
+    def supernode_args(
+        self, i: int, port: int, *, key: Path | None = None, tls: bool = True, auth: bool = True
+    ) -> list[str]:
+        """Command line of SuperNode ``i`` (partition ``i`` of ``num_nodes``), runtime API on ``port``.
+
+        ``key`` defaults to node ``i``'s own key; ``tls=False`` or ``auth=False`` build the clients the
+        SuperLink must refuse (plaintext, or without an authentication key).
+        """
+        args = [flower_bin("flower-supernode"), "--superlink", self.address]
+        args += ["--root-certificates", str(self.credentials.ca_cert)] if tls else ["--insecure"]
+        if auth:
+            args += ["--auth-supernode-private-key", str(key or self.credentials.node_key(i))]
+        args += ["--node-config", f"partition-id={i} num-partitions={self.num_nodes}"]
+        return [*args, "--host", self.host, "--port", str(port)]
+
+    def start_supernode(self, i: int, port: int) -> subprocess.Popen[bytes]:
+        """Start SuperNode ``i`` with its own key and partition."""
+        return self.spawn(f"supernode-{i}", self.supernode_args(i, port))
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the ``flwr`` CLI against this deployment's FLWR_HOME."""
+        return subprocess.run(
+            [flower_bin("flwr"), *args],
+            cwd=self.app_dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def register(self, public_key: Path) -> None:
+        """Register a SuperNode's public key with the SuperLink (``flwr supernode register``)."""
+        proc = self.flwr("supernode", "register", str(public_key), self.federation)
+        if proc.returncode != 0:
+            raise DeployError(f"registering {public_key.name} failed: {_last_line(proc)}")
+
+    def nodes(self) -> list[dict[str, object]]:
+        """The SuperNodes the SuperLink knows (``flwr supernode list --format json``)."""
+        proc = self.flwr("supernode", "list", self.federation, "--format", "json")
+        if proc.returncode != 0:
+            raise DeployError(f"flwr supernode list failed: {_last_line(proc)}")
+        text = proc.stdout[proc.stdout.find("{") :]
+        return list(json.loads(text).get("nodes", []))
+
+    def wait_online(self, count: int) -> None:
+        """Block until ``count`` SuperNodes are online, or raise naming the logs."""
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            online = [n for n in self.nodes() if n.get("status") == "online"]
+            if len(online) >= count:
+                return
+            for name, proc in self.processes.items():
+                if proc.poll() is not None:
+                    raise DeployError(
+                        f"{name} exited with code {proc.returncode}; see {self.logs / name}.log"
+                    )
+            if time.monotonic() > deadline:
+                raise DeployError(
+                    f"{len(online)} of {count} SuperNodes online after {self.start_timeout:.0f} s; "
+                    f"see {self.logs}"
+                )
+            time.sleep(0.5)
+
+    def submit_command(self) -> str:
+        """The command that submits a run of the app to this federation (from the app's directory)."""
+        return (
+            f"FLWR_HOME={self.home} {flower_bin('flwr')} run . {self.federation} --stream "
+            f"--run-config \"overrides='federation.num_clients={self.num_nodes}'\""
+        )
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _last_line(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [line for line in (proc.stderr + proc.stdout).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"exit code {proc.returncode}"
+
+
+def running(pids: list[int]) -> list[int]:
+    """The PIDs of ``pids`` still running (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def serve(directory: Path, num_nodes: int, federation: str, *, echo: Callable[[str], None] = print) -> None:
+    """``fedlora deploy local``: bring the topology up, say how to submit a run, wait for Ctrl-C.
+
+    The first SIGINT or SIGTERM, during start-up or after, stops every process started, by PID (later
+    signals are ignored while that happens, so nothing is left half-stopped). A SuperLink or
+    SuperNode that exits on its own ends the wait with a :class:`DeployError`.
+    """
+    interrupted = threading.Event()
+
+    def interrupt(signum: int, frame: object) -> None:
+        if not interrupted.is_set():
+            interrupted.set()
+            raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with LocalDeployment(directory, num_nodes, federation) as deployment:
+            echo(
+                f"SuperLink {deployment.address} (TLS, SuperNode authentication) with {num_nodes} "
+                f"registered SuperNodes online; logs in {deployment.logs}"
+            )
+            echo("Submit a run from this directory in another terminal:")
+            echo(f"  {deployment.submit_command()}")
+            echo("Ctrl-C stops the SuperLink and the SuperNodes.")
+            while True:
+                time.sleep(1.0)
+                exited = [n for n, p in deployment.processes.items() if p.poll() is not None]
+                if exited:
+                    raise DeployError(f"{exited[0]} exited; see {deployment.logs / exited[0]}.log")
+    except KeyboardInterrupt:
+        echo("stopped: no process of this deployment is running")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def healthy(address: str, timeout: float = 3.0) -> bool:
+    """Whether the gRPC health server of a SuperLink or SuperNode at ``address`` reports SERVING.
+
+    Flower starts that server with ``--health-server-address`` (plaintext, meant for 127.0.0.1 only);
+    the container image's HEALTHCHECK calls this through ``fedlora deploy health``.
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

@@ -1,0 +1,269 @@
+"""Comparison grids: a base experiment, the axes to vary, and the seeds.
+
+A grid file has one ``[compare]`` table::
+
+    [compare]
+    name = "compare-strategies"          # default output directory: runs/<name>
+    experiment = "quickstart.toml"       # base experiment, relative to the grid file
+    seeds = [0, 1, 2]                    # every cell runs once per seed
+    target_accuracy = 0.6                # for "rounds to target" (a fraction, 0-1)
+    set = ["federation.rounds=6"]        # overrides applied to every cell
+
+    [[compare.axes]]                     # one config key, one level per value
+    key = "strategy.name"
+    values = ["fedit", "ffa-lora"]
+
+    [[compare.axes]]                     # named levels, each a list of overrides
+    name = "privacy"
+    levels = { "no DP" = [], "eps 3" = ["privacy.mode='dp-sgd'", "privacy.target_epsilon=3"] }
+
+Cells are the Cartesian product of the axes' levels, in file order; every cell resolves (and is
+validated) before anything runs, so an impossible combination fails first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedlora.config import ConfigError, ExperimentConfig, load_config
+
+GRID_KEYS = {"name", "experiment", "seeds", "target_accuracy", "set", "axes"}
+AXIS_KEYS = {"key", "values", "name", "levels"}
+DEFAULT_TARGET = 0.6
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One varied dimension: its display name and, per level label, the overrides it applies."""
+
+    name: str
+    levels: dict[str, list[str]]
+
+    def touches(self, prefix: str) -> bool:
+        """Whether any level overrides a key starting with ``prefix`` (e.g. ``privacy.``)."""
+        return any(o.strip().startswith(prefix) for overrides in self.levels.values() for o in overrides)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of levels (one per axis); runs once per seed."""
+
+    levels: dict[str, str]
+    overrides: list[str]
+
+    @property
+    def label(self) -> str:
+        """Human-readable: the levels joined, e.g. ``fedit · eps 3``."""
+        return " · ".join(self.levels.values()) or "base"
+
+    @property
+    def slug(self) -> str:
+        """Directory-safe name, e.g. ``fedit__eps-3``."""
+        return "__".join(_slug(v) for v in self.levels.values()) or "base"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One run: a cell at one seed, with its fully resolved config."""
+
+    cell: Cell
+    seed: int
+    config: ExperimentConfig
+
+    @property
+    def key(self) -> str:
+        """Path of the run below the comparison's ``runs/`` folder."""
+        return f"{self.cell.slug}/seed-{self.seed}"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A parsed grid file."""
+
+    name: str
+    experiment: Path
+    seeds: list[int]
+    target_accuracy: float
+    overrides: list[str]
+    axes: list[Axis]
+    source: Path | None = None
+    cells: list[Cell] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cells", _product(self.axes))
+
+    def tasks(self, extra: list[str] | None = None) -> list[Task]:
+        """Every (cell, seed) with its config resolved and validated; ``extra`` overrides apply last."""
+        tasks = []
+        for cell in self.cells:
+            for seed in self.seeds:
+                overrides = [*self.overrides, *cell.overrides, *(extra or []), f"seed={seed}"]
+                try:
+                    config = load_config(self.experiment, overrides)
+                except ConfigError as exc:
+                    raise ConfigError(f"grid cell '{cell.label}': {exc}") from None
+                tasks.append(Task(cell, seed, config))
+        return tasks
+
+    def manifest(self) -> dict[str, Any]:
+        """What ``fedlora report`` needs to rebuild tables and plots (written as comparison.json)."""
+        return {
+            "name": self.name,
+            "experiment": str(self.experiment),
+            "seeds": self.seeds,
+            "target_accuracy": self.target_accuracy,
+            "axes": [{"name": a.name, "levels": list(a.levels)} for a in self.axes],
+            "privacy_axes": [a.name for a in self.axes if a.touches("privacy.")],
+            "cells": [{"label": c.label, "slug": c.slug, "levels": c.levels} for c in self.cells],
+        }
+
+
+def load_grid(path: Path) -> Grid:
+    """Read and check a grid file; errors name the key and the fix."""
+    if not path.is_file():
+        raise ConfigError(
+            f"grid file '{path}' not found; pass an existing .toml file (see sims/compare_*.toml)"
+        )
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"grid file '{path}' is not valid TOML: {exc}") from None
+    if set(data) != {"compare"}:
+        raise ConfigError(
+            f"grid file '{path}' must hold exactly one [compare] table "
+            f"(found: {', '.join(data) or 'nothing'}); to run a single experiment use `fedlora run`"
+        )
+    return parse_grid(data["compare"], base_dir=path.parent, source=path)
+
+
+def parse_grid(table: dict[str, Any], *, base_dir: Path, source: Path | None = None) -> Grid:
+    """Build a :class:`Grid` from the ``[compare]`` table."""
+    _no_unknown(table, GRID_KEYS, "compare")
+    experiment = table.get("experiment")
+    if not isinstance(experiment, str) or not experiment:
+        raise ConfigError(
+            "compare.experiment is missing: name the base experiment file, e.g. 'quickstart.toml'"
+        )
+    seeds = table.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(_is_int(s) for s in seeds):
+        raise ConfigError(f"compare.seeds = {seeds!r} is invalid: expected a non-empty list of integers")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"compare.seeds = {seeds!r} repeats a seed; list each seed once")
+    target = table.get("target_accuracy", DEFAULT_TARGET)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0 < target <= 1:
+        raise ConfigError(f"compare.target_accuracy = {target!r} is invalid: expected a fraction in (0, 1]")
+    overrides = _string_list(table.get("set", []), "compare.set")
+    axes_data = table.get("axes", [])
+    if not isinstance(axes_data, list):
+        raise ConfigError("compare.axes is invalid: write each axis as a [[compare.axes]] table")
+    axes = [_parse_axis(a, i) for i, a in enumerate(axes_data)]
+    names = [a.name for a in axes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"compare.axes names repeat ({', '.join(names)}); give each axis a distinct name")
+    name = table.get("name", source.stem if source else "comparison")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"compare.name = {name!r} is invalid: expected a non-empty string")
+    return Grid(name, base_dir / experiment, list(seeds), float(target), overrides, axes, source)
+
+
+def _parse_axis(data: Any, index: int) -> Axis:
+    where = f"compare.axes[{index}]"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} is invalid: expected a table with key/values or name/levels")
+    _no_unknown(data, AXIS_KEYS, where)
+    if ("values" in data) == ("levels" in data):
+        raise ConfigError(f"{where} needs exactly one of 'values' (with 'key') or 'levels' (with 'name')")
+    if "values" in data:
+        key = data.get("key")
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"{where} has values but no 'key'; add e.g. key = \"strategy.name\"")
+        values = data["values"]
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.values is invalid: expected a non-empty list")
+        if key == "seed":
+            raise ConfigError(f"{where} varies 'seed'; list seeds in compare.seeds instead")
+        axis_name = str(data.get("name", _axis_name(key)))
+        levels = {_level_label(axis_name, v): [f"{key}={toml_literal(v)}"] for v in values}
+        if len(levels) != len(values):
+            raise ConfigError(f"{where}.values repeats a value; list each once")
+        return Axis(axis_name, levels)
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where} has levels but no 'name'; add e.g. name = \"privacy\"")
+    raw = data["levels"]
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{where}.levels is invalid: expected a table of label = [overrides]")
+    levels = {str(label): _string_list(v, f"{where}.levels.{label}") for label, v in raw.items()}
+    return Axis(name, levels)
+
+
+def _product(axes: list[Axis]) -> list[Cell]:
+    cells = []
+    for combo in itertools.product(*(list(a.levels.items()) for a in axes)):
+        levels = {axis.name: label for axis, (label, _) in zip(axes, combo, strict=True)}
+        overrides = [o for _, level_overrides in combo for o in level_overrides]
+        cells.append(Cell(levels, overrides))
+    slugs = [c.slug for c in cells]
+    if len(set(slugs)) != len(slugs):
+        raise ConfigError(
+            "two grid cells map to the same directory name; make the level labels more distinct"
+        )
+    return cells
+
+
+def toml_literal(value: Any) -> str:
+    """A value as it would be written in TOML (what ``--set key=VALUE`` parses)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
+    raise ConfigError(f"grid value {value!r} is not supported: use a string, number, boolean or list")
+
+
+def _level_label(axis: str, value: Any) -> str:
+    """Strings label themselves (``fedit``); other values carry the axis name (``alpha=0.1``)."""
+    if isinstance(value, str):
+        return value
+    text = ",".join(map(str, value)) if isinstance(value, list) else str(value).lower()
+    return f"{axis}={text}"
+
+
+def _axis_name(key: str) -> str:
+    """``strategy.name`` -> ``strategy``; ``data.alpha`` -> ``alpha``."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def _slug(text: str) -> str:
+    for greek, latin in (("ε", "eps"), ("δ", "delta"), ("α", "alpha"), ("σ", "sigma")):
+        text = text.replace(greek, latin)
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "x"
+
+
+def _string_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} = {value!r} is invalid: expected a list of 'section.key=value' strings")
+    return list(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _no_unknown(table: dict[str, Any], valid: set[str], where: str) -> None:
+    for key in table:
+        if key not in valid:
+            raise ConfigError(f"unknown key '{where}.{key}'; valid keys here: {', '.join(sorted(valid))}")

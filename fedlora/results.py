@@ -1,0 +1,249 @@
+"""Results of finished runs, grouped into cells: per-run rows, mean ± std per cell, CSV and Markdown.
+
+Accuracies are fractions (0-1) in rows and the CSV, percentages in tables; traffic is in MB
+(10^6 bytes) of the arrays that travelled, summed over clients and rounds; times are seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlora.records import atomic_write, read_rounds, read_summary
+
+CSV_COLUMNS = (
+    "final_accuracy",
+    "best_accuracy",
+    "rounds_to_target",
+    "uplink_mb",
+    "downlink_mb",
+    "final_epsilon",
+    "wall_s",
+)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One finished run (one cell at one seed)."""
+
+    cell: str
+    levels: dict[str, str]
+    seed: int
+    run_dir: Path
+    strategy: str
+    rounds: int
+    final_accuracy: float
+    best_accuracy: float
+    rounds_to_target: int | None
+    uplink_mb: float
+    downlink_mb: float
+    final_epsilon: float | None
+    delta: float | None
+    wall_s: float
+    majority_accuracy: float
+    accuracy: list[float]
+    """Global test accuracy after each round (fractions)."""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A column of the per-cell table."""
+
+    name: str
+    title: str
+    higher_is_better: bool
+    scale: float = 1.0
+    digits: int = 1
+
+
+METRICS = (
+    Metric("final_accuracy", "final acc. (%)", True, 100.0),
+    Metric("best_accuracy", "best acc. (%)", True, 100.0),
+    Metric("rounds_to_target", "rounds to {target}", False),
+    Metric("uplink_mb", "uplink (MB)", False, digits=2),
+    Metric("downlink_mb", "downlink (MB)", False, digits=2),
+    Metric("final_epsilon", "ε", False, digits=2),
+    Metric("wall_s", "wall (s)", False, digits=0),
+)
+
+
+def load_run(run_dir: Path, *, cell: str, levels: dict[str, str], target: float) -> RunResult:
+    """Read a finished run directory (``summary.json`` and ``rounds.jsonl``)."""
+    summary = read_summary(run_dir)
+    rows = read_rounds(run_dir)
+    accuracy = [float(r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
+    reached = next((int(r["round"]) for r in rows if (r.get("eval_accuracy") or 0.0) >= target), None)
+    epsilon = summary.get("final_epsilon")
+    return RunResult(
+        cell=cell,
+        levels=levels,
+        seed=int(_config(run_dir).get("seed", 0)),
+        run_dir=run_dir,
+        strategy=str(summary["strategy"]),
+        rounds=int(summary["rounds"]),
+        final_accuracy=float(summary["final_eval_accuracy"]),
+        best_accuracy=float(summary["best_eval_accuracy"]),
+        rounds_to_target=reached,
+        uplink_mb=int(summary["total_uplink_bytes"]) / 1e6,
+        downlink_mb=int(summary["total_downlink_bytes"]) / 1e6,
+        final_epsilon=None if epsilon is None else float(epsilon),
+        delta=None if epsilon is None else float(summary["delta"]),
+        wall_s=float(summary["wall_s"]),
+        majority_accuracy=float(summary["majority_accuracy"]),
+        accuracy=accuracy,
+    )
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run directory with a summary (written only after the last round)."""
+    return (Path(run_dir) / "summary.json").is_file()
+
+
+def _config(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "config.toml"
+    return tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+@dataclass(frozen=True)
+class CellStats:
+    """The runs of one cell and their statistics over seeds."""
+
+    label: str
+    levels: dict[str, str]
+    runs: list[RunResult]
+
+    def values(self, metric: str) -> list[float]:
+        """The metric's values over the seeds that have one (rounds to target: those that reached it)."""
+        found = (getattr(r, metric) for r in self.runs)
+        return [float(v) for v in found if v is not None]
+
+    def mean_std(self, metric: str) -> tuple[float, float] | None:
+        """Mean and sample standard deviation (0 with one seed); None when no seed has a value."""
+        values = self.values(metric)
+        if not values:
+            return None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    def mean_accuracy_curve(self) -> tuple[list[float], list[float]]:
+        """Mean and standard deviation of test accuracy per round over seeds (shortest run decides length)."""
+        length = min(len(r.accuracy) for r in self.runs)
+        columns = [[r.accuracy[i] for r in self.runs] for i in range(length)]
+        means = [statistics.fmean(c) for c in columns]
+        stds = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
+        return means, stds
+
+
+def group(results: Iterable[RunResult]) -> list[CellStats]:
+    """Runs grouped by cell label, in first-seen order."""
+    cells: dict[str, list[RunResult]] = {}
+    for r in results:
+        cells.setdefault(r.cell, []).append(r)
+    return [
+        CellStats(label, runs[0].levels, sorted(runs, key=lambda r: r.seed)) for label, runs in cells.items()
+    ]
+
+
+def write_csv(results: list[RunResult], path: Path) -> None:
+    """One row per run: its cell, levels, seed and every metric (raw values, accuracies as fractions)."""
+    axes = _axis_names(results)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        fixed = {"cell", "seed", "strategy", "rounds", *CSV_COLUMNS, "run_dir"}
+        names = [f"axis.{a}" if a in fixed else a for a in axes]
+        writer.writerow(["cell", *names, "seed", "strategy", "rounds", *CSV_COLUMNS, "run_dir"])
+        for r in results:
+            metrics = [_csv_value(getattr(r, c)) for c in CSV_COLUMNS]
+            levels = [r.levels.get(a, "") for a in axes]
+            writer.writerow([r.cell, *levels, r.seed, r.strategy, r.rounds, *metrics, str(r.run_dir)])
+
+
+def _csv_value(value: Any) -> str:
+    if value is None:
+        return ""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _axis_names(results: Iterable[RunResult]) -> list[str]:
+    names: dict[str, None] = {}
+    for r in results:
+        names.update(dict.fromkeys(r.levels))
+    return list(names)
+
+
+def table(cells: list[CellStats], target: float) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-cell table: ``mean ± std`` strings, the best per column in bold.
+
+    Columns without a value in any cell (ε without DP) are left out. Rounds to target are averaged
+    over the seeds that reached it; a dagger marks cells where some seeds did not.
+    """
+    metrics = [m for m in METRICS if any(c.values(m.name) for c in cells)]
+    header = ["cell", "seeds", *(m.title.format(target=f"{100 * target:g}%") for m in metrics)]
+    columns = [_column(cells, m) for m in metrics]
+    rows = [[c.label, str(len(c.runs)), *(col[i] for col in columns)] for i, c in enumerate(cells)]
+    return header, rows
+
+
+def _column(cells: list[CellStats], metric: Metric) -> list[str]:
+    stats = [c.mean_std(metric.name) for c in cells]
+    shown = [None if s is None else round(s[0] * metric.scale, metric.digits) for s in stats]
+    candidates = [v for v in shown if v is not None]
+    best = (max if metric.higher_is_better else min)(candidates) if len(cells) > 1 and candidates else None
+    out = []
+    for cell, s, value in zip(cells, stats, shown, strict=True):
+        if s is None or value is None:
+            out.append("—" if metric.name != "rounds_to_target" else "not reached")
+            continue
+        text = _format(s[0] * metric.scale, s[1] * metric.scale, metric.digits, len(cell.values(metric.name)))
+        if metric.name == "rounds_to_target" and len(cell.values(metric.name)) < len(cell.runs):
+            text += " †"
+        out.append(f"**{text}**" if value == best else text)
+    return out
+
+
+def _format(mean: float, std: float, digits: int, n: int) -> str:
+    """``mean ± std``; just the mean with one value or when every seed gave the same value."""
+    return f"{mean:.{digits}f}" if n < 2 or std == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown(cells: list[CellStats], target: float) -> str:
+    """The per-cell table as GitHub Markdown, with a one-line legend."""
+    header, rows = table(cells, target)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n\n" + legend(cells, target) + "\n"
+
+
+def legend(cells: list[CellStats], target: float) -> str:
+    """What the table's numbers mean (seeds, units, markers, the majority-class baseline)."""
+    majority = statistics.fmean(r.majority_accuracy for c in cells for r in c.runs)
+    parts = [
+        "Mean ± standard deviation over seeds; best per column in bold.",
+        "Accuracy on the global held-out test set;",
+        f"majority class {100 * majority:.1f}%.",
+        "Traffic: adapter arrays sent, all clients and rounds (MB = 10^6 bytes).",
+    ]
+    if any("†" in row[i] for row in table(cells, target)[1] for i in range(len(row))):
+        parts.append(f"† some seeds never reached {100 * target:g}%; mean over those that did.")
+    return " ".join(parts)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write JSON with NaN/inf as null (the manifest and report metadata)."""
+    atomic_write(path, json.dumps(_finite(data), indent=2) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

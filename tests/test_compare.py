@@ -1,0 +1,334 @@
+"""Comparison grids, result tables and reports, on grid files and run directories written here."""
+
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fedlora.cli import app
+from fedlora.compare import plan, prepare
+from fedlora.config import ConfigError, load_config
+from fedlora.grid import Grid, load_grid, parse_grid
+from fedlora.records import RunDirectory
+from fedlora.report import collect, write_report
+from fedlora.results import group, load_run, markdown, table
+
+ROOT = Path(__file__).resolve().parents[1]
+SIMS = ROOT / "sims"
+
+
+def grid_table(**extra: object) -> dict[str, object]:
+    table: dict[str, object] = {
+        "experiment": "quickstart.toml",
+        "seeds": [0, 1],
+        "axes": [
+            {"key": "strategy.name", "values": ["fedit", "ffa-lora"]},
+            {
+                "name": "privacy",
+                "levels": {"no DP": [], "eps 3": ["privacy.mode='dp-sgd'", "privacy.target_epsilon=3"]},
+            },
+        ],
+    }
+    table.update(extra)
+    return table
+
+
+def test_cells_are_the_product_of_the_axes_in_file_order() -> None:
+    grid = parse_grid(grid_table(), base_dir=SIMS)
+    assert [c.label for c in grid.cells] == [
+        "fedit · no DP",
+        "fedit · eps 3",
+        "ffa-lora · no DP",
+        "ffa-lora · eps 3",
+    ]
+    assert [c.slug for c in grid.cells] == [
+        "fedit__no-dp",
+        "fedit__eps-3",
+        "ffa-lora__no-dp",
+        "ffa-lora__eps-3",
+    ]
+    assert grid.cells[1].overrides == [
+        'strategy.name="fedit"',
+        "privacy.mode='dp-sgd'",
+        "privacy.target_epsilon=3",
+    ]
+    assert grid.manifest()["privacy_axes"] == ["privacy"]
+
+
+def test_every_task_resolves_the_base_with_the_cell_seed_and_extra_overrides() -> None:
+    grid = parse_grid(grid_table(set=["federation.rounds=3"]), base_dir=SIMS)
+    tasks = grid.tasks(["train.local_steps=2"])
+    assert len(tasks) == 8
+    task = tasks[3]  # fedit · eps 3, seed 1
+    assert (task.cell.label, task.seed, task.key) == ("fedit · eps 3", 1, "fedit__eps-3/seed-1")
+    assert task.config.seed == 1
+    assert task.config.privacy.target_epsilon == 3.0
+    assert task.config.federation.rounds == 3
+    assert task.config.train.local_steps == 2
+    base = load_config(SIMS / "quickstart.toml")
+    assert task.config.lora == base.lora  # everything not varied is identical
+
+
+def test_numeric_levels_carry_the_axis_name() -> None:
+    grid = parse_grid(
+        {"experiment": "quickstart.toml", "axes": [{"key": "data.alpha", "values": [1.0, 0.1]}]},
+        base_dir=SIMS,
+    )
+    assert [c.label for c in grid.cells] == ["alpha=1.0", "alpha=0.1"]
+    assert [t.config.data.alpha for t in grid.tasks()] == [1.0, 0.1]
+
+
+BAD_GRIDS = [
+    ({"seeds": []}, "compare.seeds"),
+    ({"seeds": [0, 0]}, "repeats a seed"),
+    ({"seeds": [0.5]}, "compare.seeds"),
+    ({"target_accuracy": 60}, "compare.target_accuracy"),
+    ({"runs": 3}, "unknown key 'compare.runs'"),
+    ({"set": "lora.rank=4"}, "compare.set"),
+    ({"experiment": ""}, "compare.experiment"),
+    ({"axes": [{"key": "strategy.name"}]}, "exactly one of 'values'"),
+    ({"axes": [{"values": ["fedit"]}]}, "no 'key'"),
+    ({"axes": [{"key": "seed", "values": [1, 2]}]}, "compare.seeds instead"),
+    ({"axes": [{"key": "lora.rank", "values": [4, 4]}]}, "repeats a value"),
+    ({"axes": [{"name": "x", "levels": {"a": "lora.rank=4"}}]}, "compare.axes[0].levels.a"),
+    ({"axes": [{"key": "lora.rank", "values": [4], "colour": 1}]}, "unknown key 'compare.axes[0].colour'"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_GRIDS)
+def test_bad_grids_fail_with_a_message_naming_the_key(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_grid(grid_table(**change), base_dir=SIMS)
+
+
+def test_an_impossible_cell_is_refused_before_anything_runs() -> None:
+    grid = parse_grid(
+        {
+            "experiment": "quickstart.toml",
+            "axes": [
+                {"key": "strategy.name", "values": ["fedit", "lora-fair"]},
+                {
+                    "name": "dp",
+                    "levels": {"user-level": ["privacy.mode='dp-updates'", "privacy.target_epsilon=3"]},
+                },
+            ],
+        },
+        base_dir=SIMS,
+    )
+    with pytest.raises(ConfigError, match=r"grid cell 'lora-fair · user-level'.*dp-updates"):
+        grid.tasks()
+
+
+def test_the_shipped_grids_resolve() -> None:
+    for path in sorted(SIMS.glob("compare_*.toml")):
+        grid = load_grid(path)
+        assert len(grid.tasks()) == len(grid.cells) * len(grid.seeds) >= 8, path.name
+
+
+def fake_run(
+    path: Path, *, strategy: str, seed: int, accuracy: list[float], up: int, epsilon: float | None = None
+) -> Path:
+    """A finished run directory with the given per-round accuracies (written by the real writer)."""
+    overrides = [f'strategy.name="{strategy}"', f"seed={seed}", f"federation.rounds={len(accuracy)}"]
+    if epsilon is not None:
+        overrides += ["privacy.mode='dp-sgd'", "privacy.target_epsilon=8"]
+    cfg = load_config(SIMS / "quickstart.toml", overrides)
+    run = RunDirectory(path)
+    run.create(cfg)
+    for i, acc in enumerate(accuracy, start=1):
+        run.append_round({"round": i, "eval_accuracy": acc, "uplink_bytes": up // len(accuracy)})
+    summary = {
+        "name": cfg.name,
+        "strategy": strategy,
+        "rounds": len(accuracy),
+        "final_eval_accuracy": accuracy[-1],
+        "best_eval_accuracy": max(accuracy),
+        "majority_accuracy": 0.424,
+        "total_uplink_bytes": up,
+        "total_downlink_bytes": 2 * up,
+        "wall_s": 10.0 + seed,
+        "versions": {"fedlora": "test"},
+    }
+    if epsilon is not None:
+        summary.update(final_epsilon=epsilon, delta=1e-5)
+    run.write_summary(summary)
+    return path
+
+
+def test_run_results_and_rounds_to_target(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "r", strategy="fedit", seed=3, accuracy=[0.5, 0.62, 0.61], up=3_000_000)
+    result = load_run(run, cell="fedit", levels={"strategy": "fedit"}, target=0.6)
+    assert (result.seed, result.rounds, result.final_accuracy, result.best_accuracy) == (3, 3, 0.61, 0.62)
+    assert result.rounds_to_target == 2
+    assert (result.uplink_mb, result.downlink_mb) == (3.0, 6.0)
+    assert load_run(run, cell="x", levels={}, target=0.7).rounds_to_target is None
+
+
+def test_table_means_stds_and_best_marks(tmp_path: Path) -> None:
+    runs = [
+        fake_run(tmp_path / "a0", strategy="fedit", seed=0, accuracy=[0.4, 0.5], up=2_000_000),
+        fake_run(tmp_path / "a1", strategy="fedit", seed=1, accuracy=[0.6, 0.7], up=2_000_000),
+        fake_run(tmp_path / "b0", strategy="ffa-lora", seed=0, accuracy=[0.5, 0.55], up=1_000_000),
+    ]
+    results = [load_run(r, cell=r.name[0], levels={}, target=0.6) for r in runs]
+    cells = group(results)
+    header, rows = table(cells, 0.6)
+    assert header[:5] == ["cell", "seeds", "final acc. (%)", "best acc. (%)", "rounds to 60%"]
+    std = 100 * math.sqrt(((0.5 - 0.6) ** 2 + (0.7 - 0.6) ** 2) / 1)
+    assert rows[0][2] == f"**60.0 ± {std:.1f}**"  # fedit: mean 60.0 beats 55.0
+    assert rows[1][2] == "55.0"
+    assert rows[0][4] == "**1.0 †**" and rows[1][4] == "not reached"  # one fedit seed reached 60% in round 1
+    assert rows[0][5] == "2.00" and rows[1][5] == "**1.00**"  # less uplink is better
+    assert "ε" not in header  # no DP anywhere: no epsilon column
+    assert "† some seeds never reached 60%" in markdown(cells, 0.6)
+    means, stds = cells[0].mean_accuracy_curve()
+    assert means == pytest.approx([0.5, 0.6]) and stds == pytest.approx([0.1414, 0.1414], abs=1e-4)
+
+
+def test_report_from_plain_run_directories_groups_by_differing_keys(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        fake_run(tmp_path / "runs" / f"fedit-{seed}", strategy="fedit", seed=seed, accuracy=[0.5, 0.6], up=10)
+        fake_run(
+            tmp_path / "runs" / f"ffa-{seed}", strategy="ffa-lora", seed=seed, accuracy=[0.5, 0.55], up=5
+        )
+    (tmp_path / "runs" / "unfinished").mkdir()
+    RunDirectory(tmp_path / "runs" / "unfinished").create(load_config(None))
+    found = collect([tmp_path / "runs"], target=0.55)
+    assert sorted({r.cell for r in found.results}) == ["fedit", "ffa-lora"]
+    assert found.unfinished == [tmp_path / "runs" / "unfinished"]
+    files = write_report(found, tmp_path / "report")
+    assert {p.name for p in files.values()} == {
+        "comparison.csv",
+        "comparison.md",
+        "accuracy_per_round.png",
+        "accuracy_vs_uplink.png",
+        "report.html",
+    }
+    rows = list(csv.DictReader(files["csv"].open()))
+    assert len(rows) == 4 and {r["seed"] for r in rows} == {"0", "1"}
+
+
+def test_epsilon_plot_and_column_appear_with_dp(tmp_path: Path) -> None:
+    fake_run(tmp_path / "a", strategy="fedit", seed=0, accuracy=[0.5], up=10)
+    fake_run(tmp_path / "b", strategy="fedit", seed=0, accuracy=[0.45], up=10, epsilon=2.9)
+    found = collect([tmp_path / "a", tmp_path / "b"])
+    files = write_report(found, tmp_path / "out")
+    assert files["epsilon"].is_file()
+    assert "ε" in files["markdown"].read_text()
+
+
+def test_html_report_is_self_contained(tmp_path: Path) -> None:
+    fake_run(tmp_path / "a", strategy="fedit", seed=0, accuracy=[0.5, 0.6], up=10)
+    html = write_report(collect([tmp_path / "a"]), tmp_path / "out")["html"].read_text()
+    assert html.count('src="data:image/png;base64,') == 2
+    for external in ("http://", "https://", "<link", "<script", "@import", "url("):
+        assert external not in html
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    for seed in (0, 1):
+        fake_run(
+            tmp_path / "runs" / f"a{seed}",
+            strategy="fedit",
+            seed=seed,
+            accuracy=[0.4, 0.6 + seed / 20],
+            up=10,
+        )
+        fake_run(tmp_path / "runs" / f"b{seed}", strategy="flora", seed=seed, accuracy=[0.45, 0.5], up=30)
+    page = write_report(collect([tmp_path / "runs"]), tmp_path / "out")["html"]
+    shot = tmp_path / "shot.png"
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--no-first-run",
+    ]
+    flags += ["--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    flags += [f"--screenshot={shot}", "--window-size=1100,2200", "--hide-scrollbars"]
+    subprocess.run([CHROMIUM, *flags, page.as_uri()], capture_output=True, timeout=120, check=True)
+    pixels = imread(shot)[..., :3]
+    saturation = pixels.max(axis=-1) - pixels.min(axis=-1)
+    coloured = (saturation > 0.3).mean()  # plot lines and markers (tab10 colours); text and page are grey
+    dark = (pixels.max(axis=-1) < 0.3).mean()  # table text
+    assert coloured > 0.002, f"no plot visible in the screenshot ({coloured:.4%} coloured pixels)"
+    assert dark > 0.002, f"no text visible in the screenshot ({dark:.4%} dark pixels)"
+
+
+def test_plan_skips_finished_runs_and_refuses_a_changed_config(tmp_path: Path) -> None:
+    grid: Grid = parse_grid({"experiment": "quickstart.toml", "seeds": [0, 1]}, base_dir=SIMS)
+    tasks = grid.tasks()
+    prepare(grid, tasks, tmp_path)
+    run = RunDirectory(tmp_path / "runs" / tasks[0].key)
+    run.create(tasks[0].config)
+    todo, done = plan(grid, tasks, tmp_path)
+    assert (len(todo), len(done)) == (2, 0)  # no summary yet: run it again
+    run.write_summary({"final_eval_accuracy": 0.5})
+    todo, done = plan(grid, tasks, tmp_path)
+    assert todo == [tasks[1]] and done == [tasks[0]]
+    with pytest.raises(ConfigError, match=r"different config.*--overwrite"):
+        plan(grid, grid.tasks(["lora.rank=4"]), tmp_path)
+
+
+def test_cli_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
+    bad = tmp_path / "grid.toml"
+    bad.write_text('[compare]\nexperiment = "nope.toml"\n')
+    result = CliRunner().invoke(app, ["compare", str(bad), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "experiment file" in result.output and "not found" in result.output
+    assert not (tmp_path / "out").exists()  # nothing written before the grid is valid
+    result = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "holds no run" in result.output
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("mine")
+    good = tmp_path / "good.toml"
+    good.write_text(f'[compare]\nexperiment = "{SIMS / "quickstart.toml"}"\n')
+    result = CliRunner().invoke(app, ["compare", str(good), "--out", str(tmp_path / "keep"), "--overwrite"])
+    assert result.exit_code == 2 and "not a comparison directory" in result.output
+    assert (tmp_path / "keep" / "notes.txt").read_text() == "mine"
+
+
+def test_an_unfinished_run_with_a_checkpoint_continues_with_resume(tmp_path: Path) -> None:
+    import torch
+
+    from fedlora import checkpoint
+    from fedlora.compare import Comparison, _command
+
+    grid = parse_grid({"experiment": "quickstart.toml", "seeds": [0]}, base_dir=SIMS)
+    (task,) = grid.tasks()
+    where = Comparison(tmp_path)
+    run = RunDirectory(where.run_dir(task))
+    run.create(task.config)
+    assert "--overwrite" in _command(task, where, verbose=False)  # no round finished: start again
+    checkpoint.save(run.checkpoint_path, checkpoint.Checkpoint(round=1, global_state={"w": torch.zeros(2)}))
+    assert _command(task, where, verbose=False)[-2:] == ["--resume", str(run.path)]
+    (other,) = grid.tasks(["lora.rank=4"])  # the grid changed: the checkpoint is not this run's
+    assert "--overwrite" in _command(other, where, verbose=False)
+
+
+def test_a_run_made_before_new_keys_existed_still_counts_as_finished(tmp_path: Path) -> None:
+    import tomllib
+
+    import tomli_w
+
+    grid = parse_grid({"experiment": "quickstart.toml", "seeds": [0]}, base_dir=SIMS)
+    tasks = grid.tasks()
+    run = RunDirectory(tmp_path / "runs" / tasks[0].key)
+    run.create(tasks[0].config)
+    run.write_summary({"final_eval_accuracy": 0.5})
+    older = tomllib.loads((run.path / "config.toml").read_text())
+    del older["faults"]  # a section added to fedlora after this run was made, at its defaults
+    (run.path / "config.toml").write_text(tomli_w.dumps(older))
+    assert plan(grid, tasks, tmp_path) == ([], tasks)

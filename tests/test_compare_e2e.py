@@ -1,0 +1,97 @@
+"""End to end: `fedlora compare` on a small real grid, killed mid-way, resumed, then re-run (all skipped)."""
+
+from __future__ import annotations
+
+import csv
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedlora.records import read_summary
+from tests.test_e2e import ROOT
+
+GRID = """
+[compare]
+name = "small"
+experiment = "{base}"
+seeds = [0, 1]
+target_accuracy = 0.4
+set = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2", "data.max_examples=2000",
+       "data.test_size=100", "federation.fraction_evaluate=1.0"]
+
+[[compare.axes]]
+key = "strategy.name"
+values = ["fedit", "ffa-lora"]
+"""
+
+
+def compare(grid: Path, out: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedlora.cli", "compare", str(grid), "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.e2e
+def test_compare_killed_mid_way_resumes_and_skips_finished_runs(tmp_path: Path) -> None:
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.format(base=ROOT / "sims" / "quickstart.toml"))
+    out = tmp_path / "cmp"
+    first_summary = out / "runs" / "fedit" / "seed-0" / "summary.json"
+
+    proc = compare(grid, out)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not first_summary.is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[0][-2000:]
+    time.sleep(3)  # the second run is starting
+    children = descendants(proc.pid)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: its runs must stop on their own
+    proc.communicate(timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, f"processes left after the comparison was killed: {[p.pid for p in alive]}"
+
+    proc = compare(grid, out)
+    output, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, output[-3000:]
+    assert "1 already finished" in output
+    assert output.count("done ") == 3
+
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [(r["cell"], r["seed"]) for r in rows] == [
+        ("fedit", "0"),
+        ("fedit", "1"),
+        ("ffa-lora", "0"),
+        ("ffa-lora", "1"),
+    ]
+    for row in rows:
+        summary = read_summary(Path(row["run_dir"]))
+        assert float(row["final_accuracy"]) == summary["final_eval_accuracy"]
+        assert float(row["best_accuracy"]) == summary["best_eval_accuracy"]
+        assert float(row["uplink_mb"]) == summary["total_uplink_bytes"] / 1e6
+        assert float(row["downlink_mb"]) == summary["total_downlink_bytes"] / 1e6
+        assert float(row["wall_s"]) == summary["wall_s"]
+        assert row["strategy"] == summary["strategy"] == row["cell"]
+    ffa, fedit = (float(r["uplink_mb"]) for r in (rows[2], rows[0]))
+    assert ffa < 0.55 * fedit  # FFA-LoRA sends B only
+    for name in ("comparison.md", "accuracy_per_round.png", "accuracy_vs_uplink.png", "report.html"):
+        assert (out / name).is_file(), name
+
+    started = time.monotonic()
+    proc = compare(grid, out)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "4 already finished" in output and "done " not in output
+    assert time.monotonic() - started < 60  # nothing ran again

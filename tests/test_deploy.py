@@ -1,0 +1,303 @@
+"""Deployment: the docker-compose topology as local processes (TLS, authenticated SuperNodes).
+
+One module-scoped topology (a SuperLink and three SuperNodes on loopback) runs a 2-round FFA-LoRA job
+submitted with ``flwr run``; intruders (an unregistered key, a client without a key, a plaintext
+client) must be refused; the last test stops it and checks that every PID it started is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import psutil
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+
+from fedlora.deploy import LocalDeployment, free_ports, make_credentials, running, write_flwr_home
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = 3
+JOB = [
+    f"federation.num_clients={NODES}",
+    "federation.rounds=2",
+    "train.local_steps=2",
+    "data.max_examples=1500",
+    "data.test_size=100",
+    'strategy.name="ffa-lora"',
+]
+
+
+# -- credentials and configuration (no processes) ------------------------------------------------
+def test_credentials_chain_and_key_formats(tmp_path: Path) -> None:
+    creds = make_credentials(tmp_path, 2, hosts=("superlink", "127.0.0.1"))
+    ca = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["superlink"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    server_key = load_pem_private_key(creds.server_key.read_bytes(), None)
+    assert server_key.public_key() == server.public_key()
+    publics = set()
+    for i in range(2):
+        key = load_ssh_private_key(creds.node_key(i).read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert creds.node_public_key(i).read_text().startswith("ecdsa-sha2-nistp384 ")
+        assert oct(creds.node_key(i).stat().st_mode & 0o777) == "0o600"
+        publics.add(creds.node_public_key(i).read_text())
+    assert len(publics) == 2  # every node its own key
+
+
+def test_flwr_home_is_read_by_flower(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.cli.flower_config import read_superlink_connection
+
+    write_flwr_home(tmp_path, "fed", "127.0.0.1:1234", tmp_path / "ca.crt")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    conn = read_superlink_connection("fed")
+    assert conn.address == "127.0.0.1:1234"
+    assert conn.root_certificates == str((tmp_path / "ca.crt").resolve())
+    assert read_superlink_connection(None).name == "fed"  # the default connection
+
+
+def test_free_ports_are_distinct_and_bindable() -> None:
+    ports = free_ports(5)
+    assert len(set(ports)) == 5
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_log_startup_writes_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clients import runtime
+
+    sent = time.time() - 1.5
+    message = SimpleNamespace(
+        content={"config": {"server-round": 2}}, metadata=SimpleNamespace(created_at=sent)
+    )
+    monkeypatch.delenv(runtime.STARTUP_LOG, raising=False)
+    runtime.log_startup(message)  # type: ignore[arg-type]  # unset: nothing written anywhere
+    log = tmp_path / "startup.jsonl"
+    monkeypatch.setenv(runtime.STARTUP_LOG, str(log))
+    runtime.log_startup(message)  # type: ignore[arg-type]
+    (row,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert row["round"] == 2 and row["pid"] == os.getpid()
+    assert 1.5 <= row["startup_s"] < 60 and row["cpu_s"] > 0
+    assert row["fresh"] is False  # this process had seen a message before
+
+
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl")
+def test_certs_script_writes_what_flower_reads(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "certs.sh"), str(tmp_path), "2"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "superlink.crt").read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"superlink", "localhost"} <= set(sans.get_values_for_type(x509.DNSName))
+    assert load_pem_private_key((tmp_path / "superlink.key").read_bytes(), None).public_key() == (
+        server.public_key()
+    )
+    for i in range(2):
+        key = load_ssh_private_key((tmp_path / f"supernode-{i}").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    rerun = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "certs.sh"), str(tmp_path), "2"], capture_output=True, text=True
+    )
+    assert rerun.returncode != 0 and "already" in rerun.stderr  # never overwrites existing keys
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Compose v1 not installed")
+def test_compose_file_is_valid() -> None:
+    proc = subprocess.run(
+        ["docker-compose", "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- the live topology ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
+    with LocalDeployment(tmp_path_factory.mktemp("deploy"), NODES, app_dir=ROOT) as dep:
+        yield dep
+
+
+@pytest.fixture(scope="module")
+def finished_run(deployment: LocalDeployment) -> Path:
+    out = deployment.directory / "runs"
+    proc = deployment.flwr(
+        "run",
+        ".",
+        deployment.federation,
+        "--stream",
+        "--run-config",
+        f"overrides='{';'.join(JOB)}' out-dir='{out}'",
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = list(out.iterdir())
+    assert len(runs) == 1, proc.stdout[-3000:]
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def intruders(deployment: LocalDeployment) -> dict[str, tuple[int, str]]:
+    """Start, side by side, three SuperNodes the SuperLink must refuse; their exit codes and logs.
+
+    ``stranger``: TLS and a key that was never registered; ``anonymous``: TLS, no key;
+    ``plaintext``: no TLS (and no key: Flower itself refuses a key over plaintext).
+    """
+    stranger = make_credentials(deployment.directory / "stranger", 1)
+    ports = free_ports(3)
+    args = {
+        "stranger": deployment.supernode_args(0, ports[0], key=stranger.node_key(0)),
+        "anonymous": deployment.supernode_args(0, ports[1], auth=False),
+        "plaintext": deployment.supernode_args(0, ports[2], tls=False, auth=False),
+    }
+    procs = {name: deployment.spawn(name, [*a, "--max-retries", "2"]) for name, a in args.items()}
+    deadline = time.monotonic() + 90
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            pytest.fail(f"{name} was not refused within 90 s")
+    return {name: (p.returncode, (deployment.logs / f"{name}.log").read_text()) for name, p in procs.items()}
+
+
+@pytest.mark.e2e
+def test_ffa_lora_job_completes_on_three_authenticated_nodes(
+    deployment: LocalDeployment, finished_run: Path
+) -> None:
+    rows = [json.loads(line) for line in (finished_run / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["strategy"] == "ffa-lora" and r["num_clients"] == NODES for r in rows)
+    # The same arrays (for FFA-LoRA: B and the head) travel each way, every round.
+    assert rows[0]["uplink_bytes"] == rows[1]["uplink_bytes"] == rows[0]["downlink_bytes"] > 0
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["final_eval_accuracy"] == rows[-1]["eval_accuracy"]
+    assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()
+    for i in range(NODES):  # every SuperNode started ClientApp processes for its messages
+        assert "Start `flwr-clientapp` process" in (deployment.logs / f"supernode-{i}.log").read_text()
+
+
+@pytest.mark.e2e
+def test_unregistered_key_is_refused(
+    deployment: LocalDeployment, intruders: dict[str, tuple[int, str]]
+) -> None:
+    code, log = intruders["stranger"]
+    assert code != 0 and "Failed to activate SuperNode" in log, log
+    assert len(deployment.nodes()) == NODES  # nobody new joined
+
+
+@pytest.mark.e2e
+def test_supernode_without_a_key_is_refused(intruders: dict[str, tuple[int, str]]) -> None:
+    code, log = intruders["anonymous"]
+    assert code != 0 and "SuperNode authentication is enabled" in log, log
+
+
+@pytest.mark.e2e
+def test_plaintext_client_is_refused(
+    deployment: LocalDeployment, intruders: dict[str, tuple[int, str]]
+) -> None:
+    code, log = intruders["plaintext"]
+    assert code != 0 and "could not establish a connection" in log, log
+    with pytest.raises(httpx.HTTPError):  # the port speaks TLS only
+        httpx.get(f"http://{deployment.address}/health", timeout=5)
+
+
+@pytest.mark.e2e
+def test_health_command_answers_for_the_superlink(deployment: LocalDeployment) -> None:
+    def health(address: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "fedlora.cli", "deploy", "health", "--address", address]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    ok = health(f"127.0.0.1:{deployment.health_port}")
+    assert ok.returncode == 0 and "serving" in ok.stdout, ok.stderr
+    dead = health(f"127.0.0.1:{free_ports(1)[0]}")
+    assert dead.returncode == 1
+    assert dead.stderr.strip().startswith("error: no healthy Flower process answers at 127.0.0.1:")
+
+
+@pytest.mark.e2e
+def test_stop_leaves_nothing_running(deployment: LocalDeployment) -> None:
+    pids = deployment.pids()
+    assert len(pids) > NODES + 1  # the SuperLink, the SuperNodes and what they started
+    deployment.stop()
+    assert running(pids) == []
+    assert not _accepts(deployment.port)
+
+
+def _accepts(port: int) -> bool:
+    try:
+        httpx.get(f"https://127.0.0.1:{port}/", verify=False, timeout=2)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_cli_brings_up_and_tears_down_on_ctrl_c(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedlora.cli", "deploy", "local", "--nodes", "1", "--dir", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "flwr run ." in line or not line:
+                break
+        submit = [line for line in lines if "flwr run . fedlora-local" in line]
+        assert submit, "".join(lines)
+        home = Path(submit[0].split("FLWR_HOME=")[1].split()[0])
+        assert "[superlink.fedlora-local]" in (home / "config.toml").read_text()
+        seen = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert len(seen) >= 2  # a SuperLink and a SuperNode at least
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, "".join(lines) + out
+    assert "stopped" in out
+    assert running(seen) == []
+
+
+def test_cli_rejects_zero_nodes() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedlora.cli", "deploy", "local", "--nodes", "0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --nodes 0 is invalid: expected an integer >= 1"]
