@@ -61,6 +61,8 @@ class Metric:
     higher_is_better: bool
     scale: float = 1.0
     digits: int = 1
+    mark_best: bool = True
+    """Bold the best cell (not for ε: a privacy setting, not a score)."""
 
 
 METRICS = (
@@ -69,7 +71,7 @@ METRICS = (
     Metric("rounds_to_target", "rounds to {target}", False),
     Metric("uplink_mb", "uplink (MB)", False, digits=2),
     Metric("downlink_mb", "downlink (MB)", False, digits=2),
-    Metric("final_epsilon", "ε", False, digits=2),
+    Metric("final_epsilon", "ε", False, digits=2, mark_best=False),
     Metric("wall_s", "wall (s)", False, digits=0),
 )
 
@@ -194,7 +196,8 @@ def _column(cells: list[CellStats], metric: Metric) -> list[str]:
     stats = [c.mean_std(metric.name) for c in cells]
     shown = [None if s is None else round(s[0] * metric.scale, metric.digits) for s in stats]
     candidates = [v for v in shown if v is not None]
-    best = (max if metric.higher_is_better else min)(candidates) if len(cells) > 1 and candidates else None
+    marked = metric.mark_best and len(cells) > 1 and candidates
+    best = (max if metric.higher_is_better else min)(candidates) if marked else None
     out = []
     for cell, s, value in zip(cells, stats, shown, strict=True):
         if s is None or value is None:
@@ -208,8 +211,11 @@ def _column(cells: list[CellStats], metric: Metric) -> list[str]:
 
 
 def _format(mean: float, std: float, digits: int, n: int) -> str:
-    """``mean ± std``; just the mean with one value or when every seed gave the same value."""
-    return f"{mean:.{digits}f}" if n < 2 or std == 0 else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    """``mean ± std``; just the mean with one value or when the spread rounds to zero."""
+    spread = f"{std:.{digits}f}"
+    if n < 2 or float(spread) == 0:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {spread}"
 
 
 def markdown(cells: list[CellStats], target: float) -> str:
