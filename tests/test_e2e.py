@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import psutil
@@ -41,31 +44,55 @@ SMALL = [
 ]
 
 
-def ray_processes() -> set[int]:
-    """PIDs of Ray daemons and workers on this machine (to check that a run leaves none behind)."""
-    found = set()
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        text = " ".join(proc.info["cmdline"] or []) + " " + (proc.info["name"] or "")
-        if any(tag in text for tag in ("raylet", "gcs_server", "ray::", "default_worker.py")):
-            found.add(proc.info["pid"])
-    return found
+class Descendants:
+    """Every process started under ``pid`` while it runs (sampled every 0.2 s in a thread), so a test
+    can check that a command leaves nothing behind without counting other jobs' processes."""
+
+    def __init__(self, pid: int) -> None:
+        self.root = pid
+        self.seen: dict[tuple[int, float], psutil.Process] = {}
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while psutil.pid_exists(self.root):
+            try:
+                children = psutil.Process(self.root).children(recursive=True)
+            except psutil.Error:
+                break
+            for child in children:
+                with contextlib.suppress(psutil.Error):
+                    self.seen.setdefault((child.pid, child.create_time()), child)
+            time.sleep(0.2)
+
+    def left(self, timeout: float = 10.0) -> list[int]:
+        """PIDs still running after ``timeout`` seconds (zombies count as gone)."""
+        self._thread.join(timeout)
+        _, alive = psutil.wait_procs(list(self.seen.values()), timeout=timeout)
+        return [p.pid for p in alive if _running(p)]
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "run"
-    before = ray_processes()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "fedlora.cli", "run", *SMALL, "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "round   2/2" in proc.stdout
-    left = ray_processes() - before
-    assert not left, f"Ray processes left running: {left}"
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    started = Descendants(proc.pid)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-3000:]
+    assert "round   2/2" in output
+    assert started.seen, "the run started no process (Ray) that the check could follow"
+    left = started.left()
+    assert not left, f"processes left running: {left}"
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_e2e import ROOT, ray_processes
+from tests.test_e2e import ROOT, Descendants
 
 WAYS = {
     "ctrl-c": (signal.SIGINT, True, 1),  # a terminal sends SIGINT to the whole process group
@@ -29,13 +29,13 @@ WAYS = {
 def test_interrupt_stops_ray_and_keeps_finished_rounds(way: str, tmp_path: Path) -> None:
     sig, to_group, times = WAYS[way]
     out = tmp_path / "run"
-    before = ray_processes()
     args = ["--clients", "3", "--rounds", "20", "--set", "train.local_steps=1"]
     args += ["--set", "data.max_examples=2000", "--set", "data.test_size=100", "--out", str(out)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedlora.cli", "run", *args],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
+    started = Descendants(proc.pid)
     rounds = out / "rounds.jsonl"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -51,12 +51,4 @@ def test_interrupt_stops_ray_and_keeps_finished_rounds(way: str, tmp_path: Path)
     assert "stopping" in output
     kept = rounds.read_text().count("\n")
     assert 1 <= kept < 20
-    assert not _wait_gone(before), output[-2000:]
-
-
-def _wait_gone(before: set[int], timeout: float = 10.0) -> set[int]:
-    """Ray processes started since ``before`` that are still alive after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while (left := ray_processes() - before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
+    assert not started.left(), output[-2000:]
