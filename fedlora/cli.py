@@ -230,7 +230,7 @@ def compare(
                     f"'{root}' is not a comparison directory; refusing to delete it with --overwrite"
                 )
             shutil.rmtree(root)
-        todo, done = plan(grid, tasks, root)
+        todo, done = plan(tasks, root)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return

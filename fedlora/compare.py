@@ -64,7 +64,7 @@ class Comparison:
         return self.root / "logs" / f"{task.key}.log"
 
 
-def plan(grid: Grid, tasks: list[Task], root: Path) -> tuple[list[Task], list[Task]]:
+def plan(tasks: list[Task], root: Path) -> tuple[list[Task], list[Task]]:
     """Split tasks into (to run, already finished); refuse finished runs made with another config."""
     where = Comparison(root)
     todo, done, clashes = [], [], []

@@ -275,13 +275,13 @@ def test_plan_skips_finished_runs_and_refuses_a_changed_config(tmp_path: Path) -
     prepare(grid, tasks, tmp_path)
     run = RunDirectory(tmp_path / "runs" / tasks[0].key)
     run.create(tasks[0].config)
-    todo, done = plan(grid, tasks, tmp_path)
+    todo, done = plan(tasks, tmp_path)
     assert (len(todo), len(done)) == (2, 0)  # no summary yet: run it again
     run.write_summary({"final_eval_accuracy": 0.5})
-    todo, done = plan(grid, tasks, tmp_path)
+    todo, done = plan(tasks, tmp_path)
     assert todo == [tasks[1]] and done == [tasks[0]]
     with pytest.raises(ConfigError, match=r"different config.*--overwrite"):
-        plan(grid, grid.tasks(["lora.rank=4"]), tmp_path)
+        plan(grid.tasks(["lora.rank=4"]), tmp_path)
 
 
 def test_cli_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
@@ -333,4 +333,4 @@ def test_a_run_made_before_new_keys_existed_still_counts_as_finished(tmp_path: P
     older = tomllib.loads((run.path / "config.toml").read_text())
     del older["faults"]  # a section added to fedlora after this run was made, at its defaults
     (run.path / "config.toml").write_text(tomli_w.dumps(older))
-    assert plan(grid, tasks, tmp_path) == ([], tasks)
+    assert plan(tasks, tmp_path) == ([], tasks)
