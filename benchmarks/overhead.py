@@ -46,15 +46,21 @@ def plain_loop(sets: list[str], threads: int) -> float:
     import torch
 
     from clients.runtime import client_seed, data_for, start_state
-    from fedlora.adapters import adapter_state, get_model, initial_state, load_adapter_state, set_trainable
-    from fedlora.config import load_config
-    from fedlora.training import train_local
+    from fedlora.core.adapters import (
+        adapter_state,
+        get_model,
+        initial_state,
+        load_adapter_state,
+        set_trainable,
+    )
+    from fedlora.core.training import train_local
+    from fedlora.run.experiment import load_experiment
+    from fedlora.run.server_app import Evaluator
     from strategies import registry
     from strategies.aggregation import normalised_weights
-    from strategies.server_app import Evaluator
 
     torch.set_num_threads(threads)
-    cfg = load_config(ROOT / "sims" / "quickstart.toml", sets)
+    cfg = load_experiment(ROOT / "sims" / "quickstart.toml", sets)
     text = cfg.to_toml()
     strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
     evaluate = Evaluator(cfg)

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from clients.runtime import start_state
-from fedlora.adapters import State, from_arrays, initial_state, kind_of, payload_bytes, to_arrays
-from fedlora.config import ExperimentConfig, load_config
+from fedlora.core.adapters import State, from_arrays, initial_state, kind_of, payload_bytes, to_arrays
+from fedlora.core.config import ExperimentConfig
+from fedlora.run.experiment import load_experiment
 from strategies import registry
 from strategies.base import LoraStrategy
 
@@ -33,7 +34,7 @@ class Round:
 
 def config(strategy: str, overrides: list[str] | None = None) -> ExperimentConfig:
     """The quickstart model settings (defaults) with ``strategy`` and ``overrides`` applied."""
-    return load_config(None, [f'strategy.name="{strategy}"', *(overrides or [])])
+    return load_experiment(None, [f'strategy.name="{strategy}"', *(overrides or [])])
 
 
 def make_strategy(cfg: ExperimentConfig) -> LoraStrategy:
@@ -78,7 +79,7 @@ def aggregate(strategy: LoraStrategy, played: Round) -> None:
 
 def full_model_bytes(cfg: ExperimentConfig) -> int:
     """Serialized bytes of every parameter of the classifier (full fine-tuning sends all of them)."""
-    from fedlora.models import load_classifier
+    from fedlora.core.models import load_classifier
 
     model = load_classifier(cfg.model.path, num_labels=3, seed=cfg.seed)
     return int(payload_bytes(to_arrays(dict(model.named_parameters()))))

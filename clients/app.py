@@ -11,7 +11,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora import protocol
+from fedlora.core import protocol
 
 app = ClientApp()
 
@@ -32,7 +32,7 @@ def _partition_id(context: Context, num_clients: int) -> int:
 
 def _store(context: Context, config: ConfigRecord, partition_id: int, server_round: int) -> Any:
     """This client's state store: the node's ``state-dir``, else the one the server names, else Context."""
-    from clients.state import ClientStore
+    from fedlora.core.store import ClientStore
 
     root = context.node_config.get(protocol.NODE_STATE_DIR) or config.get(protocol.STATE_DIR)
     return ClientStore(context, str(root) if root else None, partition_id, server_round)
@@ -43,7 +43,7 @@ def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
     import dataclasses
 
     from clients import runtime
-    from fedlora.adapters import from_arrays, load_adapter_state, set_base_offsets, set_trainable
+    from fedlora.core.adapters import from_arrays, load_adapter_state, set_base_offsets, set_trainable
     from strategies import registry
 
     config: ConfigRecord = message.content[protocol.CONFIG]  # type: ignore[assignment]
@@ -76,15 +76,15 @@ def train(message: Message, context: Context) -> Message:
     """Train this round's adapter on the local split; reply with the arrays the strategy wants back.
 
     A client given a fault in ``[faults]`` (simulations) raises, waits, or spoils its reply
-    (:mod:`fedlora.faults`). With ``privacy.mode = "dp-sgd"`` training is DP-SGD and a client whose
+    (:mod:`fedlora.core.faults`). With ``privacy.mode = "dp-sgd"`` training is DP-SGD and a client whose
     budget this round would exceed declines (a reply without arrays, with the reason); with
     ``dp-updates`` and client placement the reply carries the clipped update plus this client's
     share of the noise.
     """
     from clients import runtime
-    from fedlora import faults
-    from fedlora.adapters import adapter_state, kind_of, to_arrays
-    from fedlora.training import train_local
+    from fedlora.core import faults
+    from fedlora.core.adapters import adapter_state, kind_of, to_arrays
+    from fedlora.core.training import train_local
 
     cfg, pid, plan, model, data, received, server_round, store = _prepare(message, context)
     fault = faults.fault_for(cfg, server_round, pid)
@@ -92,7 +92,7 @@ def train(message: Message, context: Context) -> Message:
     seed = runtime.client_seed(cfg, server_round, pid)
     extra: dict[str, float] = {}
     if cfg.privacy.mode == "dp-sgd":
-        from clients.private import dp_sgd_round
+        from fedlora.privacy.client import dp_sgd_round
 
         outcome = dp_sgd_round(store, cfg, model, data.train, seed=seed)
         extra = {protocol.EPSILON: outcome.epsilon, protocol.NOISE_MULTIPLIER: outcome.noise_multiplier}
@@ -106,7 +106,7 @@ def train(message: Message, context: Context) -> Message:
     keys = list(received) if plan.reply == "received" else list(state)
     reply = {k: state[k] for k in keys if kind_of(k) not in plan.keep_local}
     if cfg.privacy.mode == "dp-updates" and cfg.privacy.placement == "client":
-        from clients.private import privatise_reply
+        from fedlora.privacy.client import privatise_reply
 
         reply = privatise_reply(cfg, received, reply, seed=seed)
     reply = faults.spoil(reply, fault)
@@ -133,7 +133,7 @@ def _declined(message: Message, pid: int, reason: str, extra: dict[str, float]) 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate this client's adapter (the global one, plus anything kept locally) on its validation split."""
-    from fedlora.training import evaluate as evaluate_model
+    from fedlora.core.training import evaluate as evaluate_model
 
     _, pid, _, model, data, _, _, _ = _prepare(message, context)
     loss, accuracy = evaluate_model(model, data.val)

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedlora import protocol
-from fedlora.config import ExperimentConfig
+from fedlora.core import protocol
+from fedlora.core.config import ExperimentConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -22,10 +22,10 @@ if TYPE_CHECKING:
     from flwr.app import Message
     from peft import PeftModel
 
-    from clients.state import ClientStore
-    from fedlora.adapters import State
-    from fedlora.training import Encoded
-    from strategies.plan import ClientPlan
+    from fedlora.core.adapters import State
+    from fedlora.core.plan import ClientPlan
+    from fedlora.core.store import ClientStore
+    from fedlora.core.training import Encoded
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def model_for(cfg: ExperimentConfig) -> PeftModel:
     """The process's LoRA model for this experiment (built once), on the GPU when one is visible."""
     import torch
 
-    from fedlora.adapters import get_model
+    from fedlora.core.adapters import get_model
 
     model = get_model(cfg)
     if torch.cuda.is_available() and cfg.federation.client_gpus > 0:
@@ -65,9 +65,9 @@ def model_for(cfg: ExperimentConfig) -> PeftModel:
 
 @functools.lru_cache(maxsize=8)
 def _client_data(text: str, partition_id: int) -> ClientData:
-    from fedlora.data import get_splits
-    from fedlora.models import load_tokenizer
-    from fedlora.training import encode
+    from fedlora.core.data import get_splits
+    from fedlora.core.models import load_tokenizer
+    from fedlora.core.training import encode
 
     cfg = parse_experiment(text)
     splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
@@ -96,7 +96,7 @@ def client_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> 
 
 def start_state(cfg: ExperimentConfig, plan: ClientPlan) -> State:
     """The adapter before this round's arrays are applied: the seeded initial one, or a fresh draw."""
-    from fedlora.adapters import fresh_lora, initial_state, orthogonal_a
+    from fedlora.core.adapters import fresh_lora, initial_state, orthogonal_a
 
     state = initial_state(cfg)
     if plan.a_init == "orthogonal":
@@ -107,8 +107,8 @@ def start_state(cfg: ExperimentConfig, plan: ClientPlan) -> State:
 def load_local(store: ClientStore, plan: ClientPlan, *, include_current: bool = False) -> State:
     """The tensors this node kept from earlier rounds (only the kinds the plan keeps local); with
     ``include_current`` also those kept in this round (evaluation after training)."""
-    from fedlora.adapters import kind_of
-    from fedlora.protocol import LOCAL_ADAPTER
+    from fedlora.core.adapters import kind_of
+    from fedlora.core.protocol import LOCAL_ADAPTER
 
     if not plan.keep_local:
         return {}
@@ -118,8 +118,8 @@ def load_local(store: ClientStore, plan: ClientPlan, *, include_current: bool = 
 
 def save_local(store: ClientStore, plan: ClientPlan, state: State) -> None:
     """Keep the plan's local kinds in the client's store (it outlives this process)."""
-    from fedlora.adapters import kind_of
-    from fedlora.protocol import LOCAL_ADAPTER
+    from fedlora.core.adapters import kind_of
+    from fedlora.core.protocol import LOCAL_ADAPTER
 
     if plan.keep_local:
         store.save_arrays(LOCAL_ADAPTER, {k: v for k, v in state.items() if kind_of(k) in plan.keep_local})

@@ -47,9 +47,10 @@ def run(
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's own logs")] = False,
 ) -> None:
     """Fine-tune with LoRA across simulated clients and write a run directory."""
-    from fedlora.config import ConfigError, load_config
-    from fedlora.records import RunDirectory, RunDirError
-    from fedlora.simulation import check_ray_address
+    from fedlora.core.config import ConfigError
+    from fedlora.core.records import RunDirectory, RunDirError
+    from fedlora.run.experiment import load_experiment, preflight
+    from fedlora.run.simulation import check_ray_address
 
     overrides = list(set_ or [])
     for key, value in (
@@ -74,10 +75,8 @@ def run(
             run_dir = RunDirectory(resume)
             cfg = run_dir.resumable_config()
         else:
-            cfg = load_config(experiment, overrides)
-        _check_model(cfg.model.path)
-        _check_data(cfg)
-        _check_privacy(cfg)
+            cfg = load_experiment(experiment, overrides)
+        preflight(cfg)
         check_ray_address(cfg.federation.ray_address)
         if resume is None:
             run_dir = RunDirectory(out or Path("runs") / cfg.name)
@@ -88,34 +87,10 @@ def run(
     _simulate_with_progress(cfg, run_dir, verbose=verbose, resume=resume is not None)
 
 
-def _check_data(cfg: Any) -> None:
-    """Splits that cannot be made (an empty client, too few tweets), before anything is written."""
-    from fedlora.data import get_splits
-
-    get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
-
-
-def _check_privacy(cfg: Any) -> None:
-    """Privacy settings that depend on the data (delta against client sizes) or the budget."""
-    if not cfg.privacy.enabled:
-        return
-    from fedlora.data import get_splits
-    from fedlora.privacy import check
-
-    splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
-    check(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
-
-
-def _check_model(path: str) -> None:
-    from fedlora.models import model_dir
-
-    model_dir(path)
-
-
 def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bool = False) -> None:
     from rich.console import Console
 
-    from fedlora.simulation import simulate
+    from fedlora.run.simulation import simulate
 
     console = Console()
     fed = cfg.federation
@@ -158,7 +133,7 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
             code=1,
         )
     if run_dir.summary_path.is_file():
-        from fedlora.records import read_summary
+        from fedlora.core.records import read_summary
 
         s = read_summary(run_dir.path)
         console.print(
@@ -210,9 +185,10 @@ def compare(
     import dataclasses
     import shutil
 
-    from fedlora.compare import plan, prepare
-    from fedlora.config import ConfigError
-    from fedlora.grid import load_grid
+    from fedlora.compare.grid import load_grid
+    from fedlora.compare.runner import plan, prepare
+    from fedlora.core.config import ConfigError
+    from fedlora.run.experiment import preflight
 
     try:
         grid = load_grid(grid_file)
@@ -220,9 +196,7 @@ def compare(
             grid = dataclasses.replace(grid, seeds=_seed_list(seeds))
         tasks = grid.tasks(list(set_ or []))
         for config in {t.config.to_toml(): t.config for t in tasks}.values():
-            _check_model(config.model.path)
-            _check_data(config)
-            _check_privacy(config)
+            preflight(config)
         root = out or Path("runs") / grid.name
         if overwrite and root.exists():
             if any(root.iterdir()) and not (root / "comparison.json").is_file():
@@ -243,7 +217,7 @@ def compare(
 
 
 def _seed_list(text: str) -> list[int]:
-    from fedlora.config import ConfigError
+    from fedlora.core.config import ConfigError
 
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -262,7 +236,7 @@ def _compare_with_progress(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from fedlora.compare import Event, execute
+    from fedlora.compare.runner import Event, execute
 
     console = Console()
     total = len(todo) + len(done)
@@ -313,15 +287,15 @@ def _compare_with_progress(
 
 
 def _final_accuracy(root: Path, task: Any) -> str:
-    from fedlora.records import read_summary
+    from fedlora.core.records import read_summary
 
     summary = read_summary(root / "runs" / task.key)
     return f": final accuracy {100 * summary['final_eval_accuracy']:.1f}%"
 
 
 def _write_comparison_report(console: Any, root: Path) -> None:
-    from fedlora.config import ConfigError
-    from fedlora.report import collect, write_report
+    from fedlora.core.config import ConfigError
+    from fedlora.report.writer import collect, write_report
 
     try:
         found = collect([root])
@@ -345,8 +319,8 @@ def report(
     ] = None,
 ) -> None:
     """Rebuild tables and plots from existing runs, without running anything."""
-    from fedlora.config import ConfigError
-    from fedlora.report import MANIFEST, collect, write_report
+    from fedlora.core.config import ConfigError
+    from fedlora.report.writer import MANIFEST, collect, write_report
 
     if target is not None and not 0 < target <= 1:
         _fail(f"--target {target} is invalid: expected a fraction in (0, 1], e.g. 0.6")
@@ -371,10 +345,11 @@ def show_config(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value")] = None,
 ) -> None:
     """Print the fully resolved experiment as TOML (what a run would write to config.toml)."""
-    from fedlora.config import ConfigError, load_config
+    from fedlora.core.config import ConfigError
+    from fedlora.run.experiment import load_experiment
 
     try:
-        typer.echo(load_config(experiment, list(set_ or [])).to_toml(), nl=False)
+        typer.echo(load_experiment(experiment, list(set_ or [])).to_toml(), nl=False)
     except ConfigError as exc:
         _fail(str(exc))
 
@@ -409,7 +384,7 @@ def deploy_local(
     """Bring up a SuperLink (TLS, node authentication) and N SuperNodes on loopback until Ctrl-C."""
     if nodes < 1:
         _fail(f"--nodes {nodes} is invalid: expected an integer >= 1")
-    from fedlora.deploy import DeployError, serve
+    from fedlora.run.deploy import DeployError, serve
 
     try:
         serve(directory, nodes, federation, echo=typer.echo)
@@ -424,7 +399,7 @@ def deploy_health(
     ),
 ) -> None:
     """Exit 0 if the Flower process at ADDRESS reports SERVING, else 1 (the image's HEALTHCHECK)."""
-    from fedlora.deploy import healthy
+    from fedlora.run.deploy import healthy
 
     if not healthy(address):
         _fail(f"no healthy Flower process answers at {address}", code=1)

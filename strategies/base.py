@@ -26,14 +26,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora import protocol
-from fedlora.adapters import State, from_arrays, is_lora_a, is_lora_b, kind_of, payload_bytes, to_arrays
-from fedlora.config import ExperimentConfig
-from fedlora.stopping import exchange
-from fedlora.validation import Spec, check_metrics, check_reply
+from fedlora.core import protocol
+from fedlora.core.adapters import State, from_arrays, is_lora_a, is_lora_b, kind_of, payload_bytes, to_arrays
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.plan import ClientPlan
+from fedlora.core.stopping import exchange
+from fedlora.core.validation import Spec, check_metrics, check_reply
+from fedlora.privacy.server import ServerPrivacy
 from strategies.aggregation import normalised_weights
-from strategies.plan import ClientPlan
-from strategies.privacy import ServerPrivacy
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class LoraStrategy(Strategy):
         return to_arrays(self.global_state), MetricRecord(dict(self.last_metrics))  # type: ignore[arg-type]
 
     def _validate(self, server_round: int, trained: Sequence[Message]) -> list[Message]:
-        """The replies whose metrics and arrays pass :func:`fedlora.validation.check_reply`; the others
+        """The replies whose metrics and arrays pass :func:`fedlora.core.validation.check_reply`; the others
         are logged with their reason and counted as rejected."""
         valid = []
         for reply in trained:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedlora.adapters import State
+from fedlora.core.adapters import State
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
 from strategies.registry import register

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.adapters import State, is_head, is_lora_a
-from fedlora.config import ExperimentConfig
+from fedlora.core.adapters import State, is_head, is_lora_a
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.plan import ClientPlan
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
-from strategies.plan import ClientPlan
 from strategies.registry import register
 
 

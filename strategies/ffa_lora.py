@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fedlora.adapters import State, is_lora_a, orthogonal_a
-from fedlora.config import ExperimentConfig
+from fedlora.core.adapters import State, is_lora_a, orthogonal_a
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.plan import ClientPlan
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
-from strategies.plan import ClientPlan
 from strategies.registry import register
 
 
@@ -28,7 +28,7 @@ class FfaOptions:
 
     def __post_init__(self) -> None:
         if self.a_init not in ("kaiming", "orthogonal"):
-            from fedlora.config import ConfigError
+            from fedlora.core.config import ConfigError
 
             raise ConfigError(
                 f"strategy.options.a_init = {self.a_init!r} is invalid: expected kaiming or orthogonal"

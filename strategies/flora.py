@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedlora.adapters import State, is_head, lora_scale
-from fedlora.config import ConfigError, ExperimentConfig
+from fedlora.core.adapters import State, is_head, lora_scale
+from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.core.plan import ClientPlan
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
 from strategies.lowrank import add_to_offsets, flora_merge
-from strategies.plan import ClientPlan
 from strategies.registry import register
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora.adapters import State
+from fedlora.core.adapters import State
 from strategies.base import LoraStrategy
 from strategies.registry import register
 
@@ -260,7 +260,7 @@ class FairOptions:
     match_norm: bool = DEFAULT_SETTINGS.match_norm
 
     def __post_init__(self) -> None:
-        from fedlora.config import ConfigError
+        from fedlora.core.config import ConfigError
 
         try:
             FairSettings(**dataclasses.asdict(self))

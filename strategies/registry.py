@@ -44,7 +44,7 @@ def available() -> dict[str, type[LoraStrategy]]:
 
 def get(name: str) -> type[LoraStrategy]:
     """The strategy class registered as ``name``; unknown names list the valid ones."""
-    from fedlora.config import ConfigError
+    from fedlora.core.config import ConfigError
 
     known = available()
     if name not in known:
@@ -54,7 +54,7 @@ def get(name: str) -> type[LoraStrategy]:
 
 def validate_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Check ``strategy.options`` against the strategy's Options dataclass; returns them with defaults."""
-    from fedlora.config import ConfigError, _coerce
+    from fedlora.core.config import ConfigError, coerce
 
     cls = get(name)
     fields = {f.name for f in dataclasses.fields(cls.Options)}
@@ -65,7 +65,7 @@ def validate_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
             f"strategy.options.{unknown[0]} is unknown for strategy '{name}'; valid options: {valid}"
         )
     try:
-        built = _coerce(cls.Options, options, "strategy.options")
+        built = coerce(cls.Options, options, "strategy.options")
     except TypeError as exc:  # pragma: no cover - programming error in an Options class
         raise ConfigError(str(exc)) from None
     return dataclasses.asdict(built)

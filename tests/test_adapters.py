@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.adapters import (
+from fedlora.core.adapters import (
     adapter_state,
     from_arrays,
     inject_lora,
@@ -19,8 +19,8 @@ from fedlora.adapters import (
     resolve_targets,
     to_arrays,
 )
-from fedlora.config import LoraConfig
-from fedlora.models import load_classifier
+from fedlora.core.config import LoraConfig
+from fedlora.core.models import load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -158,11 +158,11 @@ def test_any_local_model_directory_trains(tmp_path) -> None:  # type: ignore[no-
 
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from fedlora.adapters import get_model
-    from fedlora.config import from_dict
-    from fedlora.data import get_splits
-    from fedlora.models import load_tokenizer, model_dir
-    from fedlora.training import encode, evaluate, train_local
+    from fedlora.core.adapters import get_model
+    from fedlora.core.config import from_dict
+    from fedlora.core.data import get_splits
+    from fedlora.core.models import load_tokenizer, model_dir
+    from fedlora.core.training import encode, evaluate, train_local
 
     torch.manual_seed(0)
     config = LlamaConfig(

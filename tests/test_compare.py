@@ -12,12 +12,12 @@ import pytest
 from typer.testing import CliRunner
 
 from fedlora.cli import app
-from fedlora.compare import plan, prepare
-from fedlora.config import ConfigError, load_config
-from fedlora.grid import Grid, load_grid, parse_grid
-from fedlora.records import RunDirectory
-from fedlora.report import collect, write_report
-from fedlora.results import group, load_run, markdown, table
+from fedlora.compare.grid import Grid, load_grid, parse_grid
+from fedlora.compare.runner import plan, prepare
+from fedlora.core.config import ConfigError, load_config
+from fedlora.core.records import RunDirectory
+from fedlora.report.results import group, load_run, markdown, table
+from fedlora.report.writer import collect, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SIMS = ROOT / "sims"
@@ -305,8 +305,8 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
 def test_an_unfinished_run_with_a_checkpoint_continues_with_resume(tmp_path: Path) -> None:
     import torch
 
-    from fedlora import checkpoint
-    from fedlora.compare import Comparison, _command
+    from fedlora.compare.runner import Comparison, _command
+    from fedlora.run import checkpoint
 
     grid = parse_grid({"experiment": "quickstart.toml", "seeds": [0]}, base_dir=SIMS)
     (task,) = grid.tasks()

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedlora.records import read_summary
+from fedlora.core.records import read_summary
 from tests.test_e2e import ROOT
 
 GRID = """

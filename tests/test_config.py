@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config
+from fedlora.core.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config
+from fedlora.run.experiment import check_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +82,7 @@ def test_toml_round_trip_is_exact() -> None:
 )
 def test_bad_values_name_the_key_and_the_fix(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
-        from_dict(data)
+        check_strategy(from_dict(data))
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -152,7 +153,7 @@ def test_every_config_key_is_documented_in_usage() -> None:
     import dataclasses
     from pathlib import Path
 
-    from fedlora.config import ExperimentConfig
+    from fedlora.core.config import ExperimentConfig
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
     keys = []

@@ -10,9 +10,17 @@ import datasets
 import numpy as np
 import pytest
 
-from fedlora import data
-from fedlora.config import DataConfig
-from fedlora.data import LABELS, SOURCES, FederatedSplits, build_splits, get_splits, label_counts, source_of
+from fedlora.core import data
+from fedlora.core.config import DataConfig
+from fedlora.core.data import (
+    LABELS,
+    SOURCES,
+    FederatedSplits,
+    build_splits,
+    get_splits,
+    label_counts,
+    source_of,
+)
 
 CORPUS_LABEL_COUNTS = [16186, 15018, 6954]
 Row = tuple[str, int, str]

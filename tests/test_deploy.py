@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
 
-from fedlora.deploy import LocalDeployment, free_ports, make_credentials, running, write_flwr_home
+from fedlora.run.deploy import LocalDeployment, free_ports, make_credentials, running, write_flwr_home
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 3

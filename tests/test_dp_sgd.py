@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.adapters import adapter_state, inject_lora, set_trainable
-from fedlora.config import DataConfig, LoraConfig, PrivacyConfig, TrainConfig
-from fedlora.data import get_splits
-from fedlora.dp_sgd import PrivateTrainer, poisson_sample, sample_rate, train_private
-from fedlora.models import load_classifier, load_tokenizer
-from fedlora.training import encode
+from fedlora.core.adapters import adapter_state, inject_lora, set_trainable
+from fedlora.core.config import DataConfig, LoraConfig, PrivacyConfig, TrainConfig
+from fedlora.core.data import get_splits
+from fedlora.core.models import load_classifier, load_tokenizer
+from fedlora.core.training import encode
+from fedlora.privacy.dp_sgd import PrivateTrainer, poisson_sample, sample_rate, train_private
 
 
 @pytest.fixture(scope="module")

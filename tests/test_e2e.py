@@ -99,7 +99,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.e2e
 def test_run_directory_contract(run_dir: Path) -> None:
     assert {p.name for p in run_dir.iterdir()} >= {"config.toml", "rounds.jsonl", "summary.json", "adapter"}
-    from fedlora.records import read_rounds, read_summary
+    from fedlora.core.records import read_rounds, read_summary
 
     rows = read_rounds(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
@@ -118,8 +118,8 @@ def test_run_directory_contract(run_dir: Path) -> None:
 
 @pytest.mark.e2e
 def test_traffic_is_the_exact_adapter_payload(run_dir: Path) -> None:
-    from fedlora.adapters import initial_state, payload_bytes, to_arrays
-    from fedlora.config import ExperimentConfig
+    from fedlora.core.adapters import initial_state, payload_bytes, to_arrays
+    from fedlora.core.config import ExperimentConfig
 
     cfg = ExperimentConfig.from_toml((run_dir / "config.toml").read_text())
     per_client = payload_bytes(to_arrays(initial_state(cfg)))
@@ -134,10 +134,10 @@ def test_traffic_is_the_exact_adapter_payload(run_dir: Path) -> None:
 def test_saved_adapter_reproduces_the_reported_accuracy(run_dir: Path) -> None:
     from peft import PeftModel
 
-    from fedlora.config import ExperimentConfig
-    from fedlora.data import get_splits
-    from fedlora.models import load_classifier, load_tokenizer
-    from fedlora.training import encode, evaluate
+    from fedlora.core.config import ExperimentConfig
+    from fedlora.core.data import get_splits
+    from fedlora.core.models import load_classifier, load_tokenizer
+    from fedlora.core.training import encode, evaluate
 
     cfg = ExperimentConfig.from_toml((run_dir / "config.toml").read_text())
     torch.set_num_threads(2)

@@ -11,9 +11,11 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from fedlora import accounting, privacy
-from fedlora.config import ConfigError, ExperimentConfig, from_dict
-from fedlora.dp_updates import client_share, clip, global_norm, private_mean
+from fedlora.core.config import ConfigError, ExperimentConfig, from_dict
+from fedlora.privacy import accounting
+from fedlora.privacy import settings as privacy
+from fedlora.privacy.dp_updates import client_share, clip, global_norm, private_mean
+from fedlora.run.experiment import check_strategy
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
@@ -102,8 +104,13 @@ def test_privacy_checks_name_the_key_and_the_fix() -> None:
     with pytest.raises(ConfigError, match=re.escape("needs privacy.target_epsilon")):
         _cfg(mode="dp-sgd")
     with pytest.raises(ConfigError, match=re.escape("cannot protect strategy 'lora-fair'")):
-        from_dict(
-            {"privacy": {"mode": "dp-updates", "noise_multiplier": 1.0}, "strategy": {"name": "lora-fair"}}
+        check_strategy(
+            from_dict(
+                {
+                    "privacy": {"mode": "dp-updates", "noise_multiplier": 1.0},
+                    "strategy": {"name": "lora-fair"},
+                }
+            )
         )
     with pytest.raises(ConfigError, match=re.escape("privacy.mode = 'dp' is invalid")):
         _cfg(mode="dp")
@@ -197,7 +204,7 @@ def test_noised_mean_without_noise_is_the_clipped_mean_over_the_expected_count()
 def test_server_samples_clients_by_poisson_with_rate_m_over_n_and_weighs_them_equally() -> None:
     import random
 
-    from strategies.privacy import ServerPrivacy
+    from fedlora.privacy.server import ServerPrivacy
 
     cfg = from_dict(
         {

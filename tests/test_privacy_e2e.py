@@ -37,9 +37,9 @@ def _saved_a_is_the_initial_a(out: Path) -> None:
     """FFA-LoRA: the saved adapter's A is bit-identical to the A every client derives from the seed."""
     from peft import PeftModel
 
-    from fedlora.adapters import adapter_state, initial_state, is_lora_a
-    from fedlora.config import ExperimentConfig
-    from fedlora.models import load_classifier
+    from fedlora.core.adapters import adapter_state, initial_state, is_lora_a
+    from fedlora.core.config import ExperimentConfig
+    from fedlora.core.models import load_classifier
 
     cfg = ExperimentConfig.from_toml((out / "config.toml").read_text())
     saved = adapter_state(
@@ -52,8 +52,8 @@ def _saved_a_is_the_initial_a(out: Path) -> None:
 
 @pytest.mark.e2e
 def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(tmp_path: Path) -> None:
-    from fedlora.config import load_config
-    from fedlora.data import get_splits
+    from fedlora.core.config import load_config
+    from fedlora.core.data import get_splits
 
     cfg = load_config(None, [*_overrides(SMALL), "federation.num_clients=3"])
     splits = get_splits(cfg.data, 3, cfg.seed)

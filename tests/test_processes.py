@@ -7,7 +7,7 @@ import sys
 
 import psutil
 
-from fedlora.processes import ProcessTracker
+from fedlora.run.processes import ProcessTracker
 
 
 def test_tracker_stops_a_lingering_grandchild() -> None:

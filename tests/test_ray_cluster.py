@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedlora.config import ConfigError, load_config
-from fedlora.simulation import backend_config, check_ray_address
+from fedlora.core.config import ConfigError, load_config
+from fedlora.run.simulation import backend_config, check_ray_address
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -269,7 +269,7 @@ def test_simulation_runs_across_two_ray_nodes(
         stop.set()
         watcher.join()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from fedlora.records import read_rounds, read_summary
+    from fedlora.core.records import read_rounds, read_summary
 
     assert [r["round"] for r in read_rounds(out)] == [1, 2]
     assert read_summary(out)["rounds"] == 2

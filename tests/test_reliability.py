@@ -11,10 +11,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from fedlora import checkpoint, faults, protocol
-from fedlora.adapters import to_arrays
-from fedlora.config import from_dict
-from fedlora.validation import check_reply, spec_of, update_norm
+from fedlora.core import faults, protocol
+from fedlora.core.adapters import to_arrays
+from fedlora.core.config import from_dict
+from fedlora.core.validation import check_reply, spec_of, update_norm
+from fedlora.run import checkpoint
 from strategies import registry
 from tests.test_strategies import LAYERS, client_state
 
@@ -238,7 +239,7 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
 
 
 def test_client_store_replays_a_round_from_the_state_before_it(tmp_path: Path) -> None:
-    from clients.state import ClientStore
+    from fedlora.core.store import ClientStore
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
 
@@ -260,7 +261,7 @@ def test_client_store_replays_a_round_from_the_state_before_it(tmp_path: Path) -
 
 
 def test_client_store_without_a_directory_uses_the_node_context() -> None:
-    from clients.state import ClientStore
+    from fedlora.core.store import ClientStore
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     ClientStore(context, None, 0, 1).save_config("h", {"noise": [1.0]})
@@ -269,7 +270,7 @@ def test_client_store_without_a_directory_uses_the_node_context() -> None:
 
 
 def test_resume_restores_a_row_lost_between_checkpoint_and_rounds_file(tmp_path: Path) -> None:
-    from fedlora.records import RunDirectory, read_rounds
+    from fedlora.core.records import RunDirectory, read_rounds
 
     run = RunDirectory(tmp_path)
     run.create(from_dict({}))
@@ -287,7 +288,7 @@ def test_resume_restores_a_row_lost_between_checkpoint_and_rounds_file(tmp_path:
 
 
 def test_a_failed_round_is_retried_then_stops_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    from strategies import server_app
+    from fedlora.run import server_app
     from strategies.base import RoundFailedError
 
     calls: list[int] = []
@@ -311,8 +312,8 @@ def test_a_failed_round_is_retried_then_stops_with_the_reason(monkeypatch: pytes
 
 @pytest.mark.parametrize("in_directory", [True, False])
 def test_dp_sgd_history_survives_in_the_client_store(tmp_path: Path, in_directory: bool) -> None:
-    from clients.private import load_history, save_history
-    from clients.state import ClientStore
+    from fedlora.core.store import ClientStore
+    from fedlora.privacy.client import load_history, save_history
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     root = str(tmp_path) if in_directory else None

@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from fedlora.adapters import base_weight_name, lora_scale, orthogonal_a, set_base_offsets, set_trainable
-from fedlora.config import ConfigError, from_dict
+from fedlora.core.adapters import base_weight_name, lora_scale, orthogonal_a, set_base_offsets, set_trainable
+from fedlora.core.config import ConfigError, from_dict
+from fedlora.run.experiment import check_strategy
 from strategies import registry
 from strategies.aggregation import normalised_weights
 
@@ -27,7 +28,9 @@ def client_state(seed: int, rank: int = 4, d_in: int = 12, d_out: int = 10) -> d
 
 
 def make(name: str, **options: object):  # type: ignore[no-untyped-def]
-    cfg = from_dict({"strategy": {"name": name, "options": options}, "lora": {"rank": 4, "alpha": 8.0}})
+    cfg = check_strategy(
+        from_dict({"strategy": {"name": name, "options": options}, "lora": {"rank": 4, "alpha": 8.0}})
+    )
     return registry.get(name)(cfg, client_state(99))
 
 
@@ -147,8 +150,8 @@ def test_fedsa_lora_keeps_b_in_the_node_state() -> None:
     from flwr.app import Context, RecordDict
 
     from clients.runtime import load_local, save_local
-    from clients.state import ClientStore
-    from strategies.plan import ClientPlan
+    from fedlora.core.plan import ClientPlan
+    from fedlora.core.store import ClientStore
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     plan = ClientPlan(rank=4, keep_local=frozenset({"lora_B"}))
@@ -160,7 +163,7 @@ def test_fedsa_lora_keeps_b_in_the_node_state() -> None:
 
 
 def test_base_offsets_and_freezing_on_the_real_model() -> None:
-    from fedlora.adapters import get_model
+    from fedlora.core.adapters import get_model
 
     cfg = from_dict({})
     model = get_model(cfg)

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from fedlora.adapters import adapter_state, inject_lora
-from fedlora.config import DataConfig, LoraConfig, TrainConfig
-from fedlora.data import get_splits
-from fedlora.models import load_classifier, load_tokenizer
-from fedlora.training import encode, evaluate, num_steps, train_local
+from fedlora.core.adapters import adapter_state, inject_lora
+from fedlora.core.config import DataConfig, LoraConfig, TrainConfig
+from fedlora.core.data import get_splits
+from fedlora.core.models import load_classifier, load_tokenizer
+from fedlora.core.training import encode, evaluate, num_steps, train_local
 
 
 def _small_test_split():  # type: ignore[no-untyped-def]

@@ -8,10 +8,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-from fedlora import accounting
-from fedlora.config import ConfigError, ExperimentConfig
-from fedlora.dp_sgd import sample_rate
-from fedlora.training import num_steps
+from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.core.training import num_steps
+from fedlora.privacy import accounting
+from fedlora.privacy.dp_sgd import sample_rate
 
 
 def client_rate(cfg: ExperimentConfig) -> float:

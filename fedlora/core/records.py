@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import ExperimentConfig
+from fedlora.core.config import ExperimentConfig
 
 PACKAGES = ("fedlora", "flwr", "torch", "transformers", "peft", "opacus", "ray", "datasets", "flwr-datasets")
 
@@ -68,12 +68,12 @@ class RunDirectory:
 
     @property
     def checkpoint_path(self) -> Path:
-        """The server's checkpoint after the last finished round (:mod:`fedlora.checkpoint`)."""
+        """The server's checkpoint after the last finished round (:mod:`fedlora.run.checkpoint`)."""
         return self.path / "checkpoint.safetensors"
 
     @property
     def client_state_path(self) -> Path:
-        """Simulated clients' state between rounds, versioned by round (:mod:`clients.state`)."""
+        """Simulated clients' state between rounds, versioned by round (:mod:`fedlora.core.store`)."""
         return self.path / "client_state"
 
     def create(self, cfg: ExperimentConfig, *, overwrite: bool = False) -> None:

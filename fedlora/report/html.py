@@ -7,7 +7,7 @@ import html
 import re
 from pathlib import Path
 
-from fedlora.results import CellStats, legend, table
+from fedlora.report.results import CellStats, legend, table
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1040px;

@@ -355,7 +355,7 @@ def _build(cls: type[Any], data: Any, prefix: str) -> Any:
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(_unknown_key(prefix + key, list(fields)))
-        kwargs[key] = _coerce(hints[key], value, prefix + key)
+        kwargs[key] = coerce(hints[key], value, prefix + key)
     return cls(**kwargs)
 
 
@@ -366,7 +366,7 @@ def _unknown_key(key: str, valid: list[str]) -> str:
     return f"unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}"
 
 
-def _coerce(hint: Any, value: Any, key: str) -> Any:
+def coerce(hint: Any, value: Any, key: str) -> Any:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=key + ".")
     origin = typing.get_origin(hint)
@@ -376,7 +376,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{key} = {value!r} is invalid: expected a list")
-        return [_coerce(item, v, key) for v in value]
+        return [coerce(item, v, key) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key} = {value!r} is invalid: expected a table")
@@ -404,9 +404,6 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 
 def _check_cross(config: ExperimentConfig) -> None:
     """Checks that involve more than one section."""
-    from strategies.registry import validate_options  # local: strategies import config
-
-    config.strategy.options = validate_options(config.strategy.name, config.strategy.options)
     _check_privacy(config)
     _check_sizes(config)
     _check_faults(config)
@@ -451,9 +448,8 @@ def _check_faults(config: ExperimentConfig) -> None:
 
 
 def _check_privacy(config: ExperimentConfig) -> None:
-    """dp-updates needs a strategy whose aggregate is a linear sum of the arrays that travel."""
-    from strategies.registry import get, linear_strategies
-
+    """Privacy settings that only apply to another mode (strategy-dependent rules live in the experiment
+    loader, :mod:`fedlora.run.experiment`)."""
     p = config.privacy
     if p.placement != "server" and p.mode != "dp-updates":
         raise ConfigError(
@@ -464,12 +460,6 @@ def _check_privacy(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"privacy.max_physical_batch = {p.max_physical_batch} only applies to privacy.mode = 'dp-sgd' "
             f"(mode is {p.mode!r}); remove it or set privacy.mode = 'dp-sgd'"
-        )
-    if config.privacy.mode == "dp-updates" and not get(config.strategy.name).linear_aggregate:
-        raise ConfigError(
-            f"privacy.mode = 'dp-updates' cannot protect strategy '{config.strategy.name}': it combines "
-            "each client's own factors, which the noise on the sum does not cover; use a strategy with a "
-            f"linear aggregate ({', '.join(linear_strategies())}) or privacy.mode = 'dp-sgd'"
         )
 
 

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from clients.state import ClientStore
-from fedlora import accounting, protocol
-from fedlora.config import ExperimentConfig
-from fedlora.training import Encoded
+from fedlora.core import protocol
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.store import ClientStore
+from fedlora.core.training import Encoded
+from fedlora.privacy import accounting
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ def dp_sgd_round(
     store: ClientStore, cfg: ExperimentConfig, model: torch.nn.Module, data: Encoded, *, seed: int
 ) -> DpSgdOutcome:
     """Train with DP-SGD unless this round would exceed the budget; the accountant lives in ``store``."""
-    from fedlora.dp_sgd import train_private
-    from fedlora.privacy import dp_sgd_plan
+    from fedlora.privacy.dp_sgd import train_private
+    from fedlora.privacy.settings import dp_sgd_plan
 
     p = cfg.privacy
     noise, rate, steps = dp_sgd_plan(cfg, len(data))
@@ -71,8 +72,8 @@ def privatise_reply(
     seed: int,
 ) -> dict[str, torch.Tensor]:
     """dp-updates with client placement: the arrays to send (received + clipped update + noise share)."""
-    from fedlora.dp_updates import client_share
-    from fedlora.privacy import expected_clients, update_noise
+    from fedlora.privacy.dp_updates import client_share
+    from fedlora.privacy.settings import expected_clients, update_noise
 
     shared, _ = client_share(
         {k: received[k] for k in trained},

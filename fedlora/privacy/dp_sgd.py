@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from fedlora.config import PrivacyConfig, TrainConfig
-from fedlora.training import Encoded, make_optimizer, num_steps
+from fedlora.core.config import PrivacyConfig, TrainConfig
+from fedlora.core.training import Encoded, make_optimizer, num_steps
 
 if TYPE_CHECKING:
-    from fedlora.accounting import Entry
+    from fedlora.privacy.accounting import Entry
 
 # Known and harmless here: the seeded generator is deliberate (docs/privacy.md, Limits), and the
 # backward-hook note comes from the frozen embeddings.

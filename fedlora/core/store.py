@@ -35,7 +35,7 @@ class ClientStore:
 
     def load_arrays(self, name: str, *, include_current: bool = False) -> State | None:
         """The newest tensors saved under ``name`` before this round (or in it, with ``include_current``)."""
-        from fedlora.adapters import from_arrays
+        from fedlora.core.adapters import from_arrays
 
         if self.dir is None:
             record = self.context.state.array_records.get(name)
@@ -49,7 +49,7 @@ class ClientStore:
 
     def save_arrays(self, name: str, state: State) -> None:
         """Keep ``state`` as this round's version of ``name``."""
-        from fedlora.adapters import to_arrays
+        from fedlora.core.adapters import to_arrays
 
         if self.dir is None:
             self.context.state[name] = to_arrays(state)

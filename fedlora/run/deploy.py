@@ -31,7 +31,7 @@ from typing import IO, TYPE_CHECKING
 
 import psutil
 
-from fedlora.processes import ProcessTracker
+from fedlora.run.processes import ProcessTracker
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey, EllipticCurvePublicKey

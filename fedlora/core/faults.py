@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedlora.config import ExperimentConfig
+from fedlora.core.config import ExperimentConfig
 
 FAULTS = ("raise", "straggle", "nan", "corrupt")
 

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from fedlora.results import CellStats
+from fedlora.report.results import CellStats
 
 SIZE = (7.5, 4.6)  # inches; at DPI 130 about 975 x 600 pixels
 DPI = 130

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedlora.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
+from fedlora.core.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -147,8 +147,8 @@ def payload_bytes(record) -> int:  # type: ignore[no-untyped-def]
 
 @functools.cache
 def _cached_model(model_path: str, lora_key: tuple[object, ...], seed: int) -> tuple[PeftModel, State]:
-    from fedlora.data import LABELS
-    from fedlora.models import load_classifier
+    from fedlora.core.data import LABELS
+    from fedlora.core.models import load_classifier
 
     rank, alpha, dropout, rslora, targets = lora_key
     lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, targets=list(targets))  # type: ignore[arg-type, call-overload]

@@ -17,10 +17,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedlora import checkpoint, protocol
-from fedlora.config import ExperimentConfig, load_config
-from fedlora.records import RunDirectory, versions
-from fedlora.stopping import STOP, exchange
+from fedlora.core import protocol
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.records import RunDirectory, versions
+from fedlora.core.stopping import STOP, exchange
+from fedlora.run import checkpoint
+from fedlora.run.experiment import load_experiment, preflight
 from strategies import registry
 from strategies.base import LoraStrategy, RoundFailedError
 
@@ -37,9 +39,9 @@ class Evaluator:
     majority_accuracy: float = field(init=False)
 
     def __post_init__(self) -> None:
-        from fedlora.data import get_splits, majority_accuracy
-        from fedlora.models import load_tokenizer
-        from fedlora.training import encode
+        from fedlora.core.data import get_splits, majority_accuracy
+        from fedlora.core.models import load_tokenizer
+        from fedlora.core.training import encode
 
         test = get_splits(self.cfg.data, self.cfg.federation.num_clients, self.cfg.seed).test
         self.majority_accuracy = majority_accuracy(test)
@@ -47,14 +49,14 @@ class Evaluator:
 
     def __call__(self, state: dict[str, Any], base_offsets: dict[str, Any]) -> tuple[float, float]:
         """(eval_loss, eval_accuracy) of the adapter ``state`` over W0 + ``base_offsets`` on the test set."""
-        from fedlora.training import evaluate
+        from fedlora.core.training import evaluate
 
         return evaluate(global_model(self.cfg, state, base_offsets), self.test)
 
 
 def global_model(cfg: ExperimentConfig, state: dict[str, Any], base_offsets: dict[str, Any]) -> Any:
     """The process's model holding the global adapter and base offsets."""
-    from fedlora.adapters import get_model, load_adapter_state, set_base_offsets
+    from fedlora.core.adapters import get_model, load_adapter_state, set_base_offsets
 
     model = get_model(cfg)
     set_base_offsets(model, base_offsets)
@@ -75,9 +77,9 @@ def run_federation(
 
     After each round the checkpoint is written (atomically) before the round's row is appended to
     ``rounds.jsonl``. With ``resume`` the run continues after the checkpoint's round. With
-    ``client_state_dir`` clients keep their state there, versioned by round (:mod:`clients.state`).
+    ``client_state_dir`` clients keep their state there, versioned by round (:mod:`fedlora.core.store`).
     """
-    from fedlora.adapters import initial_state
+    from fedlora.core.adapters import initial_state
 
     started = time.monotonic()
     strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
@@ -266,7 +268,8 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     experiment = _app_path(str(run_config.get("experiment", "sims/quickstart.toml")))
     overrides = [o.strip() for o in str(run_config.get("overrides", "")).split(";") if o.strip()]
-    cfg = load_config(experiment, overrides)
+    cfg = load_experiment(experiment, overrides)
+    preflight(cfg)
     out = Path(str(run_config.get("out-dir", "runs"))) / f"{cfg.name}-{int(time.time())}"
     run_dir = RunDirectory(out)
     run_dir.create(cfg)

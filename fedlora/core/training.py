@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedlora.config import TrainConfig
+from fedlora.core.config import TrainConfig
 
 if TYPE_CHECKING:
     import datasets
