@@ -54,8 +54,8 @@ def plain_loop(sets: list[str], threads: int) -> float:
         set_trainable,
     )
     from fedlora.core.training import train_local
+    from fedlora.run.evaluation import Evaluator
     from fedlora.run.experiment import load_experiment
-    from fedlora.run.server_app import Evaluator
     from strategies import registry
     from strategies.aggregation import normalised_weights
 
@@ -75,7 +75,7 @@ def plain_loop(sets: list[str], threads: int) -> float:
         sent = strategy.outgoing(strategy.global_state)
         updates, counts = [], []
         for pid in clients:
-            plan = strategy.client_plan(cfg, strategy.options, pid, server_round)
+            plan = strategy.client_plan(pid, server_round)
             state = start_state(cfg, plan)
             state.update(sent)
             load_adapter_state(model, state)

@@ -45,7 +45,7 @@ def make_strategy(cfg: ExperimentConfig) -> LoraStrategy:
 def client_reply(strategy: LoraStrategy, pid: int, server_round: int, received: State, step: float) -> State:
     """What client ``pid`` sends back (as in ``clients/app.py``), after a random step of size ``step``."""
     cfg = strategy.cfg
-    plan = strategy.client_plan(cfg, strategy.options, pid, server_round)
+    plan = strategy.client_plan(pid, server_round)
     local_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=plan.rank))
     state = start_state(local_cfg, plan)
     state.update(received)

@@ -13,19 +13,20 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedlora.core import protocol
-from fedlora.core.config import ExperimentConfig
+import torch
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from fedlora.core import protocol
+from fedlora.core.adapters import State, fresh_lora, get_model, initial_state, kind_of, orthogonal_a
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.data import get_splits
+from fedlora.core.models import load_tokenizer
+from fedlora.core.plan import ClientPlan
+from fedlora.core.store import ClientStore
+from fedlora.core.training import Encoded, encode
 
 if TYPE_CHECKING:
     from flwr.app import Message
     from peft import PeftModel
-
-    from fedlora.core.adapters import State
-    from fedlora.core.plan import ClientPlan
-    from fedlora.core.store import ClientStore
-    from fedlora.core.training import Encoded
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,6 @@ def parse_experiment(text: str) -> ExperimentConfig:
 
 def set_threads(num_cpus: float) -> None:
     """One torch thread per reserved CPU (an oversubscribed actor is many times slower)."""
-    import torch
-
     threads = max(1, int(num_cpus))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
@@ -53,9 +52,6 @@ def set_threads(num_cpus: float) -> None:
 
 def model_for(cfg: ExperimentConfig) -> PeftModel:
     """The process's LoRA model for this experiment (built once), on the GPU when one is visible."""
-    import torch
-
-    from fedlora.core.adapters import get_model
 
     model = get_model(cfg)
     if torch.cuda.is_available() and cfg.federation.client_gpus > 0:
@@ -65,9 +61,6 @@ def model_for(cfg: ExperimentConfig) -> PeftModel:
 
 @functools.lru_cache(maxsize=8)
 def _client_data(text: str, partition_id: int) -> ClientData:
-    from fedlora.core.data import get_splits
-    from fedlora.core.models import load_tokenizer
-    from fedlora.core.training import encode
 
     cfg = parse_experiment(text)
     splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
@@ -96,8 +89,6 @@ def client_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> 
 
 def start_state(cfg: ExperimentConfig, plan: ClientPlan) -> State:
     """The adapter before this round's arrays are applied: the seeded initial one, or a fresh draw."""
-    from fedlora.core.adapters import fresh_lora, initial_state, orthogonal_a
-
     state = initial_state(cfg)
     if plan.a_init == "orthogonal":
         state = orthogonal_a(state, seed=cfg.seed)
@@ -107,22 +98,18 @@ def start_state(cfg: ExperimentConfig, plan: ClientPlan) -> State:
 def load_local(store: ClientStore, plan: ClientPlan, *, include_current: bool = False) -> State:
     """The tensors this node kept from earlier rounds (only the kinds the plan keeps local); with
     ``include_current`` also those kept in this round (evaluation after training)."""
-    from fedlora.core.adapters import kind_of
-    from fedlora.core.protocol import LOCAL_ADAPTER
 
     if not plan.keep_local:
         return {}
-    kept = store.load_arrays(LOCAL_ADAPTER, include_current=include_current) or {}
+    kept = store.load_arrays(protocol.LOCAL_ADAPTER, include_current=include_current) or {}
     return {k: v for k, v in kept.items() if kind_of(k) in plan.keep_local}
 
 
 def save_local(store: ClientStore, plan: ClientPlan, state: State) -> None:
     """Keep the plan's local kinds in the client's store (it outlives this process)."""
-    from fedlora.core.adapters import kind_of
-    from fedlora.core.protocol import LOCAL_ADAPTER
-
     if plan.keep_local:
-        store.save_arrays(LOCAL_ADAPTER, {k: v for k, v in state.items() if kind_of(k) in plan.keep_local})
+        kept = {k: v for k, v in state.items() if kind_of(k) in plan.keep_local}
+        store.save_arrays(protocol.LOCAL_ADAPTER, kept)
 
 
 STARTUP_LOG = "FEDLORA_STARTUP_LOG"

@@ -2,14 +2,11 @@
 
 A_bar = sum_k p_k A_k and B_bar = sum_k p_k B_k, with p_k the client's share of examples.
 The product B_bar A_bar differs from the ideal sum_k p_k B_k A_k; later strategies correct that.
+Everything here is :class:`~strategies.base.LoraStrategy`'s default.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from fedlora.core.adapters import State
-from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
 from strategies.registry import register
 
@@ -19,7 +16,3 @@ class FedIT(LoraStrategy):
     """FedAvg of every adapter and head tensor."""
 
     description = "FedAvg of LoRA A, B and the head (biased: mean(B)·mean(A) != mean(B·A))"
-    linear_aggregate = True
-
-    def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
-        return weighted_average(updates, weights)

@@ -9,14 +9,10 @@ personalised accuracy comes from client-side evaluation (``federation.fraction_e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from fedlora.core.adapters import State, is_head, is_lora_a
-from fedlora.core.config import ExperimentConfig
 from fedlora.core.plan import ClientPlan
-from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
 from strategies.registry import register
 
@@ -33,19 +29,12 @@ class FedSaLora(LoraStrategy):
     """Average A (and the head); every client keeps its own B."""
 
     description = "share and average A (+head); each client keeps its own B in its node state"
-    linear_aggregate = True
     Options = FedSaOptions
 
-    @classmethod
-    def client_plan(
-        cls, cfg: ExperimentConfig, options: Any, partition_id: int, server_round: int
-    ) -> ClientPlan:
-        local = {"lora_B", "head"} if options.local_head else {"lora_B"}
-        return ClientPlan(rank=cfg.lora.rank, keep_local=frozenset(local))
+    def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
+        local = {"lora_B", "head"} if self.options.local_head else {"lora_B"}
+        return ClientPlan(rank=self.cfg.lora.rank, keep_local=frozenset(local))
 
     def outgoing(self, global_state: State) -> State:
         shared_head = not self.options.local_head
         return {k: v for k, v in global_state.items() if is_lora_a(k) or (shared_head and is_head(k))}
-
-    def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
-        return weighted_average(updates, weights)

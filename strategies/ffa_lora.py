@@ -8,14 +8,11 @@ to r*d_out values. The paper finds alpha and learning rate interchangeable: fix 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from fedlora.core.adapters import State, is_lora_a, orthogonal_a
-from fedlora.core.config import ExperimentConfig
+from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.plan import ClientPlan
-from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
 from strategies.registry import register
 
@@ -28,8 +25,6 @@ class FfaOptions:
 
     def __post_init__(self) -> None:
         if self.a_init not in ("kaiming", "orthogonal"):
-            from fedlora.core.config import ConfigError
-
             raise ConfigError(
                 f"strategy.options.a_init = {self.a_init!r} is invalid: expected kaiming or orthogonal"
             )
@@ -40,7 +35,6 @@ class FfaLora(LoraStrategy):
     """FedAvg of B and the head over a frozen, shared, never-sent A."""
 
     description = "frozen shared random A, train and send only B (+head): exact averaging, half the traffic"
-    linear_aggregate = True
     Options = FfaOptions
 
     def __init__(self, cfg: ExperimentConfig, global_state: State) -> None:
@@ -48,14 +42,8 @@ class FfaLora(LoraStrategy):
             global_state = orthogonal_a(global_state, seed=cfg.seed)
         super().__init__(cfg, global_state)
 
-    @classmethod
-    def client_plan(
-        cls, cfg: ExperimentConfig, options: Any, partition_id: int, server_round: int
-    ) -> ClientPlan:
-        return ClientPlan(rank=cfg.lora.rank, freeze=frozenset({"lora_A"}), a_init=options.a_init)
+    def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
+        return ClientPlan(rank=self.cfg.lora.rank, freeze=frozenset({"lora_A"}), a_init=self.options.a_init)
 
     def outgoing(self, global_state: State) -> State:
         return {k: v for k, v in global_state.items() if not is_lora_a(k)}
-
-    def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
-        return weighted_average(updates, weights)

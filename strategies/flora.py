@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from fedlora.core.adapters import State, is_head, lora_scale
 from fedlora.core.config import ConfigError, ExperimentConfig
@@ -55,12 +54,10 @@ class Flora(LoraStrategy):
     description = "stack clients' adapters (any ranks) so the product is exact; merge into frozen weights"
     Options = FloraOptions
 
-    @classmethod
-    def client_plan(
-        cls, cfg: ExperimentConfig, options: Any, partition_id: int, server_round: int
-    ) -> ClientPlan:
-        seed = (cfg.seed * 7_919 + server_round * 104_729 + partition_id) % 2**31
-        return ClientPlan(rank=client_rank(cfg, options, partition_id), reinit_seed=seed, reply="adapter")
+    def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
+        seed = (self.cfg.seed * 7_919 + server_round * 104_729 + partition_id) % 2**31
+        rank = client_rank(self.cfg, self.options, partition_id)
+        return ClientPlan(rank=rank, reinit_seed=seed, reply="adapter")
 
     def outgoing(self, global_state: State) -> State:
         return {k: v for k, v in global_state.items() if is_head(k)}

@@ -37,7 +37,10 @@ import torch
 from torch import Tensor
 
 from fedlora.core.adapters import State
+from fedlora.core.config import ConfigError
+from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
+from strategies.lowrank import layer_groups
 from strategies.registry import register
 
 _TINY = 1e-30  # guards divisions by a zero norm
@@ -260,7 +263,6 @@ class FairOptions:
     match_norm: bool = DEFAULT_SETTINGS.match_norm
 
     def __post_init__(self) -> None:
-        from fedlora.core.config import ConfigError
 
         try:
             FairSettings(**dataclasses.asdict(self))
@@ -272,8 +274,6 @@ def fair_aggregate(
     updates: Sequence[Mapping[str, Tensor]], weights: Sequence[float], settings: FairSettings
 ) -> tuple[dict[str, Tensor], dict[str, FairResult]]:
     """FedAvg of every tensor, then B̄ += ΔB per adapted layer; returns the new state and per-layer results."""
-    from strategies.aggregation import weighted_average
-    from strategies.lowrank import layer_groups
 
     state = weighted_average(updates, weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,10 +1,18 @@
-"""Strategies chosen by name: a registry filled at import, with typed per-strategy options."""
+"""Strategies chosen by name: every module in the ``strategies`` package is imported once and each
+class decorated with :func:`register` becomes selectable as ``strategy.name``; nothing else lists them.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
+
+import strategies
+from fedlora.core.config import PRIVACY_MODES, ConfigError, ExperimentConfig, coerce
+from fedlora.privacy.mechanisms import mechanism_class
 
 if TYPE_CHECKING:
     from strategies.base import LoraStrategy
@@ -12,14 +20,16 @@ if TYPE_CHECKING:
 S = TypeVar("S", bound="type[LoraStrategy]")
 
 _REGISTRY: dict[str, type[LoraStrategy]] = {}
+_discovered = False
 
 
 def register(name: str) -> Callable[[S], S]:
     """Class decorator: make a strategy selectable as ``strategy.name = name``."""
 
     def wrap(cls: S) -> S:
-        if name in _REGISTRY:
-            raise ValueError(f"strategy '{name}' is registered twice")
+        known = _REGISTRY.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"strategy '{name}' is registered twice ({known.__module__}, {cls.__module__})")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -27,25 +37,26 @@ def register(name: str) -> Callable[[S], S]:
     return wrap
 
 
-def _load_builtin() -> None:
-    import strategies.fedex_lora
-    import strategies.fedit
-    import strategies.fedsa_lora
-    import strategies.ffa_lora
-    import strategies.flora
-    import strategies.lora_fair  # noqa: F401
+def _discover() -> None:
+    """Import every module of the ``strategies`` package (once), so their decorators run."""
+    global _discovered
+    if _discovered:
+        return
+
+    for module in pkgutil.iter_modules(strategies.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"strategies.{module.name}")
+    _discovered = True
 
 
 def available() -> dict[str, type[LoraStrategy]]:
     """All registered strategies by name."""
-    _load_builtin()
+    _discover()
     return dict(sorted(_REGISTRY.items()))
 
 
 def get(name: str) -> type[LoraStrategy]:
     """The strategy class registered as ``name``; unknown names list the valid ones."""
-    from fedlora.core.config import ConfigError
-
     known = available()
     if name not in known:
         raise ConfigError(f"strategy.name = {name!r} is unknown; valid strategies: {', '.join(known)}")
@@ -54,8 +65,6 @@ def get(name: str) -> type[LoraStrategy]:
 
 def validate_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Check ``strategy.options`` against the strategy's Options dataclass; returns them with defaults."""
-    from fedlora.core.config import ConfigError, coerce
-
     cls = get(name)
     fields = {f.name for f in dataclasses.fields(cls.Options)}
     unknown = sorted(set(options) - fields)
@@ -74,3 +83,21 @@ def validate_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
 def linear_strategies() -> list[str]:
     """Strategies whose aggregate is a (weighted) sum of the arrays that travel, array by array."""
     return [name for name, cls in available().items() if cls.linear_aggregate]
+
+
+def privacy_modes(name: str) -> list[str]:
+    """The ``privacy.mode`` values strategy ``name`` can run under."""
+    linear = get(name).linear_aggregate
+    return [m for m in PRIVACY_MODES if linear or not mechanism_class(m).requires_linear_aggregate]
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check the strategy's name, its options (filled with defaults) and its privacy compatibility."""
+    cfg.strategy.options = validate_options(cfg.strategy.name, cfg.strategy.options)
+    if cfg.privacy.mode not in privacy_modes(cfg.strategy.name):
+        raise ConfigError(
+            f"privacy.mode = {cfg.privacy.mode!r} cannot protect strategy '{cfg.strategy.name}': it combines "
+            "each client's own factors, which the noise on the sum does not cover; use a strategy with a "
+            f"linear aggregate ({', '.join(linear_strategies())}) or privacy.mode = 'dp-sgd'"
+        )
+    return cfg

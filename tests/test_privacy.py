@@ -204,7 +204,7 @@ def test_noised_mean_without_noise_is_the_clipped_mean_over_the_expected_count()
 def test_server_samples_clients_by_poisson_with_rate_m_over_n_and_weighs_them_equally() -> None:
     import random
 
-    from fedlora.privacy.server import ServerPrivacy
+    from fedlora.privacy.mechanisms import mechanism_for
 
     cfg = from_dict(
         {
@@ -212,10 +212,10 @@ def test_server_samples_clients_by_poisson_with_rate_m_over_n_and_weighs_them_eq
             "federation": {"num_clients": 100, "fraction": 0.2},
         }
     )
-    server = ServerPrivacy(cfg)
+    server = mechanism_for(cfg)
     rng = random.Random(0)
-    sizes = [len(server.sample(range(100), rng)) for _ in range(2000)]
+    sizes = [len(server.sample(range(100), 20, rng)) for _ in range(2000)]
     assert sum(sizes) / len(sizes) == pytest.approx(20.0, abs=0.3)  # std of the mean ~0.09
     assert min(sizes) < 20 < max(sizes)  # the count varies, as Poisson sampling does
     assert server.weights([10.0, 500.0, 20.0]) == [1 / 3] * 3
-    assert ServerPrivacy(_cfg(mode="dp-sgd", noise_multiplier=1.0)).weights([10.0, 500.0]) is None
+    assert mechanism_for(_cfg(mode="dp-sgd", noise_multiplier=1.0)).weights([10.0, 490.0]) == [0.02, 0.98]

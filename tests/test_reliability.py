@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedlora.core import faults, protocol
 from fedlora.core.adapters import to_arrays
@@ -91,7 +91,9 @@ def _strategy(name: str, max_norm: float = 0.0, **extra: object):  # type: ignor
         }
     )
     state = {k: v.float() for k, v in client_state(99).items()}
-    return registry.get(name)(cfg, state)
+    strategy = registry.get(name)(cfg, state)
+    strategy.sampler.set_partitions({pid: 100 + pid for pid in range(8)})  # what Nodes(8) would answer
+    return strategy
 
 
 def _good(strategy, pid: int) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -106,7 +108,7 @@ def _good(strategy, pid: int) -> dict[str, torch.Tensor]:  # type: ignore[no-unt
 
 def _start(strategy):  # type: ignore[no-untyped-def]
     """Round 1's train messages to 8 nodes (partition i on node 100 + i)."""
-    return list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), Nodes(8)))
+    return list(strategy.configure_train(1, to_arrays(strategy.global_state), ConfigRecord(), Nodes(8)))
 
 
 def _messages(sent, replies):  # type: ignore[no-untyped-def]
@@ -178,7 +180,7 @@ def test_dp_updates_noise_is_calibrated_to_the_replies_aggregated(task_identity:
     strategy = _strategy(
         "fedit", privacy=privacy, federation={"num_clients": 8, "min_clients": 2, "fraction": 0.5}
     )
-    strategy.sample = lambda grid, fraction=None, training=False: [100, 101, 102]  # type: ignore[method-assign]
+    strategy.sampler.sample = lambda grid, fraction=None, training=False: {0: 100, 1: 101, 2: 102}  # type: ignore[method-assign]
     sent = _start(strategy)
     good = [_good(strategy, pid) for pid in (0, 1)]
     strategy.aggregate_train(1, _messages(sent, [*good, _spoilt(good[0])[0]]))
@@ -215,9 +217,10 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
     path = tmp_path / "checkpoint.safetensors"
     rng = random.Random(5)
     rng.random()
-    strategy = _strategy("fedex-lora")
-    strategy._rng = rng
-    strategy.privacy.client_epsilon = {3: 1.5}
+    dp_sgd = {"privacy": {"mode": "dp-sgd", "noise_multiplier": 1.0}}
+    strategy = _strategy("fedex-lora", **dp_sgd)
+    strategy.sampler.rng = rng
+    strategy.privacy.client_epsilon = {3: 1.5}  # type: ignore[attr-defined]
     strategy.base_offsets = {"w": torch.randn(3, 3)}
     row = {"round": 2, "eval_accuracy": 0.5, "train_loss": math.nan}
     checkpoint.save(
@@ -229,10 +232,10 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]  # no temporary file left
     saved = checkpoint.load(path)
     assert saved.round == 2 and saved.wall_s == 7.5 and saved.row["eval_accuracy"] == 0.5
-    resumed = _strategy("fedex-lora")
+    resumed = _strategy("fedex-lora", **dp_sgd)
     resumed.restore(saved.global_state, saved.base_offsets, saved.strategy)
-    assert resumed._rng.random() == rng.random()
-    assert resumed.privacy.client_epsilon == {3: 1.5}
+    assert resumed.sampler.rng.random() == rng.random()
+    assert resumed.privacy.client_epsilon == {3: 1.5}  # type: ignore[attr-defined]
     for key, value in strategy.global_state.items():
         assert torch.equal(resumed.global_state[key], value)
     assert torch.equal(resumed.base_offsets["w"], strategy.base_offsets["w"])
@@ -288,32 +291,33 @@ def test_resume_restores_a_row_lost_between_checkpoint_and_rounds_file(tmp_path:
 
 
 def test_a_failed_round_is_retried_then_stops_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedlora.run import server_app
+    from fedlora.run.rounds import RoundLoop
     from strategies.base import RoundFailedError
 
     calls: list[int] = []
 
-    def one_round(*args: object) -> dict[str, object]:
+    def one_round(self: RoundLoop, server_round: int) -> dict[str, object]:
         calls.append(1)
         if len(calls) < 3:
             raise RoundFailedError("round 1: 1 valid replies from 5 sampled clients")
-        return {"round": 1}
+        return {"round": server_round}
 
-    monkeypatch.setattr(server_app, "_one_round", one_round)
-    cfg = from_dict({"robustness": {"round_retries": 2}})
-    assert server_app._round_with_retries(None, cfg, None, None, None, 1) == {"round": 1, "attempts": 3}  # type: ignore[arg-type]
+    monkeypatch.setattr(RoundLoop, "one_round", one_round)
+    strategy = _strategy("fedit", robustness={"round_retries": 2})
+    loop = RoundLoop(None, strategy.cfg, strategy, None, ConfigRecord())  # type: ignore[arg-type]
+    assert loop.run_round(1) == {"round": 1, "attempts": 3}
     calls.clear()
-    cfg = from_dict({"robustness": {"round_retries": 1}})
+    loop.cfg = from_dict({"robustness": {"round_retries": 1}})
     with pytest.raises(
         RoundFailedError, match=r"gave up after 2 attempt\(s\) \(robustness.round_retries = 1\)"
     ):
-        server_app._round_with_retries(None, cfg, None, None, None, 1)  # type: ignore[arg-type]
+        loop.run_round(1)
 
 
 @pytest.mark.parametrize("in_directory", [True, False])
 def test_dp_sgd_history_survives_in_the_client_store(tmp_path: Path, in_directory: bool) -> None:
     from fedlora.core.store import ClientStore
-    from fedlora.privacy.client import load_history, save_history
+    from fedlora.privacy.mechanisms import load_history, save_history
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     root = str(tmp_path) if in_directory else None

@@ -79,7 +79,7 @@ def test_ffa_lora_sends_no_a_and_its_average_is_exact() -> None:
             for pk, u in zip(P, updates, strict=True)
         )
         torch.testing.assert_close(out[f"{layer}.lora_B.weight"] @ shared_a[f"{layer}.lora_A.weight"], exact)
-    plan = registry.get("ffa-lora").client_plan(strategy.cfg, strategy.options, 0, 1)
+    plan = strategy.client_plan(0, 1)
     assert plan.freeze == frozenset({"lora_A"})
 
 
@@ -112,9 +112,7 @@ def test_fedex_lora_effective_weights_are_exact() -> None:
 
 def test_flora_merges_mixed_ranks_exactly_and_averages_the_head() -> None:
     strategy = make("flora", ranks=[2, 4, 8])
-    ranks = [
-        registry.get("flora").client_plan(strategy.cfg, strategy.options, pid, 1).rank for pid in range(4)
-    ]
+    ranks = [strategy.client_plan(pid, 1).rank for pid in range(4)]
     assert ranks == [2, 4, 8, 2]
     updates = [client_state(10 + i, rank=r) for i, r in enumerate([2, 4, 8])]
     scales = [strategy.cfg.lora.alpha / r for r in (2, 4, 8)]
@@ -126,7 +124,7 @@ def test_flora_merges_mixed_ranks_exactly_and_averages_the_head() -> None:
     torch.testing.assert_close(out[HEAD], sum(pk * u[HEAD] for pk, u in zip(P, updates, strict=True)))
     assert set(out) == {HEAD}
     assert set(strategy.outgoing(strategy.global_state)) == {HEAD}
-    plans = [registry.get("flora").client_plan(strategy.cfg, strategy.options, 0, r) for r in (1, 2)]
+    plans = [strategy.client_plan(0, r) for r in (1, 2)]
     assert plans[0].reinit_seed != plans[1].reinit_seed and plans[0].reply == "adapter"
 
 
@@ -140,7 +138,7 @@ def test_fedsa_lora_never_sends_or_changes_b() -> None:
     assert not any(".lora_B." in k for k in new)
     strategy.global_state = {**strategy.global_state, **new}
     assert all(torch.equal(strategy.global_state[k], v) for k, v in b_before.items())
-    plan = registry.get("fedsa-lora").client_plan(strategy.cfg, strategy.options, 0, 1)
+    plan = strategy.client_plan(0, 1)
     assert plan.keep_local == frozenset({"lora_B"})
     local_head = make("fedsa-lora", local_head=True)
     assert HEAD not in local_head.outgoing(local_head.global_state)

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.report.results import DEFAULT_TARGET
 from fedlora.run.experiment import load_experiment
 
 GRID_KEYS = {"name", "experiment", "seeds", "target_accuracy", "set", "axes"}
 AXIS_KEYS = {"key", "values", "name", "levels"}
-DEFAULT_TARGET = 0.6
 
 
 @dataclass(frozen=True)

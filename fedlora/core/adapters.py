@@ -7,6 +7,7 @@ peft's own state-dict names (``...query.lora_A.weight``, ``...classifier.weight`
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -251,3 +252,8 @@ def orthogonal_a(state: Mapping[str, torch.Tensor], *, seed: int) -> State:
         else:
             out[key] = value.clone()
     return out
+
+
+def global_norm(arrays: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of all ``arrays`` taken together, as one vector."""
+    return math.sqrt(math.fsum(float(v.double().pow(2).sum()) for v in arrays.values()))

@@ -26,6 +26,10 @@ import datasets
 import numpy as np
 import pandas as pd
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,  # here: flwr_datasets imports matplotlib
+)
 
 from fedlora.core.config import DataConfig
 
@@ -257,7 +261,6 @@ def _rows_of(partitioner: IidPartitioner | DirichletPartitioner, num_clients: in
 
 def _iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
     """Shuffle the rows; flwr's IidPartitioner cuts them into contiguous shards (sizes differ by <= 1)."""
-    from flwr_datasets.partitioner import IidPartitioner  # here: flwr_datasets imports matplotlib
 
     rows = np.random.default_rng([seed, _IID_STREAM]).permutation(n)
     partitioner = IidPartitioner(num_partitions=num_clients)
@@ -267,7 +270,6 @@ def _iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
 
 def _dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
     """flwr's DirichletPartitioner by label (no self-balancing), redrawn until no client is empty."""
-    from flwr_datasets.partitioner import DirichletPartitioner
 
     partitioner = DirichletPartitioner(
         num_partitions=num_clients,

@@ -1,10 +1,17 @@
-"""What a client does with a round's message: decided by the strategy, carried out by the ClientApp."""
+"""What a client does with a round's message: decided by the strategy on the server, carried in the
+message (a ConfigRecord under :data:`fedlora.core.protocol.PLAN`), carried out by the ClientApp.
+
+The client never looks up the strategy: everything strategy-specific it must do is in the plan.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 KINDS = ("lora_A", "lora_B", "head")
+REPLIES = ("received", "adapter")
+A_INITS = ("kaiming", "orthogonal")
 
 
 @dataclass(frozen=True)
@@ -30,5 +37,35 @@ class ClientPlan:
 
     def __post_init__(self) -> None:
         bad = sorted((self.freeze | self.keep_local) - set(KINDS))
-        if bad or self.reply not in ("received", "adapter") or self.a_init not in ("kaiming", "orthogonal"):
-            raise ValueError(f"invalid client plan: kinds {bad}, reply {self.reply!r}")
+        if bad or self.rank < 1 or self.reply not in REPLIES or self.a_init not in A_INITS:
+            raise ValueError(
+                f"invalid client plan: rank {self.rank}, kinds {bad} (valid: {', '.join(KINDS)}), "
+                f"reply {self.reply!r} (valid: {', '.join(REPLIES)}), a_init {self.a_init!r}"
+            )
+
+    def to_config(self) -> dict[str, int | str | list[str]]:
+        """The plan as ConfigRecord values (lists of kinds, -1 for no re-initialisation)."""
+        return {
+            "rank": self.rank,
+            "freeze": sorted(self.freeze),
+            "keep-local": sorted(self.keep_local),
+            "reinit-seed": -1 if self.reinit_seed is None else self.reinit_seed,
+            "reply": self.reply,
+            "a-init": self.a_init,
+        }
+
+    @classmethod
+    def from_config(cls, record: Mapping[str, object]) -> ClientPlan:
+        """The inverse of :meth:`to_config`; raises ValueError on a malformed plan."""
+        try:
+            seed = int(record["reinit-seed"])  # type: ignore[call-overload]
+            return cls(
+                rank=int(record["rank"]),  # type: ignore[call-overload]
+                freeze=frozenset(str(k) for k in record["freeze"]),  # type: ignore[attr-defined]
+                keep_local=frozenset(str(k) for k in record["keep-local"]),  # type: ignore[attr-defined]
+                reinit_seed=None if seed < 0 else seed,
+                reply=str(record["reply"]),
+                a_init=str(record["a-init"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"the message's client plan is malformed ({exc!r})") from None

@@ -6,6 +6,8 @@ BASE_OFFSETS = "base-offsets"
 """RecordDict key of the ArrayRecord of full-rank offsets to the frozen base weights (FedEx-LoRA, FLoRA)."""
 CONFIG = "config"
 """RecordDict key of the ConfigRecord sent with every message."""
+PLAN = "plan"
+"""RecordDict key of the ConfigRecord with this client's plan for the round (:mod:`fedlora.core.plan`)."""
 METRICS = "metrics"
 """RecordDict key of the MetricRecord in every reply."""
 

@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Context
+from safetensors.torch import load_file, save_file
+
+from fedlora.core.adapters import from_arrays, to_arrays
 
 State = dict[str, torch.Tensor]
 _VERSION = re.compile(r"^(?P<name>.+)\.r(?P<round>\d+)\.(?P<ext>safetensors|json)$")
@@ -35,7 +38,6 @@ class ClientStore:
 
     def load_arrays(self, name: str, *, include_current: bool = False) -> State | None:
         """The newest tensors saved under ``name`` before this round (or in it, with ``include_current``)."""
-        from fedlora.core.adapters import from_arrays
 
         if self.dir is None:
             record = self.context.state.array_records.get(name)
@@ -43,18 +45,15 @@ class ClientStore:
         path = self._latest(name, "safetensors", include_current)
         if path is None:
             return None
-        from safetensors.torch import load_file
 
         return dict(load_file(str(path)))
 
     def save_arrays(self, name: str, state: State) -> None:
         """Keep ``state`` as this round's version of ``name``."""
-        from fedlora.core.adapters import to_arrays
 
         if self.dir is None:
             self.context.state[name] = to_arrays(state)
             return
-        from safetensors.torch import save_file
 
         self._write(name, "safetensors", lambda tmp: save_file(_plain(state), tmp))
 

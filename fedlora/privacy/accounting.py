@@ -20,6 +20,7 @@ EPSILON_TOLERANCE = 0.01
 
 
 def _accountant(kind: str, history: Sequence[Entry]) -> object:
+    # start-up: Opacus takes about a second to import; only runs with DP need it
     from opacus.accountants import create_accountant
 
     accountant = create_accountant(kind)
@@ -41,6 +42,7 @@ def calibrate(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, kind: str = "rdp"
 ) -> float:
     """The smallest noise multiplier (within Opacus's tolerance) whose ``steps`` spend <= the target."""
+    # start-up: Opacus takes about a second to import; only runs with DP need it
     from opacus.accountants.utils import get_noise_multiplier
 
     with warnings.catch_warnings():  # the search visits huge sigmas, whose best order is the largest

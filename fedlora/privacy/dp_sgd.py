@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from fedlora.core.config import PrivacyConfig, TrainConfig
 from fedlora.core.training import Encoded, make_optimizer, num_steps
@@ -72,8 +73,8 @@ class PrivateTrainer:
         max_physical_batch: int = 0,
         seed: int = 0,
     ) -> None:
+        # start-up: Opacus takes about a second to import; only runs with DP need it
         from opacus import PrivacyEngine
-        from torch.utils.data import DataLoader
 
         model.train()  # Opacus finds no activations in eval mode
         self.noise_multiplier = noise_multiplier

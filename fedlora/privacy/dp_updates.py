@@ -23,12 +23,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedlora.core.adapters import global_norm
+
 State = dict[str, torch.Tensor]
-
-
-def global_norm(arrays: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of all ``arrays`` taken together, as one vector."""
-    return math.sqrt(math.fsum(float(v.double().pow(2).sum()) for v in arrays.values()))
 
 
 def difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> State:

@@ -18,6 +18,9 @@ from typing import Any
 
 from fedlora.core.records import atomic_write, read_rounds, read_summary
 
+DEFAULT_TARGET = 0.6
+"""Accuracy (0-1) a comparison counts rounds and bytes to when its grid sets no ``target_accuracy``."""
+
 CSV_COLUMNS = (
     "final_accuracy",
     "best_accuracy",

@@ -14,11 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlora.compare.grid import DEFAULT_TARGET
 from fedlora.core.config import ConfigError
 from fedlora.report import plots
 from fedlora.report.html import render
-from fedlora.report.results import CellStats, RunResult, group, is_finished, load_run, markdown, write_csv
+from fedlora.report.results import (
+    DEFAULT_TARGET,
+    CellStats,
+    RunResult,
+    group,
+    is_finished,
+    load_run,
+    markdown,
+    write_csv,
+)
 
 MANIFEST = "comparison.json"
 IGNORED_KEYS = {"seed", "name"}

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 State = dict[str, torch.Tensor]
 _META = "fedlora"
@@ -40,7 +42,6 @@ class Checkpoint:
 
 def save(path: Path, ckpt: Checkpoint) -> None:
     """Write ``ckpt`` to ``path`` atomically (temporary file in the same directory + ``os.replace``)."""
-    from safetensors.torch import save_file
 
     tensors = {f"global/{k}": v.detach().clone().contiguous() for k, v in ckpt.global_state.items()}
     tensors.update({f"offsets/{k}": v.detach().clone().contiguous() for k, v in ckpt.base_offsets.items()})
@@ -59,7 +60,6 @@ def save(path: Path, ckpt: Checkpoint) -> None:
 
 def load(path: Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save`."""
-    from safetensors import safe_open
 
     groups: dict[str, State] = {g: {} for g in _GROUPS}
     with safe_open(str(path), framework="pt") as f:

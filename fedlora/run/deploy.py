@@ -29,7 +29,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING
 
+import grpc
 import psutil
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedlora.run.processes import ProcessTracker
 
@@ -91,8 +98,6 @@ def make_credentials(
     only kind Flower 1.42 accepts for node authentication). Certificates are valid for ``days`` days.
     Private keys are written with mode 0600.
     """
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
 
     creds = Credentials(directory, num_nodes)
     directory.mkdir(parents=True, exist_ok=True)
@@ -121,9 +126,6 @@ def _certificate(
     days: int,
 ) -> Certificate:
     """A certificate signed by ``ca_key``: the CA itself if ``hosts`` is None, else a server for ``hosts``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -172,7 +174,6 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def write_flwr_home(home: Path, name: str, address: str, root_certificates: Path | None) -> Path:
     """Write ``home/config.toml`` with one ``[superlink.NAME]`` connection (TLS unless no CA); returns it."""
-    import tomli_w
 
     connection: dict[str, object] = {"address": address}
     if root_certificates is None:
@@ -456,8 +457,6 @@ def healthy(address: str, timeout: float = 3.0) -> bool:
     Flower starts that server with ``--health-server-address`` (plaintext, meant for 127.0.0.1 only);
     the container image's HEALTHCHECK calls this through ``fedlora deploy health``.
     """
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:
         try:

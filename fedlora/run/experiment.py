@@ -21,15 +21,8 @@ def load_experiment(path: Path | None, overrides: list[str] | None = None) -> Ex
 
 
 def check_strategy(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Validate ``strategy.options`` (filled with defaults) and the strategy's privacy compatibility."""
-    cfg.strategy.options = registry.validate_options(cfg.strategy.name, cfg.strategy.options)
-    if cfg.privacy.mode == "dp-updates" and not registry.get(cfg.strategy.name).linear_aggregate:
-        raise ConfigError(
-            f"privacy.mode = 'dp-updates' cannot protect strategy '{cfg.strategy.name}': it combines "
-            "each client's own factors, which the noise on the sum does not cover; use a strategy with a "
-            f"linear aggregate ({', '.join(registry.linear_strategies())}) or privacy.mode = 'dp-sgd'"
-        )
-    return cfg
+    """Validate the strategy: its name, its options (filled with defaults), the privacy modes it allows."""
+    return registry.validate(cfg)
 
 
 def preflight(cfg: ExperimentConfig) -> None:

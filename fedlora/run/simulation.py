@@ -19,10 +19,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import ray
+from flwr.simulation import run_simulation
+
+from clients.app import app as client_app
 from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.records import RunDirectory
 from fedlora.core.stopping import STOP, RunInterrupted
 from fedlora.run.processes import ProcessTracker
+from fedlora.run.server_app import make_server_app
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -101,7 +106,6 @@ def check_ray_address(address: str, *, timeout: float = 5.0) -> None:
 
 def _start_ray(config: dict[str, Any]) -> None:
     """Start Ray here; Flower's backend reuses it and shuts it down at the end of the run."""
-    import ray
 
     pythonpath = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **config["init_args"])
@@ -145,10 +149,6 @@ def simulate(
     KeyboardInterrupt here once Ray is down; a second signal stops every process at once and exits 130.
     """
     quiet_environment()
-    from flwr.simulation import run_simulation
-
-    from clients.app import app as client_app
-    from fedlora.run.server_app import make_server_app
 
     if not verbose:
         # Flower logs every client's exception with its traceback at ERROR; the server loop logs one
@@ -186,7 +186,6 @@ def simulate(
 
 def _shutdown_ray() -> None:
     """Stop Ray's processes if the run was interrupted before Flower's backend did it."""
-    import ray
 
     if ray.is_initialized():
         ray.shutdown()

@@ -1,0 +1,39 @@
+"""Server-side evaluation of the global adapter on the stratified held-out test set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peft import PeftModel
+
+from fedlora.core.adapters import State, get_model, load_adapter_state, set_base_offsets
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.data import get_splits, majority_accuracy
+from fedlora.core.models import load_tokenizer
+from fedlora.core.training import encode, evaluate
+
+
+@dataclass
+class Evaluator:
+    """Evaluates a global adapter on the experiment's test set (encoded once)."""
+
+    cfg: ExperimentConfig
+    majority_accuracy: float = field(init=False)
+    """Accuracy of always predicting the test set's most frequent label."""
+
+    def __post_init__(self) -> None:
+        test = get_splits(self.cfg.data, self.cfg.federation.num_clients, self.cfg.seed).test
+        self.majority_accuracy = majority_accuracy(test)
+        self.test = encode(test, load_tokenizer(self.cfg.model.path), self.cfg.data.max_length)
+
+    def __call__(self, state: State, base_offsets: State) -> tuple[float, float]:
+        """(eval_loss, eval_accuracy) of the adapter ``state`` over W0 + ``base_offsets`` on the test set."""
+        return evaluate(global_model(self.cfg, state, base_offsets), self.test)
+
+
+def global_model(cfg: ExperimentConfig, state: State, base_offsets: State) -> PeftModel:
+    """The process's model holding the global adapter and base offsets."""
+    model = get_model(cfg)
+    set_base_offsets(model, base_offsets)
+    load_adapter_state(model, state)
+    return model

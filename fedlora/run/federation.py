@@ -1,0 +1,119 @@
+"""One federated run from start to summary: the round loop plus its run directory.
+
+After each round the checkpoint is written (atomically, :mod:`fedlora.run.checkpoint`) before the
+round's row is appended to ``rounds.jsonl``; at the end the adapter (and any base offsets) and
+``summary.json`` are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+from safetensors.torch import save_file
+
+from fedlora.core import protocol
+from fedlora.core.adapters import initial_state
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.records import RunDirectory, versions
+from fedlora.run import checkpoint
+from fedlora.run.evaluation import Evaluator, global_model
+from fedlora.run.rounds import RoundLoop
+from strategies import registry
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+def run_federation(
+    grid: Grid,
+    cfg: ExperimentConfig,
+    run_dir: RunDirectory,
+    on_round: RoundCallback | None = None,
+    *,
+    resume: bool = False,
+    client_state_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run every round of ``cfg`` on ``grid``, writing the run directory; returns the summary.
+
+    With ``resume`` the run continues after the checkpoint's round. With ``client_state_dir`` clients
+    keep their state there, versioned by round (:mod:`fedlora.core.store`).
+    """
+    started = time.monotonic()
+    strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
+    strategy.summary()
+    evaluate = Evaluator(cfg)
+    config: dict[str, Any] = {protocol.EXPERIMENT: cfg.to_toml()}
+    if client_state_dir is not None:
+        config[protocol.STATE_DIR] = str(Path(client_state_dir).resolve())
+    loop = RoundLoop(grid, cfg, strategy, evaluate, ConfigRecord(config))
+    rows: list[dict[str, Any]] = []
+    before_s = 0.0
+    if resume:
+        saved = checkpoint.load(run_dir.checkpoint_path)
+        strategy.restore(saved.global_state, saved.base_offsets, saved.strategy)
+        loop.restore(saved.global_state)
+        rows = run_dir.keep_rounds(saved.round, saved.row)
+        before_s = saved.wall_s
+        log.warning("fedlora: resuming after round %s", saved.round)
+    for server_round in range(len(rows) + 1, cfg.federation.rounds + 1):
+        row = loop.run_round(server_round)
+        wall_s = before_s + time.monotonic() - started
+        state = checkpoint.Checkpoint(
+            server_round, loop.global_state, strategy.base_offsets, strategy.checkpoint_state(), row, wall_s
+        )
+        checkpoint.save(run_dir.checkpoint_path, state)
+        run_dir.append_round(row)
+        rows.append(row)
+        if on_round is not None:
+            on_round(row)
+    global_model(cfg, loop.global_state, {}).save_pretrained(str(run_dir.adapter_path))
+    if strategy.base_offsets:  # FedEx-LoRA, FLoRA: what was folded into the frozen weights
+        offsets = {k: v.contiguous() for k, v in strategy.base_offsets.items()}
+        save_file(offsets, str(run_dir.base_offsets_path))
+    summary = _summary(cfg, rows, evaluate.majority_accuracy, before_s + time.monotonic() - started)
+    run_dir.write_summary(summary)
+    return summary
+
+
+def _summary(
+    cfg: ExperimentConfig, rows: list[dict[str, Any]], majority: float, wall_s: float
+) -> dict[str, Any]:
+    accuracies = [r["eval_accuracy"] for r in rows]
+    best = max(range(len(rows)), key=lambda i: accuracies[i])
+    return {
+        "name": cfg.name,
+        "strategy": cfg.strategy.name,
+        "rounds": len(rows),
+        "num_clients": cfg.federation.num_clients,
+        "final_eval_accuracy": accuracies[-1],
+        "final_eval_loss": rows[-1]["eval_loss"],
+        "best_eval_accuracy": accuracies[best],
+        "best_round": rows[best]["round"],
+        "majority_accuracy": majority,
+        "total_uplink_bytes": sum(r["uplink_bytes"] for r in rows),
+        "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
+        "total_failed": sum(r.get("num_failed") or 0 for r in rows),
+        "total_rejected": sum(r.get("num_rejected") or 0 for r in rows),
+        "wall_s": wall_s,
+        **_privacy_summary(cfg, rows),
+        "versions": versions(),
+    }
+
+
+def _privacy_summary(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The privacy spent by the whole run (nothing when DP is off)."""
+    if not cfg.privacy.enabled:
+        return {}
+    return {
+        "privacy_mode": cfg.privacy.mode,
+        "final_epsilon": rows[-1]["epsilon"],
+        "delta": cfg.privacy.delta,
+        "total_declined": int(sum(r.get("num_declined", 0) for r in rows)),
+    }

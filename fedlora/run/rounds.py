@@ -1,0 +1,109 @@
+"""The round loop: the global adapter passed through a strategy's Flower contract, round by round.
+
+One round is ``configure_train`` -> send and collect -> ``aggregate_train`` (whose ArrayRecord becomes
+the new global adapter) -> ``configure_evaluate`` -> ``aggregate_evaluate`` -> the server's evaluation
+on the test set, and one row for ``rounds.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from fedlora.core.adapters import State, from_arrays, to_arrays
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.stopping import STOP, exchange
+from fedlora.run.evaluation import Evaluator
+from fedlora.server.replies import RoundFailedError
+from strategies.base import LoraStrategy
+
+log = logging.getLogger(__name__)
+
+
+class RoundLoop:
+    """Runs rounds of one federation; ``arrays`` is the global adapter between rounds."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: ExperimentConfig,
+        strategy: LoraStrategy,
+        evaluate: Evaluator,
+        config: ConfigRecord,
+    ) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.strategy = strategy
+        self.evaluate = evaluate
+        self.config = config
+        self.arrays: ArrayRecord = to_arrays(strategy.global_state)
+
+    @property
+    def global_state(self) -> State:
+        """The global adapter as named tensors."""
+        return from_arrays(self.arrays)
+
+    def restore(self, global_state: State) -> None:
+        """Continue from a checkpoint's global adapter."""
+        self.arrays = to_arrays(global_state)
+
+    def run_round(self, server_round: int) -> dict[str, Any]:
+        """One round; retried (with a new sample) up to ``robustness.round_retries`` times when too few
+        valid replies arrive. The last failure stops the run (finished rounds stay on disk)."""
+        retries = self.cfg.robustness.round_retries
+        for attempt in range(retries + 1):
+            try:
+                row = self.one_round(server_round)
+            except RoundFailedError as exc:
+                if attempt == retries:
+                    raise RoundFailedError(
+                        f"{exc}; gave up after {retries + 1} attempt(s) "
+                        f"(robustness.round_retries = {retries})"
+                    ) from None
+                log.warning("fedlora: %s; retrying the round (%s of %s)", exc, attempt + 1, retries)
+                continue
+            row["attempts"] = attempt + 1
+            return row
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def one_round(self, server_round: int) -> dict[str, Any]:
+        """Train, aggregate, evaluate; returns the round's row (without ``attempts``)."""
+        t0 = time.monotonic()
+        timeout = self.cfg.federation.round_timeout
+        strategy = self.strategy
+        messages = list(strategy.configure_train(server_round, self.arrays, self.config, self.grid))
+        replies = exchange(self.grid, messages, timeout)
+        t_agg = time.monotonic()
+        arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        aggregate_s = time.monotonic() - t_agg
+        if arrays is not None:
+            self.arrays = arrays
+        client_eval = None
+        asked = list(strategy.configure_evaluate(server_round, self.arrays, self.config, self.grid))
+        if asked:
+            client_eval = strategy.aggregate_evaluate(server_round, exchange(self.grid, asked, timeout))
+        STOP.check()
+        eval_loss, eval_accuracy = self.evaluate(self.global_state, strategy.base_offsets)
+        metrics: dict[str, Any] = dict(train_metrics or {})
+        row: dict[str, Any] = {
+            "round": server_round,
+            "strategy": self.cfg.strategy.name,
+            "num_clients": int(metrics.pop("num_clients", 0)),
+            **strategy.counts.as_row(),
+            "train_loss": metrics.pop("train_loss", math.nan),
+            "eval_loss": eval_loss,
+            "eval_accuracy": eval_accuracy,
+            "uplink_bytes": strategy.traffic.uplink,
+            "downlink_bytes": strategy.traffic.downlink,
+            "aggregate_s": aggregate_s,
+            "wall_s": time.monotonic() - t0,
+            **metrics,
+        }
+        if client_eval is not None:
+            row.update({k: float(v) for k, v in client_eval.items()})  # type: ignore[arg-type]
+        return row
