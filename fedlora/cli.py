@@ -356,12 +356,12 @@ def show_config(
 
 @app.command()
 def strategies() -> None:
-    """List the aggregation strategies with a one-line description (and which allow dp-updates)."""
-    from strategies.registry import available
+    """List the aggregation strategies with a one-line description and the DP modes each allows."""
+    from strategies import registry  # start-up: the registry imports every strategy (torch)
 
-    for name, cls in available().items():
-        dp = "  [dp-sgd, dp-updates]" if cls.linear_aggregate else "  [dp-sgd]"
-        typer.echo(f"{name:<12} {cls.description}{dp}")
+    for name, cls in registry.available().items():
+        modes = [m for m in registry.privacy_modes(name) if m != "none"]
+        typer.echo(f"{name:<12} {cls.description}  [{', '.join(modes)}]")
 
 
 deploy_app = typer.Typer(

@@ -150,9 +150,7 @@ class LoraStrategy(Strategy):
             shared[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets)
         return [
             Message(
-                RecordDict(
-                    {**shared, protocol.PLAN: ConfigRecord(self.client_plan(pid, server_round).to_config())}
-                ),
+                RecordDict({**shared, protocol.PLAN: self.client_plan(pid, server_round).to_config()}),
                 message_type=kind,
                 dst_node_id=node,
             )

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from flwr.app import ConfigRecord
+
 KINDS = ("lora_A", "lora_B", "head")
 REPLIES = ("received", "adapter")
 A_INITS = ("kaiming", "orthogonal")
@@ -43,16 +45,18 @@ class ClientPlan:
                 f"reply {self.reply!r} (valid: {', '.join(REPLIES)}), a_init {self.a_init!r}"
             )
 
-    def to_config(self) -> dict[str, int | str | list[str]]:
-        """The plan as ConfigRecord values (lists of kinds, -1 for no re-initialisation)."""
-        return {
-            "rank": self.rank,
-            "freeze": sorted(self.freeze),
-            "keep-local": sorted(self.keep_local),
-            "reinit-seed": -1 if self.reinit_seed is None else self.reinit_seed,
-            "reply": self.reply,
-            "a-init": self.a_init,
-        }
+    def to_config(self) -> ConfigRecord:
+        """The plan as a ConfigRecord (lists of kinds, -1 for no re-initialisation)."""
+        return ConfigRecord(
+            {
+                "rank": self.rank,
+                "freeze": sorted(self.freeze),
+                "keep-local": sorted(self.keep_local),
+                "reinit-seed": -1 if self.reinit_seed is None else self.reinit_seed,
+                "reply": self.reply,
+                "a-init": self.a_init,
+            }
+        )
 
     @classmethod
     def from_config(cls, record: Mapping[str, object]) -> ClientPlan:

@@ -55,7 +55,7 @@ class ClientSampler:
         privacy mechanism says (uniformly without replacement, or Poisson under dp-updates).
         """
         fed = self.cfg.federation
-        connected = len(grid.get_node_ids())
+        connected = len(list(grid.get_node_ids()))
         if connected < fed.min_clients:
             raise RoundFailedError(
                 f"only {connected} clients are connected but federation.min_clients = {fed.min_clients}"
