@@ -35,7 +35,7 @@ from fedlora.core import protocol
 from fedlora.core.adapters import State, from_arrays, is_lora_a, is_lora_b, kind_of, payload_bytes, to_arrays
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.plan import ClientPlan
-from fedlora.core.validation import Spec, check_metrics, check_reply
+from fedlora.core.validation import Spec
 from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.server import replies as reply_of
 from fedlora.server.replies import RoundCounts, RoundFailedError
@@ -206,18 +206,8 @@ class LoraStrategy(Strategy):
         return valid
 
     def _problem(self, reply: Message, server_round: int) -> str | None:
-        metrics = reply.content.metric_records.get(protocol.METRICS)
-        if metrics is None or protocol.PARTITION_ID not in metrics:
-            return "no metrics with a partition-id"
-        bad = check_metrics(metrics, protocol.NUM_EXAMPLES)
-        if bad or protocol.ARRAYS not in reply.content.array_records:
-            return bad or "no arrays"
-        try:
-            arrays = from_arrays(reply.content[protocol.ARRAYS])
-        except Exception as exc:  # a malformed record from a buggy client must not stop the round
-            return f"unreadable arrays ({type(exc).__name__}: {exc})"
         expected = self.expected_reply(reply_of.partition_of(reply), server_round)
-        return check_reply(arrays, expected, self._sent, self.cfg.robustness.max_update_norm)
+        return reply_of.problem(reply, expected, self._sent, self.cfg.robustness.max_update_norm)
 
     def _check_enough(self, server_round: int, replies: Sequence[Message], answered: int) -> None:
         """Fail the round when fewer than min_clients valid replies arrived (or than were sampled, if

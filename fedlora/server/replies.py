@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from flwr.app import Message
 
 from fedlora.core import protocol
+from fedlora.core.adapters import State, from_arrays
+from fedlora.core.validation import Spec, check_metrics, check_reply
 
 
 class RoundFailedError(RuntimeError):
@@ -33,6 +35,24 @@ class RoundCounts:
             "num_failed": self.failed,
             "num_rejected": self.rejected,
         }
+
+
+def problem(reply: Message, expected: Spec, sent: State, max_norm: float) -> str | None:
+    """Why a trained reply cannot be aggregated (None: it can): metrics without a partition id or
+    with bad counts, missing or unreadable arrays, or arrays that fail
+    :func:`fedlora.core.validation.check_reply` against ``expected`` (keys, shapes, dtypes, finite
+    values, update norm at most ``max_norm`` from ``sent``; 0 = no bound)."""
+    metrics = reply.content.metric_records.get(protocol.METRICS)
+    if metrics is None or protocol.PARTITION_ID not in metrics:
+        return "no metrics with a partition-id"
+    bad = check_metrics(metrics, protocol.NUM_EXAMPLES)
+    if bad or protocol.ARRAYS not in reply.content.array_records:
+        return bad or "no arrays"
+    try:
+        arrays = from_arrays(reply.content[protocol.ARRAYS])
+    except Exception as exc:  # a malformed record from a buggy client must not stop the round
+        return f"unreadable arrays ({type(exc).__name__}: {exc})"
+    return check_reply(arrays, expected, sent, max_norm)
 
 
 def declined(reply: Message) -> bool:
