@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+import torch
+
 from fedlora.core.adapters import PRESETS, linear_names, preset_family, target_suffixes, unmatched
 from fedlora.core.config import TARGET_PRESETS, ConfigError, ExperimentConfig, load_config
 from fedlora.core.models import check_weights_fit, model_dir, model_label, model_skeleton, weight_keys
@@ -63,8 +65,6 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> None:
 def check_gpus(cfg: ExperimentConfig) -> None:
     """``federation.client_gpus > 0`` needs a CUDA GPU visible here: a local Ray without one could never
     place the client actors."""
-    import torch
-
     gpus = cfg.federation.client_gpus
     if gpus > 0 and not torch.cuda.is_available():
         raise ConfigError(
