@@ -76,7 +76,7 @@ def run(
             cfg = run_dir.resumable_config()
         else:
             cfg = load_experiment(experiment, overrides)
-        preflight(cfg)
+        preflight(cfg, simulation=True)  # every check before the run directory is touched
         check_ray_address(cfg.federation.ray_address)
         if resume is None:
             run_dir = RunDirectory(out or Path("runs") / cfg.name)

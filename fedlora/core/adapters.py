@@ -37,18 +37,36 @@ PRESETS: dict[str, dict[str, list[str]]] = {
 State = dict[str, torch.Tensor]
 
 
+def linear_names(model: nn.Module) -> list[str]:
+    """Full names of the model's linear layers (what LoRA can adapt), in module order."""
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def preset_family(names: list[str]) -> str:
+    """'llama' or 'bert': which attention naming the linear layer ``names`` follow."""
+    return "llama" if any(n.endswith("q_proj") for n in names) else "bert"
+
+
+def target_suffixes(targets: list[str], names: list[str]) -> list[str]:
+    """``targets`` as module-name suffixes: a preset resolved for the model's family, or the names given."""
+    if len(targets) == 1 and targets[0] in TARGET_PRESETS:
+        return list(PRESETS[preset_family(names)][targets[0]])
+    return list(targets)
+
+
+def unmatched(suffixes: list[str], names: list[str]) -> list[str]:
+    """The suffixes that match no name (a suffix matches a whole name or its dotted tail)."""
+    return [s for s in suffixes if not any(n == s or n.endswith("." + s) for n in names)]
+
+
 def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """Module-name suffixes for peft's ``target_modules``: a preset name or explicit names.
 
     Raises ValueError naming the targets that match no linear layer of the model.
     """
-    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-    if len(targets) == 1 and targets[0] in TARGET_PRESETS:
-        family = "llama" if any(n.endswith("q_proj") for n in names) else "bert"
-        suffixes = PRESETS[family][targets[0]]
-    else:
-        suffixes = list(targets)
-    missing = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n in names)]
+    names = linear_names(model)
+    suffixes = target_suffixes(targets, names)
+    missing = unmatched(suffixes, names)
     if missing:
         raise ValueError(
             f"lora.targets = {targets!r}: no linear layer named {missing}; "

@@ -463,19 +463,56 @@ def _check_privacy(config: ExperimentConfig) -> None:
         )
 
 
+NOT_BARE = frozenset("[]{},'\"")
+"""Characters a ``--set`` value that is not valid TOML may not hold: it would be a list, a table or a
+quoted string gone wrong, never meant as the literal text."""
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value`` into a key path and a TOML-parsed value (bare words stay strings)."""
+    """Split ``section.key=value`` into a key path and a TOML-parsed value.
+
+    A value that is not valid TOML is taken as a bare string (``data.partitioner=iid``) only when it holds
+    no brackets, braces, commas or quotes; ``lora.targets=[query,value]`` is an error that shows the
+    quoted form, never the one string ``'[query,value]'``.
+    """
     if "=" not in text:
         raise ConfigError(f"override '{text}' is invalid: expected section.key=value, e.g. lora.rank=16")
     key, raw = text.split("=", 1)
-    key = key.strip()
+    key, raw = key.strip(), raw.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' is invalid: expected section.key=value, e.g. lora.rank=16")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
+    value = _toml_value(raw)
+    if value is None:
+        if NOT_BARE.intersection(raw):
+            raise ConfigError(f"--set {key}={raw}: the value is not valid TOML; {_toml_hint(key, raw)}")
+        value = raw
     return key.split("."), value
+
+
+def _toml_value(raw: str) -> Any:
+    """``raw`` parsed as one TOML value, or None when it is not one."""
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return None
+    return parsed["v"] if len(parsed) == 1 else None
+
+
+def _toml_hint(key: str, raw: str) -> str:
+    """How to write ``raw`` as TOML (a best guess): bare words quoted, a list kept a list."""
+    if "{" in raw or "}" in raw:
+        return f"write tables inline: --set '{key}={{ name = \"text\", number = 1 }}'"
+    listed = raw.startswith("[") and raw.endswith("]")
+    inner = raw[1:-1] if listed else raw
+    items = [item.strip().strip("'\"").strip() for item in inner.split(",")]
+    parts = [item if _toml_value(item) is not None else _toml_string(item) for item in items if item]
+    value = "[" + ",".join(parts) + "]" if listed or len(parts) != 1 else parts[0]
+    return f"quote strings: --set '{key}={value}'"
+
+
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

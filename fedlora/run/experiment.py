@@ -2,15 +2,21 @@
 deployed nodes) loads and checks an experiment here, before any process starts or anything is written.
 
 :func:`load_experiment` parses the file and overrides and applies the rules that need the strategy
-registry; :func:`preflight` checks what needs the disk (model directory, data splits, privacy against
-the client sizes). Both raise :class:`~fedlora.core.config.ConfigError` with one line.
+registry; :func:`preflight` checks what needs the disk or the machine (model directory and weights,
+LoRA targets against the model's modules, GPUs, data splits, privacy against the client sizes). Both
+raise :class:`~fedlora.core.config.ConfigError` with one line.
 """
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
-from fedlora.core.config import ConfigError, ExperimentConfig, load_config
+import torch
+
+from fedlora.core.adapters import PRESETS, linear_names, preset_family, target_suffixes, unmatched
+from fedlora.core.config import TARGET_PRESETS, ConfigError, ExperimentConfig, load_config
+from fedlora.core.models import check_weights_fit, model_dir, model_label, model_skeleton, weight_keys
 from strategies import registry
 
 
@@ -25,13 +31,21 @@ def check_strategy(cfg: ExperimentConfig) -> ExperimentConfig:
     return registry.validate(cfg)
 
 
-def preflight(cfg: ExperimentConfig) -> None:
-    """Checks that read the disk: the model directory, the data splits, privacy against client sizes."""
-    from fedlora.core.data import get_splits
-    from fedlora.core.models import model_dir
+def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> None:
+    """Checks that read the disk or the machine, cheapest first: GPUs, the model directory and its
+    weights, the LoRA targets against the model's module names, the data splits, privacy against client
+    sizes.
+
+    ``simulation``: this process will run the clients on Ray (``fedlora run``); without
+    ``federation.ray_address`` that Ray is started here, so ``federation.client_gpus`` must find a GPU
+    here. A ``flwr run`` ServerApp leaves it off: its host may have no GPU while the clients do.
+    """
+    if simulation and not cfg.federation.ray_address:
+        check_gpus(cfg)
+    check_model(cfg)
+    from fedlora.core.data import get_splits  # here: datasets takes about 1 s to import, after cheaper checks
 
     try:
-        model_dir(cfg.model.path)
         splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
@@ -39,3 +53,56 @@ def preflight(cfg: ExperimentConfig) -> None:
         from fedlora.privacy.settings import check
 
         check(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
+
+
+def check_gpus(cfg: ExperimentConfig) -> None:
+    """``federation.client_gpus > 0`` needs a CUDA GPU visible here: a local Ray without one could never
+    place the client actors."""
+    gpus = cfg.federation.client_gpus
+    if gpus > 0 and not torch.cuda.is_available():
+        raise ConfigError(
+            f"federation.client_gpus = {gpus:g} but no CUDA GPU is visible on this machine (torch sees "
+            "none); set federation.client_gpus = 0 or run where a GPU is visible"
+        )
+
+
+def check_model(cfg: ExperimentConfig) -> None:
+    """The model directory has a config.json and readable weights that belong to it, and every module
+    ``lora.targets`` names exists; the model is built on the meta device, so no weight is loaded."""
+    try:
+        keys = weight_keys(model_dir(cfg.model.path))
+        check_weights_fit(cfg.model.path, keys)
+        check_targets(cfg.lora.targets, cfg.model.path, linear_names(model_skeleton(cfg.model.path)))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_targets(targets: list[str], model_path: str, names: list[str]) -> None:
+    """ConfigError naming the valid module names when a ``lora.targets`` entry matches no linear layer."""
+    missing = unmatched(target_suffixes(targets, names), names)
+    if not missing:
+        return
+    what = "module" if len(missing) == 1 else "modules"
+    preset = f" (preset '{targets[0]}')" if len(targets) == 1 and targets[0] in TARGET_PRESETS else ""
+    close = difflib.get_close_matches(missing[0], _leaves(names), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close and not preset else ""
+    raise ConfigError(
+        f"lora.targets: {what} {', '.join(repr(m) for m in missing)}{preset} not found in "
+        f"{model_label(model_path)}{hint}; {_valid_targets(names)}"
+    )
+
+
+def _leaves(names: list[str]) -> list[str]:
+    """The last component of each name, each once, in module order."""
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
+
+
+def _valid_targets(names: list[str]) -> str:
+    """The target names this model accepts: its attention projections, other linear layers, presets."""
+    attention = [s for s in PRESETS[preset_family(names)]["qkvo"] if not unmatched([s], names)]
+    others = [leaf for leaf in _leaves(names) if leaf not in attention]
+    parts = [f"valid attention projections: {', '.join(attention)}"] if attention else []
+    parts += [f"other linear layers: {', '.join(others)}"] if others else []
+    if attention:
+        parts.append(f"or a preset: {', '.join(TARGET_PRESETS)}")
+    return "; ".join(parts)
