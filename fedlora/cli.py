@@ -50,7 +50,6 @@ def run(
     from fedlora.core.config import ConfigError
     from fedlora.core.records import RunDirectory, RunDirError
     from fedlora.run.experiment import load_experiment, preflight
-    from fedlora.run.simulation import check_ray_address
 
     overrides = list(set_ or [])
     for key, value in (
@@ -77,6 +76,9 @@ def run(
         else:
             cfg = load_experiment(experiment, overrides)
         preflight(cfg, simulation=True)  # every check before the run directory is touched
+        # start-up: Ray and Flower's simulation take seconds to import; a bad experiment fails first
+        from fedlora.run.simulation import check_ray_address
+
         check_ray_address(cfg.federation.ray_address)
         if resume is None:
             run_dir = RunDirectory(out or Path("runs") / cfg.name)

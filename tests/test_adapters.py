@@ -161,8 +161,9 @@ def test_any_local_model_directory_trains(tmp_path) -> None:  # type: ignore[no-
     from fedlora.core.adapters import get_model
     from fedlora.core.config import from_dict
     from fedlora.core.data import get_splits
-    from fedlora.core.models import load_tokenizer, model_dir
+    from fedlora.core.models import load_tokenizer
     from fedlora.core.training import encode, evaluate, train_local
+    from fedlora.core.weights import model_dir
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedlora.core.config import ConfigError, apply_overrides, parse_override
-from fedlora.core.models import weight_keys
+from fedlora.core.weights import weight_keys
 from fedlora.run.experiment import check_targets, load_experiment, preflight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def test_preflight_refuses_unknown_targets(targets: str, fragment: str) -> None:
         preflight(_cfg(f"lora.targets={targets}"))
     message = str(err.value)
     assert fragment in message
-    assert "other linear layers: dense, classifier; or a preset: qv, qkvo, vo" in message
+    assert "other linear layers: dense; or a preset: qv, qkvo, vo" in message
     assert "\n" not in message
 
 
@@ -183,7 +183,7 @@ def test_preflight_refuses_missing_truncated_and_foreign_weights(tmp_path: Path)
     }
     foreign = _model_folder(tmp_path / "d", None)
     save_file({"transformer.h.0.attn.c_attn.weight": torch.zeros(2, 2)}, str(foreign / "model.safetensors"))
-    cases["foreign"] = (foreign, "do not belong to the bert model its config.json describes (0 of ")
+    cases["foreign"] = (foreign, "modules 'query', 'value' (preset 'qv') not found")
     for name, (folder, fragment) in cases.items():
         with pytest.raises(ConfigError) as err:
             preflight(_cfg(f'model.path="{folder}"'))

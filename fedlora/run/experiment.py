@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from fedlora.core.adapters import PRESETS, linear_names, preset_family, target_suffixes, unmatched
+from fedlora.core.adapters import PRESETS, preset_family, target_suffixes, unmatched
 from fedlora.core.config import TARGET_PRESETS, ConfigError, ExperimentConfig, load_config
-from fedlora.core.models import check_weights_fit, model_dir, model_label, model_skeleton, weight_keys
+from fedlora.core.weights import linear_weight_names, model_dir, model_label, weight_shapes
 from strategies import registry
 
 
@@ -67,12 +67,12 @@ def check_gpus(cfg: ExperimentConfig) -> None:
 
 
 def check_model(cfg: ExperimentConfig) -> None:
-    """The model directory has a config.json and readable weights that belong to it, and every module
-    ``lora.targets`` names exists; the model is built on the meta device, so no weight is loaded."""
+    """The model directory has a config.json and readable weights, and every module ``lora.targets``
+    names is a linear layer in them. Only the weights' headers are read, and the model's code is not
+    imported (that alone takes seconds), so a wrong target fails fast."""
     try:
-        keys = weight_keys(model_dir(cfg.model.path))
-        check_weights_fit(cfg.model.path, keys)
-        check_targets(cfg.lora.targets, cfg.model.path, linear_names(model_skeleton(cfg.model.path)))
+        shapes = weight_shapes(model_dir(cfg.model.path))
+        check_targets(cfg.lora.targets, cfg.model.path, linear_weight_names(shapes))
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
 
