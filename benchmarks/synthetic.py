@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from clients.runtime import start_state
-from fedlora.core.adapters import State, from_arrays, initial_state, kind_of, payload_bytes, to_arrays
+from fedlora.core.adapters import initial_state
+from fedlora.core.arrays import State, from_arrays, kind_of, payload_bytes, to_arrays
 from fedlora.core.config import ExperimentConfig
 from fedlora.run.experiment import load_experiment
 from strategies import registry

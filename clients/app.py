@@ -15,15 +15,8 @@ from flwr.clientapp import ClientApp
 
 from clients import runtime
 from fedlora.core import faults, protocol
-from fedlora.core.adapters import (
-    adapter_state,
-    from_arrays,
-    kind_of,
-    load_adapter_state,
-    set_base_offsets,
-    set_trainable,
-    to_arrays,
-)
+from fedlora.core.adapters import adapter_state, load_adapter_state, set_base_offsets, set_trainable
+from fedlora.core.arrays import from_arrays, kind_of, to_arrays
 from fedlora.core.plan import ClientPlan
 from fedlora.core.store import ClientStore
 from fedlora.core.training import evaluate as evaluate_model

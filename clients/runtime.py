@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedlora.core import protocol
-from fedlora.core.adapters import State, fresh_lora, get_model, initial_state, kind_of, orthogonal_a
+from fedlora.core.adapters import get_model, initial_state
+from fedlora.core.arrays import State, fresh_lora, kind_of, orthogonal_a
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data import get_splits
 from fedlora.core.models import load_tokenizer

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from fedlora.core.config import ConfigError
+from fedlora.core.records import RunDirectory, RunDirError, read_summary
 
 app = typer.Typer(
     help="Federated LoRA fine-tuning of pretrained transformers, simulated on Flower and Ray.",
@@ -47,8 +52,7 @@ def run(
     verbose: Annotated[bool, typer.Option(help="show Flower's and Ray's own logs")] = False,
 ) -> None:
     """Fine-tune with LoRA across simulated clients and write a run directory."""
-    from fedlora.core.config import ConfigError
-    from fedlora.core.records import RunDirectory, RunDirError
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.run.experiment import load_experiment, preflight
 
     overrides = list(set_ or [])
@@ -90,6 +94,7 @@ def run(
 
 
 def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bool = False) -> None:
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
     from rich.console import Console
 
     from fedlora.run.simulation import simulate
@@ -135,8 +140,6 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
             code=1,
         )
     if run_dir.summary_path.is_file():
-        from fedlora.core.records import read_summary
-
         s = read_summary(run_dir.path)
         console.print(
             f"[green]done[/] in {s['wall_s']:.1f} s: "
@@ -184,12 +187,10 @@ def compare(
 
     Finished runs are skipped, so re-running an interrupted comparison resumes it.
     """
-    import dataclasses
-    import shutil
 
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.compare.grid import load_grid
     from fedlora.compare.runner import plan, prepare
-    from fedlora.core.config import ConfigError
     from fedlora.run.experiment import preflight
 
     try:
@@ -219,7 +220,6 @@ def compare(
 
 
 def _seed_list(text: str) -> list[int]:
-    from fedlora.core.config import ConfigError
 
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -235,6 +235,7 @@ def _seed_list(text: str) -> list[int]:
 def _compare_with_progress(
     grid: Any, todo: list[Any], done: list[Any], root: Path, *, jobs: int, verbose: bool
 ) -> None:
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -289,14 +290,13 @@ def _compare_with_progress(
 
 
 def _final_accuracy(root: Path, task: Any) -> str:
-    from fedlora.core.records import read_summary
 
     summary = read_summary(root / "runs" / task.key)
     return f": final accuracy {100 * summary['final_eval_accuracy']:.1f}%"
 
 
 def _write_comparison_report(console: Any, root: Path) -> None:
-    from fedlora.core.config import ConfigError
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.report.writer import collect, write_report
 
     try:
@@ -321,7 +321,7 @@ def report(
     ] = None,
 ) -> None:
     """Rebuild tables and plots from existing runs, without running anything."""
-    from fedlora.core.config import ConfigError
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.report.writer import MANIFEST, collect, write_report
 
     if target is not None and not 0 < target <= 1:
@@ -347,7 +347,7 @@ def show_config(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value")] = None,
 ) -> None:
     """Print the fully resolved experiment as TOML (what a run would write to config.toml)."""
-    from fedlora.core.config import ConfigError
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.run.experiment import load_experiment
 
     try:
@@ -386,6 +386,7 @@ def deploy_local(
     """Bring up a SuperLink (TLS, node authentication) and N SuperNodes on loopback until Ctrl-C."""
     if nodes < 1:
         _fail(f"--nodes {nodes} is invalid: expected an integer >= 1")
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.run.deploy import DeployError, serve
 
     try:
@@ -401,6 +402,7 @@ def deploy_health(
     ),
 ) -> None:
     """Exit 0 if the Flower process at ADDRESS reports SERVING, else 1 (the image's HEALTHCHECK)."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.run.deploy import healthy
 
     if not healthy(address):

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.core import protocol
-from fedlora.core.adapters import State, from_arrays, is_lora_a, is_lora_b, kind_of, payload_bytes, to_arrays
+from fedlora.core.arrays import State, from_arrays, is_lora_a, is_lora_b, kind_of, payload_bytes, to_arrays
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.plan import ClientPlan
 from fedlora.core.validation import Spec

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlora.core.adapters import State, is_head, is_lora_a
+from fedlora.core.arrays import State, is_head, is_lora_a
 from fedlora.core.plan import ClientPlan
 from strategies.base import LoraStrategy
 from strategies.registry import register

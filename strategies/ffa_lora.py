@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlora.core.adapters import State, is_lora_a, orthogonal_a
+from fedlora.core.arrays import State, is_lora_a, orthogonal_a
 from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.plan import ClientPlan
 from strategies.base import LoraStrategy

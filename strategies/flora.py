@@ -14,7 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fedlora.core.adapters import State, is_head, lora_scale
+from fedlora.core.arrays import State, is_head, lora_scale
 from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.plan import ClientPlan
 from strategies.aggregation import weighted_average

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora.core.adapters import State
+from fedlora.core.arrays import State
 from fedlora.core.config import ConfigError
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy

@@ -5,18 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.core.adapters import (
-    adapter_state,
+from fedlora.core.adapters import adapter_state, inject_lora, load_adapter_state, resolve_targets
+from fedlora.core.arrays import (
     from_arrays,
-    inject_lora,
     is_head,
     is_lora_a,
     is_lora_b,
     layer_of,
-    load_adapter_state,
     lora_scale,
     payload_bytes,
-    resolve_targets,
     to_arrays,
 )
 from fedlora.core.config import LoraConfig

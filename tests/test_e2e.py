@@ -118,7 +118,8 @@ def test_run_directory_contract(run_dir: Path) -> None:
 
 @pytest.mark.e2e
 def test_traffic_is_the_exact_adapter_payload(run_dir: Path) -> None:
-    from fedlora.core.adapters import initial_state, payload_bytes, to_arrays
+    from fedlora.core.adapters import initial_state
+    from fedlora.core.arrays import payload_bytes, to_arrays
     from fedlora.core.config import ExperimentConfig
 
     cfg = ExperimentConfig.from_toml((run_dir / "config.toml").read_text())

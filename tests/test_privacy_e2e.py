@@ -37,7 +37,8 @@ def _saved_a_is_the_initial_a(out: Path) -> None:
     """FFA-LoRA: the saved adapter's A is bit-identical to the A every client derives from the seed."""
     from peft import PeftModel
 
-    from fedlora.core.adapters import adapter_state, initial_state, is_lora_a
+    from fedlora.core.adapters import adapter_state, initial_state
+    from fedlora.core.arrays import is_lora_a
     from fedlora.core.config import ExperimentConfig
     from fedlora.core.models import load_classifier
 

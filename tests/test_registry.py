@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 import strategies
 from fedlora.core import protocol
-from fedlora.core.adapters import State, from_arrays, kind_of, to_arrays
+from fedlora.core.arrays import State, from_arrays, kind_of, to_arrays
 from fedlora.core.config import PRIVACY_MODES, ConfigError, from_dict
 from fedlora.core.plan import ClientPlan
 from fedlora.privacy.mechanisms import mechanism_class

@@ -12,7 +12,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedlora.core import faults, protocol
-from fedlora.core.adapters import to_arrays
+from fedlora.core.arrays import to_arrays
 from fedlora.core.config import from_dict
 from fedlora.core.validation import check_reply, spec_of, update_norm
 from fedlora.run import checkpoint

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from fedlora.core.adapters import base_weight_name, lora_scale, orthogonal_a, set_base_offsets, set_trainable
+from fedlora.core.adapters import set_base_offsets, set_trainable
+from fedlora.core.arrays import base_weight_name, lora_scale, orthogonal_a
 from fedlora.core.config import ConfigError, from_dict
 from fedlora.run.experiment import check_strategy
 from strategies import registry

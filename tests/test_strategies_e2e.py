@@ -61,7 +61,8 @@ def test_strategy_completes_and_is_reproducible(results, name: str) -> None:  # 
 
 @pytest.mark.e2e
 def test_ffa_lora_uplink_is_half_of_fedit_plus_the_head(results) -> None:  # type: ignore[no-untyped-def]
-    from fedlora.core.adapters import initial_state, is_head, is_lora_a, payload_bytes, to_arrays
+    from fedlora.core.adapters import initial_state
+    from fedlora.core.arrays import is_head, is_lora_a, payload_bytes, to_arrays
     from fedlora.core.config import from_dict
 
     state = initial_state(from_dict({}))

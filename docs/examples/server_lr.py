@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedlora.core.adapters import State
+from fedlora.core.arrays import State
 from fedlora.core.config import ConfigError
 from strategies.base import LoraStrategy
 from strategies.registry import register

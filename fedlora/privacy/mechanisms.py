@@ -28,7 +28,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 
 from fedlora.core import protocol
-from fedlora.core.adapters import State
+from fedlora.core.arrays import State
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.store import ClientStore
 from fedlora.core.training import Encoded, train_local

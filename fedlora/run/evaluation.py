@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from peft import PeftModel
 
-from fedlora.core.adapters import State, get_model, load_adapter_state, set_base_offsets
+from fedlora.core.adapters import get_model, load_adapter_state, set_base_offsets
+from fedlora.core.arrays import State
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data import get_splits, majority_accuracy
 from fedlora.core.models import load_tokenizer

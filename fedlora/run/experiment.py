@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from fedlora.core.adapters import PRESETS, preset_family, target_suffixes, unmatched
 from fedlora.core.config import TARGET_PRESETS, ConfigError, ExperimentConfig, load_config
+from fedlora.core.targets import PRESETS, preset_family, target_suffixes, unmatched
 from fedlora.core.weights import linear_weight_names, model_dir, model_label, weight_shapes
+from fedlora.privacy.settings import check as check_privacy
 from strategies import registry
 
 
@@ -50,9 +51,7 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> None:
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     if cfg.privacy.enabled:
-        from fedlora.privacy.settings import check
-
-        check(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
+        check_privacy(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
 
 
 def check_gpus(cfg: ExperimentConfig) -> None:

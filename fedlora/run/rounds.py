@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedlora.core.adapters import State, from_arrays, to_arrays
+from fedlora.core.arrays import State, from_arrays, to_arrays
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.stopping import STOP, exchange
 from fedlora.run.evaluation import Evaluator

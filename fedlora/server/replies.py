@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from flwr.app import Message
 
 from fedlora.core import protocol
-from fedlora.core.adapters import State, from_arrays
+from fedlora.core.arrays import State, from_arrays
 from fedlora.core.validation import Spec, check_metrics, check_reply
 
 
