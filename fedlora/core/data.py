@@ -20,21 +20,15 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import datasets
 import numpy as np
 import pandas as pd
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,  # here: flwr_datasets imports matplotlib
-)
+from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 from fedlora.core.config import DataConfig
-
-if TYPE_CHECKING:
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
 LABELS: tuple[str, ...] = ("negative", "neutral", "positive")
 """Class names; the label id of a tweet is its index here (0, 1, 2)."""
