@@ -199,7 +199,7 @@ def compare(
             grid = dataclasses.replace(grid, seeds=_seed_list(seeds))
         tasks = grid.tasks(list(set_ or []))
         for config in {t.config.to_toml(): t.config for t in tasks}.values():
-            preflight(config)
+            preflight(config, simulation=True)  # each cell runs as a local `fedlora run`
         root = out or Path("runs") / grid.name
         if overwrite and root.exists():
             if any(root.iterdir()) and not (root / "comparison.json").is_file():
