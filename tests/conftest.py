@@ -174,8 +174,8 @@ def synthetic_tweets():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> None:
     """One torch thread per test process: `make test` runs two xdist workers on two cores, and on a
-    busy machine OpenMP threads that wait for each other spin (measured: the fast tier took 82 s with
-    torch's two threads and 49 s with one, on a 2-core machine under load 2-3)."""
+    busy machine OpenMP threads that wait for each other spin (measured on 2 cores: the fast tier took
+    82 s with torch's default of two threads at load 2.9, 49 s with one at load 2.4)."""
     import torch
 
     torch.set_num_threads(1)
