@@ -84,10 +84,10 @@ def test_lora_goes_into_q_proj_and_v_proj_of_a_saved_llama(tiny_llama) -> None: 
     """peft injects LoRA into the q and v projections of a Llama directory; the base stays frozen."""
     model = inject_lora(load_classifier(tiny_llama.path, num_labels=3, seed=0), LoraConfig(rank=4), seed=0)
     layers = sorted(layer_of(k) for k in adapter_state(model) if is_lora_a(k))
-    n = tiny_llama.config.num_hidden_layers
+    n_layers = tiny_llama.config.num_hidden_layers
     assert layers == sorted(
         f"base_model.model.model.layers.{i}.self_attn.{proj}"
-        for i in range(n)
+        for i in range(n_layers)
         for proj in ("q_proj", "v_proj")
     )
     hidden, kv = tiny_llama.config.hidden_size, tiny_llama.config.num_key_value_heads
