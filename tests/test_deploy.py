@@ -13,7 +13,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,10 +225,9 @@ def test_plaintext_client_is_refused(
 
 
 @pytest.mark.e2e
-def test_health_command_answers_for_the_superlink(deployment: LocalDeployment) -> None:
+def test_health_command_answers_for_the_superlink(deployment: LocalDeployment, run_cli) -> None:  # type: ignore[no-untyped-def]
     def health(address: str) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "fedlora.cli", "deploy", "health", "--address", address]
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        return run_cli("deploy", "health", "--address", address, timeout=60)
 
     ok = health(f"127.0.0.1:{deployment.health_port}")
     assert ok.returncode == 0 and "serving" in ok.stdout, ok.stderr
@@ -257,16 +255,8 @@ def _accepts(port: int) -> bool:
 
 # -- the CLI -------------------------------------------------------------------------------------
 @pytest.mark.e2e
-def test_cli_brings_up_and_tears_down_on_ctrl_c(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedlora.cli", "deploy", "local", "--nodes", "1", "--dir", str(tmp_path)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def test_cli_brings_up_and_tears_down_on_ctrl_c(tmp_path: Path, start_cli) -> None:  # type: ignore[no-untyped-def]
+    proc = start_cli("deploy", "local", "--nodes", "1", "--dir", str(tmp_path))
     lines: list[str] = []
     try:
         assert proc.stdout is not None
@@ -292,12 +282,7 @@ def test_cli_brings_up_and_tears_down_on_ctrl_c(tmp_path: Path) -> None:
     assert running(seen) == []
 
 
-def test_cli_rejects_zero_nodes() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", "deploy", "local", "--nodes", "0"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+def test_cli_rejects_zero_nodes(run_cli) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli("deploy", "local", "--nodes", "0")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --nodes 0 is invalid: expected an integer >= 1"]

@@ -42,6 +42,7 @@ def _output_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
     return seen
 
 
+@pytest.mark.real_model
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_training_runs_in_bf16_and_keeps_float32_weights() -> None:
     model, data = _model_and_data("cuda")
@@ -54,6 +55,7 @@ def test_cuda_training_runs_in_bf16_and_keeps_float32_weights() -> None:
     assert all(v.device.type == "cpu" for v in adapter_state(model).values())  # what travels
 
 
+@pytest.mark.real_model
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_cuda_mixed_precision_tracks_the_cpu_result() -> None:
     """Same seed, same steps: bf16 on the GPU ends close to float32 on the CPU (loss within 0.05)."""

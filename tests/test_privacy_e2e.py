@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from tests.test_e2e import ROOT
-
 SMALL = ["--clients", "3", "--set", "train.local_steps=2", "--set", "data.max_examples=2000"]
 SMALL += ["--set", "data.test_size=100", "--set", "data.max_length=32"]
 
 
-def _run(out: Path, *args: str) -> list[dict]:  # type: ignore[type-arg]
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", "run", *SMALL, *args, "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )  # fmt: skip
+def _run(run_cli: Callable, out: Path, *args: str) -> list[dict]:  # type: ignore[type-arg]
+    proc = run_cli("run", *SMALL, *args, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "eps " in proc.stdout  # the progress line shows epsilon
     return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -52,7 +46,7 @@ def _saved_a_is_the_initial_a(out: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(tmp_path: Path) -> None:
+def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
     from fedlora.core.config import load_config
     from fedlora.core.data import get_splits
 
@@ -63,7 +57,7 @@ def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(tmp
     after_two = sorted(_reference([e] * 2, 1e-5) for e in entry)
     budget = after_two[1] + 1e-6  # the middle client can afford exactly two rounds
     rows = _run(
-        tmp_path / "run",
+        run_cli, tmp_path / "run",
         "--strategy", "ffa-lora", "--rounds", "3",
         "--set", "privacy.mode=dp-sgd", "--set", "privacy.noise_multiplier=1.0",
         "--set", f"privacy.target_epsilon={budget}",
@@ -94,10 +88,10 @@ def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(tmp
 @pytest.mark.e2e
 @pytest.mark.parametrize(("strategy", "placement"), [("fedit", "server"), ("ffa-lora", "client")])
 def test_dp_updates_epsilon_is_the_subsampled_gaussian_after_each_round(
-    tmp_path: Path, strategy: str, placement: str
-) -> None:
+    tmp_path: Path, strategy: str, placement: str, run_cli
+) -> None:  # type: ignore[no-untyped-def]
     rows = _run(
-        tmp_path / "run",
+        run_cli, tmp_path / "run",
         "--strategy", strategy, "--rounds", "2",
         "--set", "privacy.mode=dp-updates", "--set", "privacy.noise_multiplier=1.0",
         "--set", "privacy.clip_norm=0.5", "--set", f"privacy.placement={placement}",

@@ -26,7 +26,6 @@ import pytest
 from fedlora.core.config import ConfigError, load_config
 from fedlora.run.simulation import backend_config, check_ray_address
 
-ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = [
     "--clients",
@@ -98,24 +97,10 @@ def test_unreachable_head_is_a_one_line_error() -> None:
     check_ray_address("")  # local Ray: nothing to check
 
 
-def test_cli_refuses_an_unreachable_head_and_writes_nothing(tmp_path: Path) -> None:
+@pytest.mark.cli
+def test_cli_refuses_an_unreachable_head_and_writes_nothing(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedlora.cli",
-            "run",
-            "--ray-address",
-            f"127.0.0.1:{free_port()}",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = run_cli("run", "--ray-address", f"127.0.0.1:{free_port()}", "--out", str(out), timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "federation.ray_address" in lines[0], proc.stderr
@@ -249,8 +234,8 @@ def two_nodes(tmp_path: Path) -> Iterator[tuple[str, list[psutil.Popen]]]:
 
 @pytest.mark.e2e
 def test_simulation_runs_across_two_ray_nodes(
-    two_nodes: tuple[str, list[psutil.Popen]], tmp_path: Path
-) -> None:
+    two_nodes: tuple[str, list[psutil.Popen]], tmp_path: Path, run_cli
+) -> None:  # type: ignore[no-untyped-def]
     address, nodes = two_nodes
     out = tmp_path / "run"
     found: list[set[int]] = [set(), set()]
@@ -258,13 +243,7 @@ def test_simulation_runs_across_two_ray_nodes(
     watcher = threading.Thread(target=_watch_actors, args=(nodes, found, stop), daemon=True)
     watcher.start()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedlora.cli", "run", *TINY, "--ray-address", address, "--out", str(out)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            timeout=300,
-        )
+        proc = run_cli("run", *TINY, "--ray-address", address, "--out", str(out), timeout=300)
     finally:
         stop.set()
         watcher.join()

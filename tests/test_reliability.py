@@ -17,7 +17,7 @@ from fedlora.core.config import from_dict
 from fedlora.core.validation import check_reply, spec_of, update_norm
 from fedlora.run import checkpoint
 from strategies import registry
-from tests.test_strategies import LAYERS, client_state
+from tests.helpers import LAYERS, client_state
 
 A0, B0 = f"{LAYERS[0]}.lora_A.weight", f"{LAYERS[0]}.lora_B.weight"
 

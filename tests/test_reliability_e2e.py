@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import psutil
 import pytest
 
 from fedlora.core.records import read_rounds, read_summary
-from tests.test_e2e import ROOT
 
 ROUNDS = 4
 ARGS = ["--clients", "10", "--rounds", str(ROUNDS), "--strategy", "fedsa-lora"]
@@ -29,24 +27,14 @@ ARGS += ["--set", "faults.raise_fraction=0.2", "--set", "faults.nan_fraction=0.1
 TIMING = ("wall_s", "aggregate_s")
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", "run", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
-
-
 def _metrics(run_dir: Path) -> list[dict[str, object]]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in read_rounds(run_dir)]
 
 
 @pytest.fixture(scope="module")
-def clean_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def clean_run(tmp_path_factory: pytest.TempPathFactory, run_cli) -> Path:  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("faults") / "run"
-    proc = _run(*ARGS, "--out", str(out))
+    proc = run_cli("run", *ARGS, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
 
@@ -65,11 +53,13 @@ def test_faulty_clients_are_dropped_and_every_round_completes(clean_run: Path) -
 
 
 @pytest.mark.e2e
-def test_sigkill_in_round_3_then_resume_gives_the_same_rounds(clean_run: Path, tmp_path: Path) -> None:
+def test_sigkill_in_round_3_then_resume_gives_the_same_rounds(
+    clean_run: Path, tmp_path: Path, start_cli, run_cli
+) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedlora.cli", "run", *ARGS, "--out", str(out)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    proc = start_cli(
+        "run", *ARGS, "--out", str(out),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=False, start_new_session=True,
     )  # fmt: skip
     try:
         _wait_for_round_3_client_state(out, proc)
@@ -79,7 +69,7 @@ def test_sigkill_in_round_3_then_resume_gives_the_same_rounds(clean_run: Path, t
     assert not (out / "summary.json").exists()
     assert not [p for p in killed if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
-    resumed = _run("--resume", str(out))
+    resumed = run_cli("run", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert _metrics(out) == _metrics(clean_run)
     a, b = read_summary(out), read_summary(clean_run)

@@ -13,19 +13,7 @@ from fedlora.core.config import ConfigError, from_dict
 from fedlora.run.experiment import check_strategy
 from strategies import registry
 from strategies.aggregation import normalised_weights
-
-LAYERS = ("base_model.model.enc.0.query", "base_model.model.enc.0.value")
-HEAD = "base_model.model.classifier.weight"
-
-
-def client_state(seed: int, rank: int = 4, d_in: int = 12, d_out: int = 10) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for layer in LAYERS:
-        state[f"{layer}.lora_A.weight"] = torch.randn(rank, d_in, generator=g, dtype=torch.float64)
-        state[f"{layer}.lora_B.weight"] = torch.randn(d_out, rank, generator=g, dtype=torch.float64)
-    state[HEAD] = torch.randn(3, d_out, generator=g, dtype=torch.float64)
-    return state
+from tests.helpers import HEAD, LAYERS, client_state
 
 
 def make(name: str, **options: object):  # type: ignore[no-untyped-def]
@@ -51,11 +39,13 @@ P = normalised_weights(WEIGHTS)
 
 def test_every_strategy_is_listed_with_a_description() -> None:
     names = set(registry.available())
-    assert names == {"fedit", "ffa-lora", "lora-fair", "fedex-lora", "flora", "fedsa-lora"}
+    assert names >= {"fedit", "ffa-lora", "lora-fair", "fedex-lora", "flora", "fedsa-lora"}  # the built-ins
     assert all(cls.description for cls in registry.available().values())
 
 
-@pytest.mark.parametrize("name", ["fedit", "ffa-lora", "lora-fair", "fedex-lora", "fedsa-lora"])
+@pytest.mark.parametrize(
+    "name", [n for n in sorted(registry.available()) if make(n).client_plan(0, 1).reinit_seed is None]
+)  # a strategy whose clients restart from a fresh adapter (FLoRA) has no fixed point to test
 def test_identical_clients_aggregate_to_themselves(name: str) -> None:
     strategy = make(name)
     same = client_state(5)
@@ -161,10 +151,10 @@ def test_fedsa_lora_keeps_b_in_the_node_state() -> None:
     assert all(torch.equal(kept[k], state[k]) for k in kept)
 
 
-def test_base_offsets_and_freezing_on_the_real_model() -> None:
+def test_base_offsets_and_freezing_on_a_bert_model(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     from fedlora.core.adapters import get_model
 
-    cfg = from_dict({})
+    cfg = from_dict({"model": {"path": tiny_bert.path}})
     model = get_model(cfg)
     module = dict(model.named_modules())["base_model.model.bert.encoder.layer.0.attention.self.query"]
     w0 = module.base_layer.weight.detach().clone()

@@ -1,4 +1,4 @@
-"""Local training on the real model: only adapters and head change, and the loss falls."""
+"""Local training: only adapters and head change, and the loss falls (tiny model; once on the real one)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,28 @@ import torch
 
 from fedlora.core.adapters import adapter_state, inject_lora
 from fedlora.core.config import DataConfig, LoraConfig, TrainConfig
-from fedlora.core.data import get_splits
 from fedlora.core.models import load_classifier, load_tokenizer
 from fedlora.core.training import encode, evaluate, num_steps, train_local
 
 
-def _small_test_split():  # type: ignore[no-untyped-def]
-    return get_splits(DataConfig(max_examples=600, test_size=100), 2, 0).test
-
-
 @pytest.fixture(scope="module")
-def small():  # type: ignore[no-untyped-def]
+def small(tiny_bert, synthetic_tweets):  # type: ignore[no-untyped-def]
+    """(train, test) synthetic tweets encoded for the tiny BERT."""
+    tok = load_tokenizer(tiny_bert.path)
+    return encode(synthetic_tweets.select(range(128)), tok, 48), encode(
+        synthetic_tweets.select(range(128, 160)), tok, 48
+    )
+
+
+@pytest.fixture(params=["tiny", pytest.param("real", marks=pytest.mark.real_model)])
+def model_and_data(request, tiny_bert, small):  # type: ignore[no-untyped-def]
+    """(model path, encoded train split): the tiny BERT on synthetic tweets, or MiniLM on real ones."""
+    if request.param == "tiny":
+        return tiny_bert.path, small[0]
+    from fedlora.core.data import get_splits
+
     splits = get_splits(DataConfig(max_examples=600, test_size=100), 2, 0)
-    tok = load_tokenizer("")
-    return encode(splits.client_train(0), tok, 48), encode(splits.test, tok, 48)
+    return "", encode(splits.client_train(0), load_tokenizer(""), 48)
 
 
 def test_batches_are_padded_and_masked(small) -> None:  # type: ignore[no-untyped-def]
@@ -40,10 +48,9 @@ def test_num_steps_from_steps_or_epochs() -> None:
     assert num_steps(TrainConfig(local_epochs=0.5, batch_size=10), 100) == 5
 
 
-def test_training_changes_only_adapters_and_head_and_lowers_loss(small) -> None:  # type: ignore[no-untyped-def]
-    train, _ = small
-    torch.set_num_threads(2)
-    model = inject_lora(load_classifier("", num_labels=3, seed=0), LoraConfig(), seed=0)
+def test_training_changes_only_adapters_and_head_and_lowers_loss(model_and_data) -> None:  # type: ignore[no-untyped-def]
+    path, train = model_and_data
+    model = inject_lora(load_classifier(path, num_labels=3, seed=0), LoraConfig(), seed=0)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     adapters_before = adapter_state(model)
     loss_before, _ = evaluate(model, train)
@@ -60,19 +67,19 @@ def test_training_changes_only_adapters_and_head_and_lowers_loss(small) -> None:
     assert len(changed) == len(after)  # every LoRA A, B and head tensor was trained
 
 
-def test_training_is_reproducible_for_a_seed(small) -> None:  # type: ignore[no-untyped-def]
+def test_training_is_reproducible_for_a_seed(small, tiny_bert) -> None:  # type: ignore[no-untyped-def]
     train, _ = small
     runs = []
     for _ in range(2):
-        model = inject_lora(load_classifier("", num_labels=3, seed=0), LoraConfig(), seed=0)
+        model = inject_lora(load_classifier(tiny_bert.path, num_labels=3, seed=0), LoraConfig(), seed=0)
         train_local(model, train, TrainConfig(local_steps=3), seed=11)
         runs.append(adapter_state(model))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
-def test_evaluate_known_answer_on_empty_and_constant_model(small) -> None:  # type: ignore[no-untyped-def]
+def test_evaluate_known_answer_on_empty_and_constant_model(small, tiny_bert, synthetic_tweets) -> None:  # type: ignore[no-untyped-def]
     _, test = small
-    model = inject_lora(load_classifier("", num_labels=3, seed=0), LoraConfig(), seed=0)
+    model = inject_lora(load_classifier(tiny_bert.path, num_labels=3, seed=0), LoraConfig(), seed=0)
     head = model.base_model.model.classifier.modules_to_save["default"]
     with torch.no_grad():
         head.weight.zero_()
@@ -80,5 +87,5 @@ def test_evaluate_known_answer_on_empty_and_constant_model(small) -> None:  # ty
     loss, acc = evaluate(model, test)
     assert acc == pytest.approx(float((test.labels == 0).float().mean()))
     assert loss > 0
-    empty = encode(_small_test_split().select([]), load_tokenizer(""), 48)
+    empty = encode(synthetic_tweets.select([]), load_tokenizer(tiny_bert.path), 48)
     assert all(math.isnan(x) for x in evaluate(model, empty))
