@@ -79,7 +79,7 @@ def run(
             cfg = run_dir.resumable_config()
         else:
             cfg = load_experiment(experiment, overrides)
-        preflight(cfg, simulation=True)  # every check before the run directory is touched
+        cfg = preflight(cfg, simulation=True)  # every check before the run directory is touched
         # start-up: Ray and Flower's simulation take seconds to import; a bad experiment fails first
         from fedlora.run.simulation import check_ray_address
 
@@ -113,6 +113,7 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
             f"round {row['round']:>3}/{fed.rounds}  clients {row['num_clients']:>3}  "
             f"train_loss {row['train_loss']:.4f}  eval_loss {row['eval_loss']:.4f}  "
             f"eval_acc [bold]{100 * row['eval_accuracy']:.2f}%[/]  "
+            f"macro_f1 {100 * row['eval_macro_f1']:.2f}%  "
             f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
             f"{row['wall_s']:.1f} s" + _privacy_progress(row) + _fault_progress(row),
             soft_wrap=True,
@@ -145,7 +146,9 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
             f"[green]done[/] in {s['wall_s']:.1f} s: "
             f"final eval_accuracy {100 * s['final_eval_accuracy']:.2f}% "
             f"(best {100 * s['best_eval_accuracy']:.2f}% in round {s['best_round']}; "
-            f"majority class {100 * s['majority_accuracy']:.2f}%) -> {run_dir.path}",
+            f"majority class {100 * s['majority_accuracy']:.2f}%), "
+            f"final macro-F1 {100 * s['final_eval_macro_f1']:.2f}% "
+            f"(majority class {100 * s['majority_macro_f1']:.2f}%) -> {run_dir.path}",
             soft_wrap=True,
         )
     else:

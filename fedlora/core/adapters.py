@@ -19,8 +19,8 @@ from torch import nn
 
 from fedlora.core.arrays import State, base_weight_name, kind_of
 from fedlora.core.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
-from fedlora.core.data import LABELS
 from fedlora.core.models import load_classifier
+from fedlora.core.sources import label_names
 from fedlora.core.targets import target_suffixes, unmatched
 
 
@@ -88,24 +88,28 @@ def adapter_state_keys(model: PeftModel) -> list[str]:
 
 
 @functools.cache
-def _cached_model(model_path: str, lora_key: tuple[object, ...], seed: int) -> tuple[PeftModel, State]:
+def _cached_model(
+    model_path: str, lora_key: tuple[object, ...], seed: int, labels: tuple[str, ...]
+) -> tuple[PeftModel, State]:
 
     rank, alpha, dropout, rslora, targets = lora_key
     lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, targets=list(targets))  # type: ignore[arg-type, call-overload]
-    model = inject_lora(load_classifier(model_path, num_labels=len(LABELS), seed=seed), lora, seed=seed)
+    model = inject_lora(load_classifier(model_path, seed=seed, labels=labels), lora, seed=seed)
     return model, adapter_state(model)
 
 
-def _key(cfg: ExperimentConfig) -> tuple[str, tuple[object, ...], int]:
+def _key(cfg: ExperimentConfig) -> tuple[str, tuple[object, ...], int, tuple[str, ...]]:
 
     lora_key = tuple(tuple(v) if isinstance(v, list) else v for v in dataclasses.astuple(cfg.lora))
-    return cfg.model.path, lora_key, cfg.seed
+    return cfg.model.path, lora_key, cfg.seed, label_names(cfg.data)
 
 
 def get_model(cfg: ExperimentConfig) -> PeftModel:
     """The process's LoRA model for this experiment, built once and reused across rounds and clients.
 
-    Callers overwrite every adapter and head tensor (``load_adapter_state``) before use, so reuse is safe.
+    Its head has one output per class name (``data.labels``, or those inferred from ``data.source``), and
+    the names are in its config's ``id2label``. Callers overwrite every adapter and head tensor
+    (``load_adapter_state``) before use, so reuse is safe.
     """
     return _cached_model(*_key(cfg))[0]
 

@@ -9,6 +9,7 @@ raise :class:`~fedlora.core.config.ConfigError` with one line.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
 
@@ -32,10 +33,14 @@ def check_strategy(cfg: ExperimentConfig) -> ExperimentConfig:
     return registry.validate(cfg)
 
 
-def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> None:
+def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentConfig:
     """Checks that read the disk or the machine, cheapest first: GPUs, the model directory and its
-    weights, the LoRA targets against the model's module names, the data splits, privacy against client
-    sizes.
+    weights, the LoRA targets against the model's module names, the data (every value of a file, see
+    :mod:`fedlora.core.sources`) and its splits, privacy against client sizes.
+
+    Returns ``cfg`` resolved for the run: file paths in ``[data]`` made absolute and ``data.labels``
+    filled in from the data, so that every client (a deployed one reads only its own file) builds the
+    same classifier head. Use the returned config from here on.
 
     ``simulation``: this process will run the clients on Ray (``fedlora run``); without
     ``federation.ray_address`` that Ray is started here, so ``federation.client_gpus`` must find a GPU
@@ -44,14 +49,26 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> None:
     if simulation and not cfg.federation.ray_address:
         check_gpus(cfg)
     check_model(cfg)
-    from fedlora.core.data import get_splits  # here: datasets takes about 1 s to import, after cheaper checks
+    from fedlora.core.data import get_splits, label_names  # here: datasets takes about 1 s to import
 
+    cfg = resolve_paths(cfg)
     try:
         splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
+        labels = label_names(cfg.data)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     if cfg.privacy.enabled:
         check_privacy(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=list(labels)))
+
+
+def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``data.source`` (unless ``tweets``) and ``data.test_path`` as absolute paths, so that processes
+    started elsewhere (Ray workers, the ServerApp of ``flwr run``) read the same files."""
+    data = cfg.data
+    source = data.source if data.tweets else str(Path(data.source).expanduser().absolute())
+    test_path = str(Path(data.test_path).expanduser().absolute()) if data.test_path else ""
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, source=source, test_path=test_path))
 
 
 def check_gpus(cfg: ExperimentConfig) -> None:
