@@ -103,7 +103,7 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
     fed = cfg.federation
     console.print(
         f"[bold]fedlora[/] {cfg.name}: strategy [cyan]{cfg.strategy.name}[/], {fed.num_clients} clients "
-        f"({fed.clients_per_round()} per round), {fed.rounds} rounds, partitioner {cfg.data.partitioner} "
+        f"({fed.clients_per_round()} per round), {fed.rounds} rounds, {_data_line(cfg.data)} "
         f"-> {run_dir.path}",
         soft_wrap=True,
     )
@@ -153,6 +153,13 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
         )
     else:
         _fail(f"the run ended without a summary; see {run_dir.rounds_path} (rerun with --verbose)", code=1)
+
+
+def _data_line(data: Any) -> str:
+    """The data part of the start line: source, partitioner, number of classes."""
+    source = "the tweets" if data.tweets else Path(data.source).name
+    split = f"natural by {data.partition_by}" if data.partitioner == "natural" else data.partitioner
+    return f"{source} ({len(data.labels)} labels), partitioner {split}"
 
 
 def _fault_progress(row: dict[str, Any]) -> str:

@@ -11,11 +11,13 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
 
 from fedlora.core.arrays import State, base_weight_name, kind_of
 from fedlora.core.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
@@ -148,3 +150,22 @@ def set_base_offsets(model: nn.Module, offsets: Mapping[str, torch.Tensor]) -> N
         with torch.no_grad():
             offset = offsets.get(key)
             base.weight.copy_(w0 if offset is None else w0 + offset.to(w0.dtype).to(w0.device))
+
+
+def save_adapter(model: PeftModel, directory: Path) -> None:
+    """Write the adapter in peft's format plus the base model's ``config.json``, whose ``id2label`` and
+    ``label2id`` name the classes (see :func:`load_trained`)."""
+    model.save_pretrained(str(directory))
+    config: PretrainedConfig = model.get_base_model().config  # type: ignore[assignment]
+    config.save_pretrained(str(directory))
+
+
+def load_trained(directory: Path, model_path: str = "") -> PeftModel:
+    """A saved adapter on its base model, in eval mode, predicting class names: ``model.config.id2label``
+    maps an output index to its name. ``model_path``: the base model directory (default: the packaged
+    all-MiniLM-L6-v2, as ``model.path``)."""
+    config = AutoConfig.from_pretrained(str(directory))
+    labels = [config.id2label[i] for i in range(len(config.id2label))]
+    model = PeftModel.from_pretrained(load_classifier(model_path, labels=labels), str(directory))
+    model.eval()
+    return model

@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from fedlora.core import protocol
-from fedlora.core.adapters import initial_state
+from fedlora.core.adapters import initial_state, save_adapter
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.records import RunDirectory, versions
 from fedlora.run import checkpoint
@@ -73,7 +73,7 @@ def run_federation(
         rows.append(row)
         if on_round is not None:
             on_round(row)
-    global_model(cfg, loop.global_state, {}).save_pretrained(str(run_dir.adapter_path))
+    save_adapter(global_model(cfg, loop.global_state, {}), run_dir.adapter_path)
     if strategy.base_offsets:  # FedEx-LoRA, FLoRA: what was folded into the frozen weights
         offsets = {k: v.contiguous() for k, v in strategy.base_offsets.items()}
         save_file(offsets, str(run_dir.base_offsets_path))
