@@ -349,6 +349,44 @@ def report(
     typer.echo(f"wrote {', '.join(str(p) for p in files.values())}")
 
 
+@app.command("data")
+def show_data(
+    experiment: Annotated[
+        Path | None, typer.Argument(help="experiment TOML file (default: sims/quickstart.toml)")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value")] = None,
+    clients: Annotated[int | None, typer.Option(help="shortcut for --set federation.num_clients=N")] = None,
+    png: Annotated[
+        Path | None,
+        typer.Option(help="where to write the plot of label shares (default: runs/<name>-data.png)"),
+    ] = None,
+) -> None:
+    """Show the split a run would use: per client its examples and label histogram, the test set; and
+    write a PNG of label shares per client."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.report.splits import plot_label_shares, split_table
+    from fedlora.run.experiment import check_data, load_experiment
+
+    overrides = list(set_ or []) + ([f"federation.num_clients={clients}"] if clients is not None else [])
+    if experiment is None and DEFAULT_EXPERIMENT.is_file():
+        experiment = DEFAULT_EXPERIMENT
+    try:
+        cfg, splits = check_data(load_experiment(experiment, overrides))
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    data = cfg.data
+    typer.echo(
+        f"{cfg.name}: {_data_line(data)}, {splits.num_clients} clients, seed {cfg.seed}, "
+        f"test set {'data.test_path' if data.test_path else 'held out'} ({len(splits.test)} examples)"
+    )
+    typer.echo(split_table(splits, data))
+    path = plot_label_shares(
+        splits, png or Path("runs") / f"{cfg.name}-data.png", f"{cfg.name}: label shares"
+    )
+    typer.echo(f"wrote {path}")
+
+
 @app.command("config")
 def show_config(
     experiment: Annotated[

@@ -73,6 +73,8 @@ def read_table(origin: Origin) -> datasets.Dataset:
                 builder, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True, **options
             )
     except Exception as exc:  # any parser's error: the file is not what its extension says
+        if "corresponds to no data" in str(exc):  # datasets' words for a file with a header only
+            raise ConfigError(f"{origin} has no rows; give a file with labelled examples") from None
         raise ConfigError(
             f"{origin} could not be read as {builder.upper()}: {_first_line(exc)}; fix the file or its "
             "extension"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from fedlora.core.targets import PRESETS, preset_family, target_suffixes, unmatc
 from fedlora.core.weights import linear_weight_names, model_dir, model_label, weight_shapes
 from fedlora.privacy.settings import check as check_privacy
 from strategies import registry
+
+if TYPE_CHECKING:
+    from fedlora.core.data import FederatedSplits
 
 
 def load_experiment(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -49,7 +53,17 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
     if simulation and not cfg.federation.ray_address:
         check_gpus(cfg)
     check_model(cfg)
-    from fedlora.core.data import get_splits, label_names  # here: datasets takes about 1 s to import
+    cfg, splits = check_data(cfg)
+    if cfg.privacy.enabled:
+        check_privacy(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
+    return cfg
+
+
+def check_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, FederatedSplits]:
+    """Read the data and build the splits (every value of a file is checked, see
+    :mod:`fedlora.core.sources`); returns the config with absolute paths and ``data.labels`` filled in,
+    and the splits."""
+    from fedlora.core.data import get_splits, label_names  # start-up: datasets takes about 1 s to import
 
     cfg = resolve_paths(cfg)
     try:
@@ -57,9 +71,7 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
         labels = label_names(cfg.data)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.privacy.enabled:
-        check_privacy(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=list(labels)))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=list(labels))), splits
 
 
 def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
