@@ -117,9 +117,9 @@ def test_sentence_pairs_and_a_separate_test_file(tmp_path: Path) -> None:
         partitioner="iid",
     )
     splits = build_splits(cfg, 2, seed=0)
-    assert len(splits.test) == 6 and rows(splits.test)[0] == ("premise 0", 1, "hypothesis 0")
+    assert len(splits.test) == 6 and rows(splits.test)[0] == ("premise 0", "hypothesis 0", 1)
     assert sum(len(p) for p in (*splits.train_parts, *splits.val_parts)) == 40  # no held-out split
-    assert splits.client_train(0).column_names == ["text", "label", "text_pair"]
+    assert splits.client_train(0).column_names == ["text", "text_pair", "label"]
 
 
 def test_a_saved_class_label_keeps_its_names_and_order(tmp_path: Path) -> None:
