@@ -423,22 +423,34 @@ app.add_typer(deploy_app, name="deploy")
 
 @deploy_app.command("local")
 def deploy_local(
-    nodes: Annotated[int, typer.Option(help="SuperNodes to start, one partition each")] = 3,
+    nodes: Annotated[
+        int | None, typer.Option(help="SuperNodes to start, one partition each (default 3)")
+    ] = None,
     directory: Annotated[
         Path, typer.Option("--dir", help="certificates, keys, FLWR_HOME and logs go here")
     ] = Path(".deploy"),
     federation: Annotated[str, typer.Option(help="name of the SuperLink connection in FLWR_HOME")] = (
         "fedlora-local"
     ),
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="a node's own labelled file (repeat, one per node; the node reads only it)"),
+    ] = None,
 ) -> None:
     """Bring up a SuperLink (TLS, node authentication) and N SuperNodes on loopback until Ctrl-C."""
-    if nodes < 1:
-        _fail(f"--nodes {nodes} is invalid: expected an integer >= 1")
+    files = tuple(data or ())
+    count = nodes if nodes is not None else (len(files) or 3)
+    if count < 1:
+        _fail(f"--nodes {count} is invalid: expected an integer >= 1")
     # start-up: imported when the command runs, so `fedlora --help` stays fast
-    from fedlora.run.deploy import DeployError, serve
+    from fedlora.run.deploy import DeployError, check_data_paths, serve
 
     try:
-        serve(directory, nodes, federation, echo=typer.echo)
+        files = check_data_paths(files, count)
+    except DeployError as exc:
+        _fail(str(exc))
+    try:
+        serve(directory, count, federation, echo=typer.echo, data_paths=files)
     except DeployError as exc:
         _fail(str(exc), code=1)
 
