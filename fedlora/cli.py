@@ -436,6 +436,11 @@ def deploy_local(
         list[Path] | None,
         typer.Option(help="a node's own labelled file (repeat, one per node; the node reads only it)"),
     ] = None,
+    experiment: Annotated[
+        Path | None,
+        typer.Option(help="experiment to check first (the --data files against its labels) and to print"),
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key of --experiment")] = None,
 ) -> None:
     """Bring up a SuperLink (TLS, node authentication) and N SuperNodes on loopback until Ctrl-C."""
     files = tuple(data or ())
@@ -444,13 +449,26 @@ def deploy_local(
         _fail(f"--nodes {count} is invalid: expected an integer >= 1")
     # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.run.deploy import DeployError, check_data_paths, serve
+    from fedlora.run.experiment import check_node_files, load_experiment, preflight
 
+    overrides = tuple(set_ or ())
     try:
         files = check_data_paths(files, count)
-    except DeployError as exc:
+        if experiment is not None:  # every check before any process starts
+            cfg = load_experiment(experiment, [*overrides, f"federation.num_clients={count}"])
+            check_node_files(preflight(cfg), files)
+    except (DeployError, ConfigError) as exc:
         _fail(str(exc))
     try:
-        serve(directory, count, federation, echo=typer.echo, data_paths=files)
+        serve(
+            directory,
+            count,
+            federation,
+            echo=typer.echo,
+            data_paths=files,
+            experiment=experiment,
+            overrides=overrides,
+        )
     except DeployError as exc:
         _fail(str(exc), code=1)
 

@@ -5,13 +5,16 @@ small file train a federation whose server evaluates on its own test file."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
 from clients import runtime
+from fedlora.cli import app
 from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.sources import write_table
 from fedlora.core.tweets import TOPICS, topics_frame
@@ -120,3 +123,27 @@ def test_three_nodes_each_with_its_own_file_train_a_federation(
     for i in range(NODES):
         log = (deployment.logs / f"supernode-{i}.log").read_text()
         assert "Start `flwr-clientapp` process" in log
+
+
+def test_deploy_local_checks_each_node_file_before_any_process_starts(tmp_path: Path) -> None:
+    frame = topics_frame(per_topic=12, users=3, seed=0)
+    server = write_table(frame, tmp_path / "server.csv")
+    good = [write_table(frame, tmp_path / f"node-{i}.csv") for i in range(2)]
+    odd = write_table(frame.assign(topic="weather"), tmp_path / "odd.csv")
+    experiment = tmp_path / "exp.toml"
+    experiment.write_text(
+        f'[data]\nsource = "{server}"\nlabel = "topic"\npartitioner = "iid"\ntest_size = 10\n'
+        "[federation]\nmin_clients = 2\n"
+    )
+    args = ["deploy", "local", "--dir", str(tmp_path / "dep"), "--experiment", str(experiment)]
+    for path in (*good, odd):
+        args += ["--data", str(path)]
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: --data '{odd}' has labels outside the label set (airline, apple, ")
+    assert ": 'weather'; this node's labels must be among the federation's" in line
+    assert line.endswith("remove those rows or add the classes to data.labels")
+    assert not (tmp_path / "dep").exists()  # no certificate, no SuperLink, no SuperNode
+    assert time.perf_counter() - start < 5

@@ -375,7 +375,7 @@ def load_node_file(path: str, cfg: DataConfig, key: str = "data-path") -> datase
         raise ConfigError(
             "the experiment names no data.labels (the server fills them in); run a server that does"
         )
-    origin = Origin(f"node config {key}", path)
+    origin = Origin(f"node config {key}" if key == "data-path" else key, path)
     plain = DataConfig(
         source=path, text=cfg.text, text_pair=cfg.text_pair, label=cfg.label, partitioner="iid"
     )

@@ -391,11 +391,14 @@ class LocalDeployment:
                 )
             time.sleep(0.5)
 
-    def submit_command(self) -> str:
-        """The command that submits a run of the app to this federation (from the app's directory)."""
+    def submit_command(self, experiment: Path | None = None, overrides: tuple[str, ...] = ()) -> str:
+        """The command that submits a run of the app to this federation (from the app's directory):
+        ``experiment`` (default: the app's, sims/quickstart.toml) with ``overrides`` (``--set`` style)."""
+        given = ";".join([f"federation.num_clients={self.num_nodes}", *overrides])
+        chosen = f"experiment='{experiment}' " if experiment is not None else ""
         return (
             f"FLWR_HOME={self.home} {flower_bin('flwr')} run . {self.federation} --stream "
-            f"--run-config \"overrides='federation.num_clients={self.num_nodes}'\""
+            f"--run-config \"{chosen}overrides='{given}'\""
         )
 
 
@@ -446,6 +449,8 @@ def serve(
     *,
     echo: Callable[[str], None] = print,
     data_paths: tuple[Path, ...] = (),
+    experiment: Path | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> None:
     """``fedlora deploy local``: bring the topology up, say how to submit a run, wait for Ctrl-C.
 
@@ -468,7 +473,7 @@ def serve(
                 f"registered SuperNodes online; logs in {deployment.logs}"
             )
             echo("Submit a run from this directory in another terminal:")
-            echo(f"  {deployment.submit_command()}")
+            echo(f"  {deployment.submit_command(experiment, overrides)}")
             echo("Ctrl-C stops the SuperLink and the SuperNodes.")
             while True:
                 time.sleep(1.0)

@@ -74,6 +74,15 @@ def check_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, FederatedSplits
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=list(labels))), splits
 
 
+def check_node_files(cfg: ExperimentConfig, paths: list[Path] | tuple[Path, ...]) -> None:
+    """Each deployed node's own file, read as its ClientApp will read it, against the federation's
+    label set (``cfg`` as :func:`preflight` returns it); ConfigError naming the file otherwise."""
+    from fedlora.core.sources import load_node_file  # start-up: datasets takes about 1 s to import
+
+    for path in paths:
+        load_node_file(str(path), cfg.data, key="--data")
+
+
 def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     """``data.source`` (unless ``tweets``) and ``data.test_path`` as absolute paths, so that processes
     started elsewhere (Ray workers, the ServerApp of ``flwr run``) read the same files."""
