@@ -136,7 +136,7 @@ BAD_DATA: dict[str, tuple[Callable[[Path], str], str]] = {
         _unseen_test_labels,
         "these test labels never occur in data.source",
     ),
-    "more clients than rows": (_too_few_rows, "num_clients = 55 exceeds the 50 training examples"),
+    "more clients than rows": (_too_few_rows, "federation.num_clients = 55 exceeds the 50 training examples"),
     "more clients than users": (
         _too_few_users,
         "federation.num_clients = 5 exceeds the 4 values of data.partition_by 'user'",

@@ -97,8 +97,8 @@ def build_splits(cfg: DataConfig, num_clients: int, seed: int) -> FederatedSplit
         pool, test = _stratified_split(corpus, len(corpus) - cfg.test_size, seed, noun)
     if num_clients > len(pool):
         raise ValueError(
-            f"num_clients = {num_clients} exceeds the {len(pool)} training {noun} left after the test set; "
-            "lower federation.num_clients or raise data.max_examples"
+            f"federation.num_clients = {num_clients} exceeds the {len(pool)} training {noun} left after the "
+            "test set; lower federation.num_clients or raise data.max_examples"
         )
     parts = partition(pool, cfg, num_clients, seed)
     train_parts, val_parts = _train_val(pool, parts, cfg.val_fraction, seed, noun)
