@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner
 
 from fedlora.core.config import ConfigError, DataConfig
 from fedlora.core.sources import LABEL, partition_column
 from fedlora.core.tweets import SOURCES
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 # Independent random streams derived from the seed: np.random.default_rng([seed, stream]).
 IID_STREAM, NATURAL_STREAM, VAL_STREAM = 1, 2, 3
@@ -46,14 +49,16 @@ def int_column(ds: datasets.Dataset, name: str) -> np.ndarray:
     return np.asarray(ds.with_format("arrow")[:][name].to_numpy(), dtype=np.int64)
 
 
-def _rows_of(
-    partitioner: IidPartitioner | DirichletPartitioner | ShardPartitioner, num_clients: int
-) -> list[np.ndarray]:
+def _rows_of(partitioner: Partitioner, num_clients: int) -> list[np.ndarray]:
     return [int_column(partitioner.load_partition(cid), "row") for cid in range(num_clients)]
 
 
 def iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
     """Shuffle the rows; flwr's IidPartitioner cuts them into contiguous shards (sizes differ by <= 1)."""
+    # start-up: flwr_datasets imports seaborn and scipy.stats (about 2.5 s); natural splits and
+    # every data check before partitioning need neither
+    from flwr_datasets.partitioner import IidPartitioner
+
     rows = np.random.default_rng([seed, IID_STREAM]).permutation(n)
     partitioner = IidPartitioner(num_partitions=num_clients)
     partitioner.dataset = datasets.Dataset.from_dict({"row": rows})
@@ -62,6 +67,10 @@ def iid(n: int, num_clients: int, seed: int) -> list[np.ndarray]:
 
 def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
     """flwr's DirichletPartitioner by label (no self-balancing), redrawn until no client is empty."""
+    # start-up: flwr_datasets imports seaborn and scipy.stats (about 2.5 s); natural splits and
+    # every data check before partitioning need neither
+    from flwr_datasets.partitioner import DirichletPartitioner
+
     partitioner = DirichletPartitioner(
         num_partitions=num_clients,
         partition_by="label",
@@ -95,6 +104,10 @@ def shards(labels: np.ndarray, num_clients: int, per_client: int, seed: int) -> 
             f"{num_clients * per_client} training examples or more, but {len(labels)} are left after the "
             "test set; lower data.shards_per_client or federation.num_clients"
         )
+    # start-up: flwr_datasets imports seaborn and scipy.stats (about 2.5 s); natural splits and
+    # every data check before partitioning need neither
+    from flwr_datasets.partitioner import ShardPartitioner
+
     partitioner = ShardPartitioner(
         num_partitions=num_clients,
         partition_by="label",

@@ -123,13 +123,13 @@ def _read_saved(origin: Origin) -> datasets.Dataset:
 
 
 class _quiet:
-    """No progress bars or info logs from ``datasets`` while reading (restored afterwards)."""
+    """No progress bars or logs from ``datasets`` while reading (restored afterwards)."""
 
     def __enter__(self) -> None:
         self.bars = not datasets.utils.are_progress_bars_disabled()
         self.level = datasets.logging.get_verbosity()
         datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parsers log errors we re-raise
 
     def __exit__(self, *exc: object) -> None:
         if self.bars:
@@ -140,7 +140,7 @@ class _quiet:
 def _first_line(exc: BaseException) -> str:
     cause = exc.__cause__ or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    text = lines[0] if lines else type(cause).__name__
+    text = lines[0].rstrip(".") if lines else type(cause).__name__
     return text if len(text) <= 160 else text[:157] + "..."
 
 
