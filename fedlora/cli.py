@@ -382,7 +382,7 @@ def show_data(
     )
     typer.echo(split_table(splits, data))
     path = plot_label_shares(
-        splits, png or Path("runs") / f"{cfg.name}-data.png", f"{cfg.name}: label shares"
+        splits, png or Path("runs") / f"{cfg.name}-data.png", f"{cfg.name}: label shares per client"
     )
     typer.echo(f"wrote {path}")
 
