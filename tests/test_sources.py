@@ -171,3 +171,27 @@ def test_macro_f1_is_scikit_learns() -> None:
     # per class F1: 0 -> 0.5, 1 -> 0.8, 2 -> 2/3
     assert macro_f1(labels, predicted) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert macro_f1(labels, labels) == 1.0
+
+
+def test_sentence_pairs_are_encoded_as_two_segments() -> None:
+    from fedlora.core.models import load_tokenizer  # here: loads transformers
+    from fedlora.core.training import encode
+
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "text_pair": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["no", "yes"]),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {"text": ["a cat sat", "dogs bark"], "text_pair": ["a cat is sitting", "nothing"], "label": [1, 0]},
+        features=features,
+    )
+    tokenizer = load_tokenizer("")
+    pairs, single = encode(ds, tokenizer, 32), encode(ds.remove_columns("text_pair"), tokenizer, 32)
+    sep = tokenizer.sep_token_id
+    assert [row.count(sep) for row in pairs.ids] == [2, 2]
+    assert [row.count(sep) for row in single.ids] == [1, 1]
+    assert pairs.labels.tolist() == [1, 0]
+    assert max(len(row) for row in encode(ds, tokenizer, 8).ids) == 8  # truncated as a pair
