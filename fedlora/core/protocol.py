@@ -43,3 +43,6 @@ REASON = "reason"
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_STATE_DIR = "state-dir"
+NODE_DATA_PATH = "data-path"
+"""A deployed SuperNode's own labelled file (any format ``data.source`` takes): the node trains and
+evaluates on it and reads no other data; absent = the partition ``partition-id`` of ``data.source``."""

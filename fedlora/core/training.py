@@ -1,4 +1,4 @@
-"""Local training and evaluation loops over tokenised tweets (plain PyTorch, CPU or CUDA).
+"""Local training and evaluation loops over tokenised examples (plain PyTorch, CPU or CUDA).
 
 On a CUDA GPU with bfloat16 support the forward passes run under bf16 autocast (mixed precision):
 weights, gradients and optimizer state stay float32 and the loss is computed in float32, so no
@@ -47,9 +47,11 @@ class Encoded:
 
 
 def encode(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
-    """Tokenise the ``text`` column (truncated to ``max_length`` tokens) and keep the ``label`` column."""
+    """Tokenise the ``text`` column, with ``text_pair`` as the second segment when the dataset has one
+    (a pair is truncated to ``max_length`` tokens in all, longest first), and keep the ``label`` column."""
     texts = list(ds["text"])
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    pairs = list(ds["text_pair"]) if "text_pair" in ds.column_names else None
+    ids = tokenizer(texts, pairs, truncation=True, max_length=max_length)["input_ids"] if texts else []
     labels = torch.tensor(list(ds["label"]), dtype=torch.long)
     return Encoded(ids=tuple(tuple(r) for r in ids), labels=labels, pad_id=int(tokenizer.pad_token_id))
 
@@ -109,22 +111,53 @@ def train_local(model: nn.Module, data: Encoded, train: TrainConfig, *, seed: in
     return total / max(seen, 1), seen
 
 
+@dataclass(frozen=True)
+class Scores:
+    """Evaluation of a model on a split; every field is nan for an empty split."""
+
+    loss: float
+    """Mean cross-entropy."""
+    accuracy: float
+    """Fraction of examples predicted right, in [0, 1]."""
+    macro_f1: float
+    """Unweighted mean over classes of F1, in [0, 1] (scikit-learn's ``f1_score(average="macro")``: the
+    classes that occur in the labels or the predictions; a class with no true or predicted example
+    scores 0)."""
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Encoded, *, batch_size: int = 128) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy (fraction in [0, 1]) over ``data``; (nan, nan) if empty."""
+def score(model: nn.Module, data: Encoded, *, batch_size: int = 128) -> Scores:
+    """Loss, accuracy and macro-F1 of ``model`` over ``data``."""
     if len(data) == 0:
-        return math.nan, math.nan
+        return Scores(math.nan, math.nan, math.nan)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum = 0.0
+    predicted = torch.empty(len(data), dtype=torch.long)
     # Sorting by length keeps padding (and CPU time) low; the order does not change the result.
     order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
     for start in range(0, len(order), batch_size):
-        batch = {k: v.to(device) for k, v in data.batch(order[start : start + batch_size]).items()}
+        index = order[start : start + batch_size]
+        batch = {k: v.to(device) for k, v in data.batch(index).items()}
         with mixed_precision(device):
             out = model(**batch)
         loss_sum += float(out.loss) * len(batch["labels"])
-        correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+        predicted[index] = out.logits.argmax(-1).cpu()
     model.train(was_training)
-    return loss_sum / len(data), correct / len(data)
+    accuracy = int((predicted == data.labels).sum()) / len(data)
+    return Scores(loss_sum / len(data), accuracy, macro_f1(data.labels, predicted))
+
+
+def macro_f1(labels: torch.Tensor, predicted: torch.Tensor) -> float:
+    """scikit-learn's macro-averaged F1 of integer predictions against integer labels, in [0, 1]."""
+    # start-up: scikit-learn takes 1-2 s to import; only evaluation needs it, not a training client
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels.numpy(), predicted.numpy(), average="macro", zero_division=0.0))
+
+
+def evaluate(model: nn.Module, data: Encoded, *, batch_size: int = 128) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy (fraction in [0, 1]) over ``data``; (nan, nan) if empty."""
+    scores = score(model, data, batch_size=batch_size)
+    return scores.loss, scores.accuracy

@@ -198,6 +198,8 @@ class LocalDeployment:
 
     ``directory`` receives ``certs/``, ``flwr-home/``, ``logs/`` and the SuperNodes' state.
     ``app_dir`` is the Flower App (the repository root), the working directory of every process.
+    ``data_paths``: one labelled file per SuperNode (its node config's ``data-path``: the node trains on
+    that file and reads no other data); empty = every node takes its partition of ``data.source``.
     """
 
     directory: Path
@@ -206,6 +208,7 @@ class LocalDeployment:
     app_dir: Path = field(default_factory=Path.cwd)
     host: str = "127.0.0.1"
     start_timeout: float = 90.0
+    data_paths: tuple[Path, ...] = ()
     env: dict[str, str] = field(init=False)
     port: int = field(init=False, default=0)
     health_port: int = field(init=False, default=0)
@@ -215,6 +218,7 @@ class LocalDeployment:
     def __post_init__(self) -> None:
         self.directory = self.directory.resolve()
         self.app_dir = self.app_dir.resolve()
+        self.data_paths = check_data_paths(self.data_paths, self.num_nodes)
         self.credentials = Credentials(self.directory / "certs", self.num_nodes)
         self.home = self.directory / "flwr-home"
         self.logs = self.directory / "logs"
@@ -331,8 +335,13 @@ class LocalDeployment:
         args += ["--root-certificates", str(self.credentials.ca_cert)] if tls else ["--insecure"]
         if auth:
             args += ["--auth-supernode-private-key", str(key or self.credentials.node_key(i))]
-        args += ["--node-config", f"partition-id={i} num-partitions={self.num_nodes}"]
+        args += ["--node-config", self.node_config(i)]
         return [*args, "--host", self.host, "--port", str(port)]
+
+    def node_config(self, i: int) -> str:
+        """SuperNode ``i``'s ``--node-config``: its partition, and its own file when it has one."""
+        config = f"partition-id={i} num-partitions={self.num_nodes}"
+        return config + (f' data-path="{self.data_paths[i]}"' if self.data_paths else "")
 
     def start_supernode(self, i: int, port: int) -> subprocess.Popen[bytes]:
         """Start SuperNode ``i`` with its own key and partition."""
@@ -382,12 +391,30 @@ class LocalDeployment:
                 )
             time.sleep(0.5)
 
-    def submit_command(self) -> str:
-        """The command that submits a run of the app to this federation (from the app's directory)."""
+    def submit_command(self, experiment: Path | None = None, overrides: tuple[str, ...] = ()) -> str:
+        """The command that submits a run of the app to this federation (from the app's directory):
+        ``experiment`` (default: the app's, sims/quickstart.toml) with ``overrides`` (``--set`` style)."""
+        given = ";".join([f"federation.num_clients={self.num_nodes}", *overrides])
+        chosen = f"experiment='{experiment}' " if experiment is not None else ""
         return (
             f"FLWR_HOME={self.home} {flower_bin('flwr')} run . {self.federation} --stream "
-            f"--run-config \"overrides='federation.num_clients={self.num_nodes}'\""
+            f"--run-config \"{chosen}overrides='{given}'\""
         )
+
+
+def check_data_paths(paths: tuple[Path, ...] | list[Path], num_nodes: int) -> tuple[Path, ...]:
+    """The nodes' own files as absolute paths: none, or exactly one per node, each an existing file or
+    ``save_to_disk`` directory (raises DeployError naming the fix)."""
+    if not paths:
+        return ()
+    if len(paths) != num_nodes:
+        raise DeployError(f"{len(paths)} --data files for {num_nodes} SuperNodes; give one file per node")
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise DeployError(f"--data {missing[0]}: no such file or directory; give each node's labelled file")
+    if len({Path(p).resolve() for p in paths}) != len(paths):
+        raise DeployError("--data names the same file twice; give each node its own file")
+    return tuple(Path(p).resolve() for p in paths)
 
 
 def _accepts(host: str, port: int) -> bool:
@@ -415,7 +442,16 @@ def running(pids: list[int]) -> list[int]:
     return alive
 
 
-def serve(directory: Path, num_nodes: int, federation: str, *, echo: Callable[[str], None] = print) -> None:
+def serve(
+    directory: Path,
+    num_nodes: int,
+    federation: str,
+    *,
+    echo: Callable[[str], None] = print,
+    data_paths: tuple[Path, ...] = (),
+    experiment: Path | None = None,
+    overrides: tuple[str, ...] = (),
+) -> None:
     """``fedlora deploy local``: bring the topology up, say how to submit a run, wait for Ctrl-C.
 
     The first SIGINT or SIGTERM, during start-up or after, stops every process started, by PID (later
@@ -431,13 +467,13 @@ def serve(directory: Path, num_nodes: int, federation: str, *, echo: Callable[[s
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with LocalDeployment(directory, num_nodes, federation) as deployment:
+        with LocalDeployment(directory, num_nodes, federation, data_paths=data_paths) as deployment:
             echo(
                 f"SuperLink {deployment.address} (TLS, SuperNode authentication) with {num_nodes} "
                 f"registered SuperNodes online; logs in {deployment.logs}"
             )
             echo("Submit a run from this directory in another terminal:")
-            echo(f"  {deployment.submit_command()}")
+            echo(f"  {deployment.submit_command(experiment, overrides)}")
             echo("Ctrl-C stops the SuperLink and the SuperNodes.")
             while True:
                 time.sleep(1.0)

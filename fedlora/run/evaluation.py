@@ -1,9 +1,10 @@
-"""Server-side evaluation of the global adapter on the stratified held-out test set."""
+"""Server-side evaluation of the global adapter on the test set (held out, or ``data.test_path``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from peft import PeftModel
 
 from fedlora.core.adapters import get_model, load_adapter_state, set_base_offsets
@@ -11,7 +12,7 @@ from fedlora.core.arrays import State
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data import get_splits, majority_accuracy
 from fedlora.core.models import load_tokenizer
-from fedlora.core.training import encode, evaluate
+from fedlora.core.training import Scores, encode, macro_f1, score
 
 
 @dataclass
@@ -21,15 +22,20 @@ class Evaluator:
     cfg: ExperimentConfig
     majority_accuracy: float = field(init=False)
     """Accuracy of always predicting the test set's most frequent label."""
+    majority_macro_f1: float = field(init=False)
+    """Macro-F1 of always predicting the test set's most frequent label."""
 
     def __post_init__(self) -> None:
         test = get_splits(self.cfg.data, self.cfg.federation.num_clients, self.cfg.seed).test
         self.majority_accuracy = majority_accuracy(test)
         self.test = encode(test, load_tokenizer(self.cfg.model.path), self.cfg.data.max_length)
+        labels = self.test.labels
+        majority = torch.full_like(labels, int(torch.bincount(labels).argmax())) if len(labels) else labels
+        self.majority_macro_f1 = macro_f1(labels, majority) if len(labels) else float("nan")
 
-    def __call__(self, state: State, base_offsets: State) -> tuple[float, float]:
-        """(eval_loss, eval_accuracy) of the adapter ``state`` over W0 + ``base_offsets`` on the test set."""
-        return evaluate(global_model(self.cfg, state, base_offsets), self.test)
+    def __call__(self, state: State, base_offsets: State) -> Scores:
+        """Loss, accuracy and macro-F1 of the adapter ``state`` over W0 + ``base_offsets`` on the test set."""
+        return score(global_model(self.cfg, state, base_offsets), self.test)
 
 
 def global_model(cfg: ExperimentConfig, state: State, base_offsets: State) -> PeftModel:

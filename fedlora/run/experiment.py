@@ -9,8 +9,10 @@ raise :class:`~fedlora.core.config.ConfigError` with one line.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +21,9 @@ from fedlora.core.targets import PRESETS, preset_family, target_suffixes, unmatc
 from fedlora.core.weights import linear_weight_names, model_dir, model_label, weight_shapes
 from fedlora.privacy.settings import check as check_privacy
 from strategies import registry
+
+if TYPE_CHECKING:
+    from fedlora.core.data import FederatedSplits
 
 
 def load_experiment(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -32,10 +37,14 @@ def check_strategy(cfg: ExperimentConfig) -> ExperimentConfig:
     return registry.validate(cfg)
 
 
-def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> None:
+def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentConfig:
     """Checks that read the disk or the machine, cheapest first: GPUs, the model directory and its
-    weights, the LoRA targets against the model's module names, the data splits, privacy against client
-    sizes.
+    weights, the LoRA targets against the model's module names, the data (every value of a file, see
+    :mod:`fedlora.core.sources`) and its splits, privacy against client sizes.
+
+    Returns ``cfg`` resolved for the run: file paths in ``[data]`` made absolute and ``data.labels``
+    filled in from the data, so that every client (a deployed one reads only its own file) builds the
+    same classifier head. Use the returned config from here on.
 
     ``simulation``: this process will run the clients on Ray (``fedlora run``); without
     ``federation.ray_address`` that Ray is started here, so ``federation.client_gpus`` must find a GPU
@@ -44,14 +53,43 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> None:
     if simulation and not cfg.federation.ray_address:
         check_gpus(cfg)
     check_model(cfg)
-    from fedlora.core.data import get_splits  # here: datasets takes about 1 s to import, after cheaper checks
-
-    try:
-        splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
-    except (FileNotFoundError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
+    cfg, splits = check_data(cfg)
     if cfg.privacy.enabled:
         check_privacy(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
+    return cfg
+
+
+def check_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, FederatedSplits]:
+    """Read the data and build the splits (every value of a file is checked, see
+    :mod:`fedlora.core.sources`); returns the config with absolute paths and ``data.labels`` filled in,
+    and the splits."""
+    from fedlora.core.data import get_splits, label_names  # start-up: datasets takes about 1 s to import
+
+    cfg = resolve_paths(cfg)
+    try:
+        splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
+        labels = label_names(cfg.data)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=list(labels))), splits
+
+
+def check_node_files(cfg: ExperimentConfig, paths: list[Path] | tuple[Path, ...]) -> None:
+    """Each deployed node's own file, read as its ClientApp will read it, against the federation's
+    label set (``cfg`` as :func:`preflight` returns it); ConfigError naming the file otherwise."""
+    from fedlora.core.sources import load_node_file  # start-up: datasets takes about 1 s to import
+
+    for path in paths:
+        load_node_file(str(path), cfg.data, key="--data")
+
+
+def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``data.source`` (unless ``tweets``) and ``data.test_path`` as absolute paths, so that processes
+    started elsewhere (Ray workers, the ServerApp of ``flwr run``) read the same files."""
+    data = cfg.data
+    source = data.source if data.tweets else str(Path(data.source).expanduser().absolute())
+    test_path = str(Path(data.test_path).expanduser().absolute()) if data.test_path else ""
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, source=source, test_path=test_path))
 
 
 def check_gpus(cfg: ExperimentConfig) -> None:

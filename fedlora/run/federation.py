@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from fedlora.core import protocol
-from fedlora.core.adapters import initial_state
+from fedlora.core.adapters import initial_state, save_adapter
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.records import RunDirectory, versions
 from fedlora.run import checkpoint
@@ -73,20 +73,21 @@ def run_federation(
         rows.append(row)
         if on_round is not None:
             on_round(row)
-    global_model(cfg, loop.global_state, {}).save_pretrained(str(run_dir.adapter_path))
+    save_adapter(global_model(cfg, loop.global_state, {}), run_dir.adapter_path)
     if strategy.base_offsets:  # FedEx-LoRA, FLoRA: what was folded into the frozen weights
         offsets = {k: v.contiguous() for k, v in strategy.base_offsets.items()}
         save_file(offsets, str(run_dir.base_offsets_path))
-    summary = _summary(cfg, rows, evaluate.majority_accuracy, before_s + time.monotonic() - started)
+    summary = _summary(cfg, rows, evaluate, before_s + time.monotonic() - started)
     run_dir.write_summary(summary)
     return summary
 
 
 def _summary(
-    cfg: ExperimentConfig, rows: list[dict[str, Any]], majority: float, wall_s: float
+    cfg: ExperimentConfig, rows: list[dict[str, Any]], evaluate: Evaluator, wall_s: float
 ) -> dict[str, Any]:
     accuracies = [r["eval_accuracy"] for r in rows]
     best = max(range(len(rows)), key=lambda i: accuracies[i])
+    f1 = [r.get("eval_macro_f1", float("nan")) for r in rows]  # rows of a run resumed from before F1
     return {
         "name": cfg.name,
         "strategy": cfg.strategy.name,
@@ -96,7 +97,11 @@ def _summary(
         "final_eval_loss": rows[-1]["eval_loss"],
         "best_eval_accuracy": accuracies[best],
         "best_round": rows[best]["round"],
-        "majority_accuracy": majority,
+        "final_eval_macro_f1": f1[-1],
+        "best_eval_macro_f1": max((v for v in f1 if v == v), default=float("nan")),
+        "majority_accuracy": evaluate.majority_accuracy,
+        "majority_macro_f1": evaluate.majority_macro_f1,
+        "labels": list(cfg.data.labels),
         "total_uplink_bytes": sum(r["uplink_bytes"] for r in rows),
         "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
         "total_failed": sum(r.get("num_failed") or 0 for r in rows),

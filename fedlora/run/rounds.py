@@ -88,7 +88,7 @@ class RoundLoop:
         if asked:
             client_eval = strategy.aggregate_evaluate(server_round, exchange(self.grid, asked, timeout))
         STOP.check()
-        eval_loss, eval_accuracy = self.evaluate(self.global_state, strategy.base_offsets)
+        scores = self.evaluate(self.global_state, strategy.base_offsets)
         metrics: dict[str, Any] = dict(train_metrics or {})
         row: dict[str, Any] = {
             "round": server_round,
@@ -96,8 +96,9 @@ class RoundLoop:
             "num_clients": int(metrics.pop("num_clients", 0)),
             **strategy.counts.as_row(),
             "train_loss": metrics.pop("train_loss", math.nan),
-            "eval_loss": eval_loss,
-            "eval_accuracy": eval_accuracy,
+            "eval_loss": scores.loss,
+            "eval_accuracy": scores.accuracy,
+            "eval_macro_f1": scores.macro_f1,
             "uplink_bytes": strategy.traffic.uplink,
             "downlink_bytes": strategy.traffic.downlink,
             "aggregate_s": aggregate_s,

@@ -54,8 +54,7 @@ def main(grid: Grid, context: Context) -> None:
     run_config = context.run_config
     experiment = _app_path(str(run_config.get("experiment", "sims/quickstart.toml")))
     overrides = [o.strip() for o in str(run_config.get("overrides", "")).split(";") if o.strip()]
-    cfg = load_experiment(experiment, overrides)
-    preflight(cfg)
+    cfg = preflight(load_experiment(experiment, overrides))
     out = Path(str(run_config.get("out-dir", "runs"))) / f"{cfg.name}-{int(time.time())}"
     run_dir = RunDirectory(out)
     run_dir.create(cfg)
