@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -203,20 +202,17 @@ def test_at_least_twelve_bad_data_cases() -> None:
     assert len(BAD_DATA) >= 12
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("case", ["one class", "unreadable file"])
-def test_bad_data_through_a_real_process(case: str, tmp_path: Path) -> None:
+def test_bad_data_through_a_real_process(
+    case: str, tmp_path: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     """Exactly one line on stderr from a real process: no library logs before it (the Parquet reader
     logs the error it raises, which must stay quiet)."""
     write, fragment = BAD_DATA[case]
     experiment = tmp_path / "bad.toml"
     experiment.write_text(SMALL + FEDERATION + write(tmp_path))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", "run", str(experiment), "--out", str(tmp_path / "run")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = run_cli("run", str(experiment), "--out", str(tmp_path / "run"), timeout=120)
     assert proc.returncode == 2
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("error: data.") and fragment in line

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,15 +52,11 @@ def test_fedlora_data_shows_each_client_and_writes_a_png(tmp_path: Path) -> None
 
 
 @pytest.mark.e2e
-def test_a_csv_with_five_labels_trains_by_user_and_the_adapter_predicts_names(tmp_path: Path) -> None:
+def test_a_csv_with_five_labels_trains_by_user_and_the_adapter_predicts_names(
+    tmp_path: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedlora.cli", "run", str(experiment(tmp_path)), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
+    proc = run_cli("run", str(experiment(tmp_path)), "--out", str(out), timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "macro_f1" in proc.stdout
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]

@@ -135,6 +135,7 @@ def test_a_saved_class_label_keeps_its_names_and_order(tmp_path: Path) -> None:
     assert label_names(cfg) == ("low", "high")
 
 
+@pytest.mark.real_model
 def test_the_tweets_keep_their_labels_and_source_split() -> None:
     assert label_names(DataConfig()) == LABELS == ("negative", "neutral", "positive")
     cfg = DataConfig(max_examples=2000, test_size=100, labels=list(LABELS))
