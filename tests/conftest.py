@@ -18,13 +18,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -296,3 +297,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return (0, E2E_ORDER.index(name) if name in E2E_ORDER else len(E2E_ORDER))
 
     items.sort(key=rank)
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower stamps messages with the running task's identity; give the test one, then reset it."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

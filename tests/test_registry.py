@@ -68,17 +68,6 @@ class Nodes:
         return [100 + pid for pid in range(NODES)]
 
 
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower stamps messages with the running task's identity; give the test one, then reset it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def client_reply(message: Message, start: State, pid: int) -> State:
     """What an honest client sends back, following only the message (arrays and plan)."""
     plan = ClientPlan.from_config(message.content[protocol.PLAN])  # type: ignore[arg-type]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -59,17 +58,6 @@ def test_bad_replies_are_rejected_with_their_reason(reply: dict, max_norm: float
 
 
 # ----- every strategy drops bad replies and aggregates the rest ---------------------------------
-@pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower stamps messages with the running task's identity; give the test one, then reset it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 class Nodes:
     """A grid that only lists node ids (what ``configure_train`` needs with fraction = 1)."""
 
