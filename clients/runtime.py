@@ -63,7 +63,7 @@ def model_for(cfg: ExperimentConfig) -> PeftModel:
 
 @functools.lru_cache(maxsize=8)
 def _client_data(text: str, partition_id: int, data_path: str) -> ClientData:
-
+    """The tokenised train and validation splits (cached: see :func:`data_for`)."""
     cfg = parse_experiment(text)
     if data_path:  # a deployed node with its own file: nothing else is read
         train, val = split_of_file(load_node_file(data_path, cfg.data), cfg.data.val_fraction, cfg.seed)

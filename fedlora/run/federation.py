@@ -8,6 +8,7 @@ round's row is appended to ``rounds.jsonl``; at the end the adapter (and any bas
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -87,7 +88,7 @@ def _summary(
 ) -> dict[str, Any]:
     accuracies = [r["eval_accuracy"] for r in rows]
     best = max(range(len(rows)), key=lambda i: accuracies[i])
-    f1 = [r.get("eval_macro_f1", float("nan")) for r in rows]  # rows of a run resumed from before F1
+    f1 = [r.get("eval_macro_f1", math.nan) for r in rows]  # rows of a run resumed from before F1
     return {
         "name": cfg.name,
         "strategy": cfg.strategy.name,
@@ -98,7 +99,7 @@ def _summary(
         "best_eval_accuracy": accuracies[best],
         "best_round": rows[best]["round"],
         "final_eval_macro_f1": f1[-1],
-        "best_eval_macro_f1": max((v for v in f1 if v == v), default=float("nan")),
+        "best_eval_macro_f1": max((v for v in f1 if not math.isnan(v)), default=math.nan),
         "majority_accuracy": evaluate.majority_accuracy,
         "majority_macro_f1": evaluate.majority_macro_f1,
         "labels": list(cfg.data.labels),
