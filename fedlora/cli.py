@@ -230,7 +230,6 @@ def compare(
 
 
 def _seed_list(text: str) -> list[int]:
-
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -300,7 +299,6 @@ def _compare_with_progress(
 
 
 def _final_accuracy(root: Path, task: Any) -> str:
-
     summary = read_summary(root / "runs" / task.key)
     return f": final accuracy {100 * summary['final_eval_accuracy']:.1f}%"
 

@@ -263,7 +263,6 @@ class FairOptions:
     match_norm: bool = DEFAULT_SETTINGS.match_norm
 
     def __post_init__(self) -> None:
-
         try:
             FairSettings(**dataclasses.asdict(self))
         except ValueError as exc:

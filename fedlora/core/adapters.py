@@ -101,7 +101,6 @@ def _cached_model(
 
 
 def _key(cfg: ExperimentConfig) -> tuple[str, tuple[object, ...], int, tuple[str, ...]]:
-
     lora_key = tuple(tuple(v) if isinstance(v, list) else v for v in dataclasses.astuple(cfg.lora))
     return cfg.model.path, lora_key, cfg.seed, label_names(cfg.data)
 
