@@ -208,8 +208,13 @@ def compare(
         if seeds is not None:
             grid = dataclasses.replace(grid, seeds=_seed_list(seeds))
         tasks = grid.tasks(list(set_ or []))
-        for config in {t.config.to_toml(): t.config for t in tasks}.values():
-            preflight(config, simulation=True)  # each cell runs as a local `fedlora run`
+        # Every distinct config checked once, as each cell's local `fedlora run` will; the runs write the
+        # resolved config (absolute paths, labels), so finished runs are compared with that.
+        resolved = {
+            text: preflight(config, simulation=True)
+            for text, config in {t.config.to_toml(): t.config for t in tasks}.items()
+        }
+        tasks = [dataclasses.replace(t, config=resolved[t.config.to_toml()]) for t in tasks]
         root = out or Path("runs") / grid.name
         if overwrite and root.exists():
             if any(root.iterdir()) and not (root / "comparison.json").is_file():
