@@ -11,7 +11,7 @@ STAMP := $(VENV)/.fedlora-installed
 # the tests that read one simulation run stay on one worker and the run is made once.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test test-fast lint typecheck clean
+.PHONY: setup run test test-fast lint typecheck clean deploy-test
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The image built and docker-compose.yml run for real with podman (root, Debian): a 2-round run on three
+# authenticated SuperNodes, an unregistered node refused, everything taken down. Not part of `test`.
+deploy-test: setup
+	PYTHON=$(BIN)/python deploy/ci.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

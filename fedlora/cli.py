@@ -476,6 +476,31 @@ def deploy_local(
         _fail(str(exc), code=1)
 
 
+@deploy_app.command("keygen")
+def deploy_keygen(
+    key: Annotated[
+        Path, typer.Argument(help="where to write this node's private key (KEY.pub gets the public key)")
+    ] = Path("deploy/keys/supernode"),
+    comment: Annotated[str, typer.Option(help="a name for the key, shown in the operator's list")] = (
+        "supernode"
+    ),
+) -> None:
+    """On a data owner's machine: make this SuperNode's key pair; print only the public key.
+
+    The private key (OpenSSH ECDSA P-384, mode 0600) stays at KEY and never leaves this machine; send
+    the printed line (also in KEY.pub) to the operator, who registers it with `flwr supernode register`.
+    """
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.run.deploy import DeployError, make_node_key
+
+    try:
+        public = make_node_key(key, comment)
+    except DeployError as exc:
+        _fail(str(exc))
+    typer.echo(public)
+    typer.echo(f"private key: {key} (stays here); public key: {key}.pub (send it to the operator)", err=True)
+
+
 @deploy_app.command("health")
 def deploy_health(
     address: Annotated[str, typer.Option(help="the --health-server-address of a SuperLink or SuperNode")] = (

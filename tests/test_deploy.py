@@ -21,9 +21,14 @@ from types import SimpleNamespace
 import httpx
 import psutil
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
 
 from fedlora.run.deploy import LocalDeployment, free_ports, make_credentials, running, write_flwr_home
 
@@ -99,27 +104,106 @@ def test_log_startup_writes_only_when_asked(tmp_path: Path, monkeypatch: pytest.
     assert row["fresh"] is False  # this process had seen a message before
 
 
-@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs openssl")
-def test_certs_script_writes_what_flower_reads(tmp_path: Path) -> None:
-    proc = subprocess.run(
-        ["bash", str(ROOT / "deploy" / "certs.sh"), str(tmp_path), "2"], capture_output=True, text=True
-    )
+def _private_keys(directory: Path) -> list[str]:
+    """Every file under ``directory`` that holds a private key of any format (PEM or OpenSSH)."""
+    found = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        for load in (load_pem_private_key, load_ssh_private_key):
+            try:
+                load(data, None)
+            except (ValueError, TypeError):
+                continue
+            found.append(str(path.relative_to(directory)))
+            break
+    return found
+
+
+def _certs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(ROOT / "deploy" / "certs.sh"), *args], capture_output=True, text=True)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_operator_certs_script_makes_no_node_key(tmp_path: Path) -> None:
+    proc = _certs(str(tmp_path), "coordinator.example.org")
     assert proc.returncode == 0, proc.stderr
     ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
     server = x509.load_pem_x509_certificate((tmp_path / "superlink.crt").read_bytes())
     server.verify_directly_issued_by(ca)
     sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert {"superlink", "localhost"} <= set(sans.get_values_for_type(x509.DNSName))
+    names = set(sans.get_values_for_type(x509.DNSName))
+    assert {"superlink", "localhost", "coordinator.example.org"} <= names
     assert load_pem_private_key((tmp_path / "superlink.key").read_bytes(), None).public_key() == (
         server.public_key()
     )
-    for i in range(2):
-        key = load_ssh_private_key((tmp_path / f"supernode-{i}").read_bytes(), None)
-        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
-    rerun = subprocess.run(
-        ["bash", str(ROOT / "deploy" / "certs.sh"), str(tmp_path), "2"], capture_output=True, text=True
-    )
+    # The operator's side holds its own two private keys and no SuperNode's.
+    assert _private_keys(tmp_path) == ["ca.key", "superlink.key"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["ca.crt", "ca.key", "superlink.crt", "superlink.key"]
+    rerun = _certs(str(tmp_path))
     assert rerun.returncode != 0 and "already" in rerun.stderr  # never overwrites existing keys
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_certs_script_refuses_the_old_node_count_and_names_the_demo_mode(tmp_path: Path) -> None:
+    proc = _certs(str(tmp_path / "c"), "3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: '3' is not a host name; node keys are no longer made here (each data owner runs "
+        "'fedlora deploy keygen'); for a one-machine rehearsal use: "
+        f"deploy/certs.sh --local-demo 3 {tmp_path / 'c'}"
+    ]
+    assert not (tmp_path / "c").exists()  # refused before any work
+    bad = _certs("--local-demo", "zero", str(tmp_path / "d"))
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --local-demo needs a positive number")
+
+
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")), reason="needs ssh-keygen")
+def test_certs_script_local_demo_makes_node_keys_flower_reads(tmp_path: Path) -> None:
+    proc = _certs("--local-demo", "2", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "never do this for a real federation" in proc.stdout
+    for i in range(2):
+        key = load_ssh_private_key((tmp_path / "nodes" / f"supernode-{i}").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        assert oct((tmp_path / "nodes" / f"supernode-{i}").stat().st_mode & 0o777) == "0o600"
+
+
+def test_keygen_prints_only_the_public_key_and_keeps_the_private_one(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "owner" / "supernode"
+    proc = run_cli("deploy", "keygen", str(path), "--comment", "owner-0", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    (line,) = proc.stdout.splitlines()  # one line on stdout: the public key, nothing else
+    assert line.startswith("ecdsa-sha2-nistp384 ") and line.endswith(" owner-0")
+    assert "PRIVATE" not in proc.stdout + proc.stderr
+    key = load_ssh_private_key(path.read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    public = load_ssh_public_key(line.encode())
+    assert public == key.public_key()  # the printed key is the one the node authenticates with
+    assert (tmp_path / "owner" / "supernode.pub").read_text().strip() == line
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    again = run_cli("deploy", "keygen", str(path), timeout=120)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"error: {path} already exists; remove it or choose another path (never overwritten)"
+    ]
+
+
+def test_compose_mounts_each_node_only_its_own_key_and_data() -> None:
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    nodes = sorted(name for name in services if name.startswith("supernode-"))
+    assert nodes == [f"supernode-{i}" for i in range(NODES)]
+    for name in nodes:
+        sources = [v.split(":/")[0] for v in services[name]["volumes"]]
+        keys = [s for s in sources if "KEYS" in s]
+        data = [s for s in sources if "FEDLORA_DATA" in s]
+        assert keys == [f"${{FEDLORA_KEYS:-./deploy/keys}}/{name}"]
+        assert data == [f"${{FEDLORA_DATA:-./deploy/data}}/{name}"]
+        others = [n for n in nodes if n != name]
+        assert not [s for s in sources for other in others if other in s]  # nothing of another node
+        assert not [s for s in sources if "superlink.key" in s or "ca.key" in s]
+    superlink = [v.split(":/")[0] for v in services["superlink"]["volumes"]]
+    assert not [s for s in superlink if "KEYS" in s or "supernode" in s]  # no node key at the operator
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Compose v1 not installed")
@@ -131,6 +215,23 @@ def test_compose_file_is_valid() -> None:
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Compose v1 not installed")
+def test_gpu_override_reserves_a_gpu_per_node_and_keeps_each_nodes_mounts() -> None:
+    files = ["-f", str(ROOT / "docker-compose.yml"), "-f", str(ROOT / "docker-compose.gpu.yml")]
+    proc = subprocess.run(["docker-compose", *files, "config"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    services = yaml.safe_load(proc.stdout)["services"]
+    assert "deploy" not in services["superlink"]  # the SuperLink stays on the CPU image
+    for i in range(NODES):
+        node = services[f"supernode-{i}"]
+        (device,) = node["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
+        assert node["build"]["args"]["BASE_IMAGE"].startswith("nvidia/cuda:")
+        mounts = sorted(v.split(":")[1] for v in node["volumes"])
+        assert mounts == ["/certs/ca.crt", "/data", "/keys/supernode", "/own"], mounts
+        assert any(v.endswith(f"supernode-{i}:/keys/supernode:ro") for v in node["volumes"])
 
 
 # -- the live topology ---------------------------------------------------------------------------

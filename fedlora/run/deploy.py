@@ -109,13 +109,38 @@ def make_credentials(
     _write(creds.ca_cert, ca_cert.public_bytes(pem))
     _write(creds.server_cert, server_cert.public_bytes(pem))
     _write(creds.server_key, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, none), True)
-    for i in range(num_nodes):
-        key = ec.generate_private_key(ec.SECP384R1())
-        _write(creds.node_key(i), key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, none), True)
-        ssh = serialization.Encoding.OpenSSH
-        public = key.public_key().public_bytes(ssh, serialization.PublicFormat.OpenSSH)
-        _write(creds.node_public_key(i), public + f" supernode-{i}\n".encode())
+    for i in range(num_nodes):  # the local demo plays every data owner, so it makes their keys here
+        make_node_key(creds.node_key(i), f"supernode-{i}")
     return creds
+
+
+def make_node_key(path: Path, comment: str = "supernode") -> str:
+    """Write a SuperNode's authentication key pair: the private key at ``path`` (mode 0600) and the
+    public key at ``path.pub``; returns the public key line (what ``flwr supernode register`` reads).
+
+    ECDSA P-384 in OpenSSH format, the only kind Flower 1.42 accepts for node authentication. Run on
+    the data owner's machine (``fedlora deploy keygen``): the private key never leaves it. Raises
+    :class:`DeployError` before writing anything if either file exists or ``comment`` has whitespace.
+    """
+
+    public_path = path.with_name(path.name + ".pub")
+    for existing in (path, public_path):
+        if existing.exists():
+            raise DeployError(
+                f"{existing} already exists; remove it or choose another path (never overwritten)"
+            )
+    if not comment or any(c.isspace() for c in comment):
+        raise DeployError(f"key comment {comment!r} must be one word without spaces, e.g. supernode-0")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    _write(path, private, True)
+    ssh = serialization.Encoding.OpenSSH
+    public = key.public_key().public_bytes(ssh, serialization.PublicFormat.OpenSSH).decode() + f" {comment}"
+    _write(public_path, (public + "\n").encode())
+    return public
 
 
 def _certificate(
@@ -153,9 +178,14 @@ def _certificate(
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    path.write_bytes(data)
+    """Write ``data`` to ``path``; a private file is created with mode 0600 (never readable by others)."""
     if private:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         path.chmod(0o600)
+    else:
+        path.write_bytes(data)
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -196,7 +226,8 @@ def flower_bin(name: str) -> str:
 class LocalDeployment:
     """The loopback topology as processes; a context manager that stops everything it started.
 
-    ``directory`` receives ``certs/``, ``flwr-home/``, ``logs/`` and the SuperNodes' state.
+    ``directory`` receives ``certs/``, ``flwr-home/``, ``logs/``, the SuperNodes' state and their token
+    cache (``token-cache/``, unless FEDLORA_CACHE_DIR is set already).
     ``app_dir`` is the Flower App (the repository root), the working directory of every process.
     ``data_paths``: one labelled file per SuperNode (its node config's ``data-path``: the node trains on
     that file and reads no other data); empty = every node takes its partition of ``data.source``.
@@ -223,6 +254,8 @@ class LocalDeployment:
         self.home = self.directory / "flwr-home"
         self.logs = self.directory / "logs"
         self.env = {**os.environ, **DEPLOY_ENV, "FLWR_HOME": str(self.home)}
+        # Tokenised splits on disk (fedlora.core.token_cache.CACHE_ENV), reused by each message's process.
+        self.env.setdefault("FEDLORA_CACHE_DIR", str(self.directory / "token-cache"))
         pythonpath = [str(self.app_dir), os.environ.get("PYTHONPATH", "")]
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in pythonpath if p)
         # Flower starts its helpers (flower-superexec, flwr-serverapp, flwr-clientapp) from PATH.

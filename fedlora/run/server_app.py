@@ -59,4 +59,15 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(out)
     run_dir.create(cfg)
     log.warning("fedlora: writing run directory %s", out.resolve())
-    run_federation(grid, cfg, run_dir)
+    run_federation(grid, cfg, run_dir, on_round=_log_round)
+
+
+def _log_round(row: dict[str, object]) -> None:
+    """One line per finished round in the run's log (what ``flwr run --stream`` and ``flwr log`` show)."""
+    log.warning(
+        "fedlora: round %s done: %s clients, train loss %s, eval accuracy %s",
+        row.get("round"),
+        row.get("num_clients"),
+        row.get("train_loss"),
+        row.get("eval_accuracy"),
+    )

