@@ -1,16 +1,26 @@
-"""Client start-up cost: seconds from the server creating a train message to the client's first
-training step, in simulation (Ray actors that live for the whole run) and in deployment (SuperNodes,
-which start a fresh ClientApp process for every message).
+"""Client start-up per message on deployed SuperNodes: fedlora's ClientApp next to an empty Flower
+ClientApp, side by side in one run.
 
-Both runs use the same small experiment (``--nodes`` clients, all sampled, ``--rounds`` rounds of one
-local step on 1,500 tweets) on this machine, one after the other; the ClientApp appends one line per
-message to a log (``clients.runtime.log_startup``, enabled by FEDLORA_STARTUP_LOG). Round 1 includes
-loading the model and data in both modes; later rounds show the steady state, where simulation
-reuses the warm process and deployment pays the whole start-up again. "start-up CPU s" is the CPU
-time a process had used at its first training step (median over fresh processes): unlike the wall
-times, it barely depends on what else the machine runs.
+A SuperNode starts a fresh ClientApp process (``flwr-clientapp``) for every message, so each round
+pays the process's start-up again: Flower's own (importing flwr, connecting to the SuperNode, reading
+the message), which any ClientApp pays, and the app's (imports, model, data) until its first training
+step. This script brings up one loopback deployment (TLS, authenticated SuperNodes:
+:class:`fedlora.run.deploy.LocalDeployment`) and submits, one after the other, to the same nodes:
 
-Usage: ``python benchmarks/client_startup.py [--nodes 3] [--rounds 3]`` from the repository root.
+- an **empty** Flower App (written to a temporary folder): a ServerApp that sends ``--rounds`` train
+  messages to every node, a ClientApp whose train handler records its start-up and replies at once;
+- **fedlora**'s App with a small experiment (``--nodes`` clients, all sampled, ``--rounds`` rounds of
+  one local step of batch 8 on 1,500 tweets, max_length 32).
+
+Each ClientApp process appends one JSON line when it reaches its first training step (fedlora:
+``clients.runtime.log_startup``; the empty app: the same fields), to the file FEDLORA_STARTUP_LOG
+names. Reported per app, as medians over its messages: **CPU s**, the CPU seconds the ClientApp
+process had used by then (from its start, which follows the message's arrival at the node; what a busy
+machine barely inflates), and **wall s**, seconds from the server creating the message to that point
+(includes the node's polling and waiting for a CPU). The ratio fedlora / empty is taken on CPU s.
+The 1-minute load average is printed before and after (other jobs inflate wall s, much less CPU s).
+
+Usage, from the repository root: ``python benchmarks/client_startup.py [--nodes 2] [--rounds 3]``.
 """
 
 from __future__ import annotations
@@ -19,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -30,87 +39,160 @@ sys.path.insert(0, str(ROOT))
 from clients.runtime import STARTUP_LOG  # noqa: E402
 from fedlora.run.deploy import LocalDeployment  # noqa: E402
 
+EMPTY_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
 
-def overrides(nodes: int, rounds: int) -> list[str]:
-    """The experiment both modes run."""
+[project]
+name = "emptyapp"
+version = "1.0.0"
+dependencies = ["flwr"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "bench"
+
+[tool.flwr.app.components]
+serverapp = "emptyapp_server:app"
+clientapp = "emptyapp_client:app"
+
+[tool.flwr.app.config]
+rounds = 3
+nodes = 2
+"""
+
+EMPTY_SERVER = '''\
+"""Send one train message per round to every node; wait for all replies."""
+
+import time
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rounds, nodes = int(context.run_config["rounds"]), int(context.run_config["nodes"])
+    node_ids = list(grid.get_node_ids())
+    while len(node_ids) < nodes:
+        time.sleep(0.5)
+        node_ids = list(grid.get_node_ids())
+    for server_round in range(1, rounds + 1):
+        messages = [
+            Message(RecordDict({"config": ConfigRecord({"server-round": server_round})}), node, "train")
+            for node in node_ids
+        ]
+        replies = list(grid.send_and_receive(messages))
+        assert len(replies) == len(node_ids) and not any(r.has_error() for r in replies), replies
+'''
+
+EMPTY_CLIENT = '''\
+"""A ClientApp that does nothing: it records its start-up (as fedlora's does) and replies."""
+
+import json
+import os
+import time
+
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    path = os.environ.get("FEDLORA_STARTUP_LOG")
+    if path:
+        row = {
+            "round": int(message.content["config"]["server-round"]),
+            "startup_s": time.time() - message.metadata.created_at,
+            "cpu_s": time.process_time(),
+            "pid": os.getpid(),
+            "fresh": True,
+        }
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(json.dumps(row) + "\\n")
+    return Message(RecordDict(), reply_to=message)
+'''
+
+
+def write_empty_app(folder: Path) -> Path:
+    """Write the empty Flower App into ``folder``; returns it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(EMPTY_PYPROJECT)
+    (folder / "emptyapp_server.py").write_text(EMPTY_SERVER)
+    (folder / "emptyapp_client.py").write_text(EMPTY_CLIENT)
+    return folder
+
+
+def fedlora_overrides(nodes: int, rounds: int) -> list[str]:
+    """fedlora's small experiment."""
     return [
         f"federation.num_clients={nodes}",
         f"federation.rounds={rounds}",
         "train.local_steps=1",
+        "train.batch_size=8",
+        "data.max_length=32",
         "data.max_examples=1500",
         "data.test_size=100",
     ]
 
 
-def simulate(work: Path, nodes: int, rounds: int) -> list[dict[str, float]]:
-    """Run the experiment with ``fedlora run`` (Ray simulation); return the start-up log rows."""
-    log = work / "simulation.jsonl"
-    sets = [arg for o in overrides(nodes, rounds) for arg in ("--set", o)]
-    cmd = [sys.executable, "-m", "fedlora.cli", "run", *sets, "--out", str(work / "sim-run")]
-    env = {**os.environ, STARTUP_LOG: str(log), "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+def run_app(deployment: LocalDeployment, app: Path, run_config: str, log: Path) -> list[dict[str, float]]:
+    """Submit ``app`` to the deployment, wait for it to finish; return its ClientApps' log rows."""
+    proc = deployment.flwr(
+        "run", str(app), deployment.federation, "--stream", "--run-config", run_config, timeout=1200
+    )
     if proc.returncode != 0:
-        sys.exit(f"simulation failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return _rows(log)
-
-
-def deploy(work: Path, nodes: int, rounds: int) -> list[dict[str, float]]:
-    """Run the experiment on a loopback deployment (TLS, authenticated SuperNodes) with ``flwr run``."""
-    log = work / "deployment.jsonl"
-    os.environ[STARTUP_LOG] = str(log)  # inherited by the SuperNodes and their ClientApp processes
-    with LocalDeployment(work / "deployment", nodes, app_dir=ROOT) as deployment:
-        run_config = f"overrides='{';'.join(overrides(nodes, rounds))}' out-dir='{work / 'dep-runs'}'"
-        proc = deployment.flwr(
-            "run", ".", deployment.federation, "--stream", "--run-config", run_config, timeout=900
-        )
-    if proc.returncode != 0:
-        sys.exit(f"deployment run failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return _rows(log)
-
-
-def _rows(log: Path) -> list[dict[str, float]]:
+        sys.exit(f"run of {app} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def summarise(rows: list[dict[str, float]]) -> tuple[float, float, int, int, float]:
-    """(median start-up s in round 1, median in later rounds, messages, fresh processes,
-    median CPU seconds a fresh process used before its first step)."""
-    first = [r["startup_s"] for r in rows if r["round"] == 1]
-    later = [r["startup_s"] for r in rows if r["round"] > 1]
-    fresh = [r["cpu_s"] for r in rows if r["fresh"]]
-    return statistics.median(first), statistics.median(later), len(rows), len(fresh), statistics.median(fresh)
+def summarise(rows: list[dict[str, float]]) -> tuple[int, float, float, float]:
+    """(messages, median CPU s, median wall s over all rounds, median wall s over rounds >= 2)."""
+    cpu = statistics.median(r["cpu_s"] for r in rows)
+    wall = statistics.median(r["startup_s"] for r in rows)
+    later = [r["startup_s"] for r in rows if r["round"] > 1] or [wall]
+    return len(rows), cpu, wall, statistics.median(later)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--nodes", type=int, default=3, help="clients (SuperNodes), all sampled each round")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="rounds (at least 2: round 1 is the cold start)"
-    )
+    parser.add_argument("--nodes", type=int, default=2, help="SuperNodes, all sampled each round (default 2)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per app (default 3)")
     args = parser.parse_args()
-    if args.rounds < 2:
-        sys.exit("error: --rounds must be at least 2 (round 1 is the cold start)")
+    if args.nodes < 1 or args.rounds < 1:
+        sys.exit("error: --nodes and --rounds must be at least 1")
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="fedlora-startup-") as tmp:
         work = Path(tmp)
-        results = {
-            "simulation": simulate(work, args.nodes, args.rounds),
-            "deployment": deploy(work, args.nodes, args.rounds),
-        }
-    print(
-        f"{'mode':<11} {'messages':>8} {'processes':>9} {'round 1 s':>10} {'later rounds s':>15} "
-        f"{'start-up CPU s':>15}"
-    )
-    medians = {}
-    for mode, rows in results.items():
-        first, later, messages, fresh, cpu = summarise(rows)
-        medians[mode] = later
-        print(f"{mode:<11} {messages:>8} {fresh:>9} {first:>10.2f} {later:>15.2f} {cpu:>15.2f}")
-    ratio = medians["deployment"] / medians["simulation"]
-    overhead = medians["deployment"] - medians["simulation"]
-    print(f"ratio deployment / simulation (median, rounds >= 2): {ratio:.1f}x")
-    print(f"extra start-up per round in deployment: {overhead:.2f} s per client (clients start in parallel)")
+        empty = write_empty_app(work / "emptyapp")
+        # The log is named before the SuperNodes start: they pass their environment to every
+        # ClientApp process they start, so both apps log to one file, told apart by run order.
+        log = work / "startup.jsonl"
+        os.environ[STARTUP_LOG] = str(log)
+        with LocalDeployment(work / "deployment", args.nodes, app_dir=ROOT) as deployment:
+            empty_rows = run_app(deployment, empty, f"rounds={args.rounds} nodes={args.nodes}", log)
+            seen = len(empty_rows)
+            job = ";".join(fedlora_overrides(args.nodes, args.rounds))
+            config = f"overrides='{job}' out-dir='{work / 'runs'}'"
+            fedlora_rows = run_app(deployment, ROOT, config, log)[seen:]
+    load_after = os.getloadavg()[0]
+    print(f"{'ClientApp':<10} {'messages':>8} {'CPU s':>7} {'wall s':>7} {'wall s, rounds >= 2':>20}")
+    results = {"empty": summarise(empty_rows), "fedlora": summarise(fedlora_rows)}
+    for name, (messages, cpu, wall, later) in results.items():
+        print(f"{name:<10} {messages:>8} {cpu:>7.2f} {wall:>7.2f} {later:>20.2f}")
+    ratio = results["fedlora"][1] / results["empty"][1]
+    print(f"start-up ratio fedlora / empty (median CPU s per message): {ratio:.2f}x")
+    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; {os.cpu_count()} CPUs")
+    print(f"command: python benchmarks/client_startup.py --nodes {args.nodes} --rounds {args.rounds}")
 
 
 if __name__ == "__main__":

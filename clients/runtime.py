@@ -15,16 +15,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedlora.core import protocol
+from fedlora.core import protocol, token_cache
 from fedlora.core.adapters import get_model, initial_state
 from fedlora.core.arrays import State, fresh_lora, kind_of, orthogonal_a
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.data import get_splits, split_of_file
-from fedlora.core.models import load_tokenizer
 from fedlora.core.plan import ClientPlan
-from fedlora.core.sources import load_node_file
 from fedlora.core.store import ClientStore
 from fedlora.core.training import Encoded, encode
+from fedlora.core.weights import model_dir
 
 if TYPE_CHECKING:
     from flwr.app import Message
@@ -65,6 +63,25 @@ def model_for(cfg: ExperimentConfig) -> PeftModel:
 def _client_data(text: str, partition_id: int, data_path: str) -> ClientData:
     """The tokenised train and validation splits (cached: see :func:`data_for`)."""
     cfg = parse_experiment(text)
+    directory = token_cache.cache_dir()
+    key = token_cache.key_for(cfg, partition_id, data_path, model_dir(cfg.model.path)) if directory else ""
+    cached = token_cache.load(directory, key) if directory else None
+    if cached is not None:
+        return ClientData(*cached)
+    data = _tokenise(cfg, partition_id, data_path)
+    if directory:
+        token_cache.save(directory, key, data.train, data.val)
+    return data
+
+
+def _tokenise(cfg: ExperimentConfig, partition_id: int, data_path: str) -> ClientData:
+    """Read, split and tokenise this client's data (what the token cache saves a fresh process)."""
+    # start-up: reading and splitting imports datasets, pandas and pyarrow (about 1 CPU-second), and the
+    # tokenizer loads its files; a ClientApp process whose splits are in the token cache needs neither
+    from fedlora.core.data import get_splits, split_of_file
+    from fedlora.core.models import load_tokenizer
+    from fedlora.core.sources import load_node_file
+
     if data_path:  # a deployed node with its own file: nothing else is read
         train, val = split_of_file(load_node_file(data_path, cfg.data), cfg.data.val_fraction, cfg.seed)
     else:
@@ -80,7 +97,8 @@ def _client_data(text: str, partition_id: int, data_path: str) -> ClientData:
 def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
     """The client's tokenised splits, computed once per process and partition: from its own file
     ``data_path`` (the node config's ``data-path``, split into train and val like a partition), else
-    partition ``partition_id`` of the experiment's ``data.source``."""
+    partition ``partition_id`` of the experiment's ``data.source``. Where FEDLORA_CACHE_DIR is set
+    they are also kept on the node's disk (:mod:`fedlora.core.token_cache`) for the next process."""
     cfg = parse_experiment(text)
     if not 0 <= partition_id < cfg.federation.num_clients:
         raise ValueError(

@@ -22,7 +22,6 @@ from transformers import AutoConfig, PretrainedConfig
 from fedlora.core.arrays import State, base_weight_name, kind_of
 from fedlora.core.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
 from fedlora.core.models import load_classifier
-from fedlora.core.sources import label_names
 from fedlora.core.targets import target_suffixes, unmatched
 
 
@@ -102,7 +101,7 @@ def _cached_model(
 
 def _key(cfg: ExperimentConfig) -> tuple[str, tuple[object, ...], int, tuple[str, ...]]:
     lora_key = tuple(tuple(v) if isinstance(v, list) else v for v in dataclasses.astuple(cfg.lora))
-    return cfg.model.path, lora_key, cfg.seed, label_names(cfg.data)
+    return cfg.model.path, lora_key, cfg.seed, _label_names(cfg)
 
 
 def get_model(cfg: ExperimentConfig) -> PeftModel:
@@ -168,3 +167,14 @@ def load_trained(directory: Path, model_path: str = "") -> PeftModel:
     model = PeftModel.from_pretrained(load_classifier(model_path, labels=labels), str(directory))
     model.eval()
     return model
+
+
+def _label_names(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The class names: ``data.labels`` (always set in messages: the server fills them in), else read."""
+    if cfg.data.labels:
+        return tuple(cfg.data.labels)
+    # start-up: fedlora.core.sources imports datasets and pandas, which a client given data.labels (a
+    # deployed ClientApp process, started per message) never needs
+    from fedlora.core.sources import label_names
+
+    return label_names(cfg.data)

