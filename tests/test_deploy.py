@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,6 +233,34 @@ def test_gpu_override_reserves_a_gpu_per_node_and_keeps_each_nodes_mounts() -> N
         mounts = sorted(v.split(":")[1] for v in node["volumes"])
         assert mounts == ["/certs/ca.crt", "/data", "/keys/supernode", "/own"], mounts
         assert any(v.endswith(f"supernode-{i}:/keys/supernode:ro") for v in node["volumes"])
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"PYTHON": "/nonexistent/python"},
+            "deploy-ci: error: no Python at /nonexistent/python; run 'make setup'",
+        ),
+        (
+            {"FEDLORA_DEPLOY_ROUNDS": "two"},
+            "deploy-ci: error: FEDLORA_DEPLOY_ROUNDS must be a positive integer",
+        ),
+        (
+            {"FEDLORA_CI_PROJECT": "Bad Name"},
+            "deploy-ci: error: FEDLORA_CI_PROJECT 'Bad Name' must be lowercase",
+        ),
+    ],
+)
+def test_deploy_ci_script_rejects_bad_input_before_any_work(env: dict[str, str], expected: str) -> None:
+    environment = {**os.environ, "PYTHON": sys.executable, **env}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "ci.sh")], capture_output=True, text=True, env=environment, timeout=120
+    )
+    assert proc.returncode == 1
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(expected), line
+    assert proc.stdout == ""  # nothing installed, built or started
 
 
 # -- the live topology ---------------------------------------------------------------------------
