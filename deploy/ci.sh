@@ -86,10 +86,11 @@ compose() {
     FEDLORA_PUBLISH=127.0.0.1:$port \
     podman-compose -p "$PROJECT" -f "$ROOT/docker-compose.yml" "$@"
 }
-ours() {  # the containers, volumes and networks of this compose project (and the intruder)
+ours() {  # the containers, volumes, networks and helper processes of this compose project (and the intruder)
   podman ps -a --format '{{.Names}}' | grep -E "^${PROJECT}[_-]" || true
   podman volume ls --format '{{.Name}}' | grep -E "^${PROJECT}_" || true
   podman network ls --format '{{.Name}}' | grep -E "^${PROJECT}_" || true
+  ps -eo pid=,args= | grep -E "(conmon|dnsmasq|aardvark-dns).*${PROJECT}[_-]" | grep -v grep || true
 }
 teardown() {
   local code=$?
@@ -105,7 +106,7 @@ teardown() {
     echo "deploy-ci: error: left behind: $left" >&2
     code=1
   else
-    say "nothing left: no container, volume or network of project $PROJECT"
+    say "nothing left: no container, volume, network or helper process of project $PROJECT"
   fi
   if ((code != 0)) && [[ -d "$work" ]]; then
     for log in "$work"/*.log; do [[ -f "$log" ]] && { echo "--- $log (last lines)"; tail -n 30 "$log"; }; done

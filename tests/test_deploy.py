@@ -203,6 +203,8 @@ def test_compose_mounts_each_node_only_its_own_key_and_data() -> None:
         others = [n for n in nodes if n != name]
         assert not [s for s in sources for other in others if other in s]  # nothing of another node
         assert not [s for s in sources if "superlink.key" in s or "ca.key" in s]
+        (config,) = [a for a in services[name]["command"] if a.startswith("--node-config=")]
+        assert config.endswith(' data-path="${FEDLORA_NODE_DATA-/own/data.csv}"')  # its own file in /own
     superlink = [v.split(":/")[0] for v in services["superlink"]["volumes"]]
     assert not [s for s in superlink if "KEYS" in s or "supernode" in s]  # no node key at the operator
 
