@@ -114,11 +114,16 @@ teardown() {
   rm -rf "$work"
   exit "$code"
 }
+# Checked before the trap is set: a teardown must never remove another run's project.
+existing=$(ours | head -n 3 | tr '\n' ' ')
+if [[ -n "$existing" ]]; then
+  rm -rf "$work"
+  fail "project $PROJECT already has containers, volumes, networks or processes (${existing% });" \
+    "another deploy-ci run? set FEDLORA_CI_PROJECT=another-name, or remove them"
+fi
 trap teardown EXIT
 trap 'echo "deploy-ci: error: line $LINENO: $BASH_COMMAND failed" >&2' ERR
 trap 'exit 130' INT TERM
-[[ -z "$(ours)" ]] || fail "project $PROJECT already has containers, volumes or networks: $(ours | tr '\n' ' ')
-(another deploy-ci run? set FEDLORA_CI_PROJECT, or remove them)"
 
 mkdir -p "$CACHE"
 timings=()
