@@ -101,6 +101,7 @@ def train(message: Message, context: Context) -> Message:
             protocol.TRAIN_LOSS: trained.loss,
             protocol.PARTITION_ID: pid,
             **trained.metrics,
+            **runtime.label_counts(cfg, data.train),
         }
     )
     return Message(
@@ -118,7 +119,7 @@ def _declined(message: Message, pid: int, reason: str, extra: dict[str, float]) 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate this client's adapter (the global one, plus anything kept locally) on its validation split."""
-    _, pid, _, model, data, _, _, _ = _prepare(message, context)
+    cfg, pid, _, model, data, _, _, _ = _prepare(message, context)
     loss, accuracy = evaluate_model(model, data.val)
     n = len(data.val)
     metrics = MetricRecord(
@@ -127,6 +128,7 @@ def evaluate(message: Message, context: Context) -> Message:
             protocol.EVAL_LOSS: loss if n else 0.0,
             protocol.EVAL_ACCURACY: accuracy if n else 0.0,
             protocol.PARTITION_ID: pid,
+            **runtime.label_counts(cfg, data.val),
         }
     )
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
