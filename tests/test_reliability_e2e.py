@@ -8,6 +8,7 @@ restored), 20% of clients raising and 10% sending NaN every round.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import time
@@ -73,9 +74,16 @@ def test_sigkill_in_round_3_then_resume_gives_the_same_rounds(
     resumed = run_in_process("run", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert _metrics(out) == _metrics(clean_run)
+    assert _client_lines(out) == _client_lines(clean_run)  # no round's lines lost or written twice
     a, b = read_summary(out), read_summary(clean_run)
     assert a["final_eval_accuracy"] == b["final_eval_accuracy"]
     assert a["final_eval_loss"] == b["final_eval_loss"]
+
+
+def _client_lines(run_dir: Path) -> list[str]:
+    """clients.jsonl without the node ids (Flower draws them afresh in every run), in a fixed order."""
+    rows = [json.loads(line) for line in (run_dir / "clients.jsonl").read_text().splitlines()]
+    return sorted(json.dumps({k: v for k, v in r.items() if k != "node_id"}, sort_keys=True) for r in rows)
 
 
 def _wait_for_round_3_client_state(out: Path, proc: subprocess.Popen[bytes]) -> None:
