@@ -150,14 +150,27 @@ class LoraStrategy(Strategy):
         }
         if self.base_offsets:
             shared[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets)
+        config = shared[protocol.CONFIG]
         return [
             Message(
-                RecordDict({**shared, protocol.PLAN: self.client_plan(pid, server_round).to_config()}),
+                RecordDict(
+                    {
+                        **shared,
+                        protocol.CONFIG: self._assigned(config, pid),
+                        protocol.PLAN: self.client_plan(pid, server_round).to_config(),
+                    }
+                ),
                 message_type=kind,
                 dst_node_id=node,
             )
             for pid, node in chosen.items()
         ]
+
+    def _assigned(self, config: ConfigRecord, partition_id: int) -> ConfigRecord:
+        """The message config, naming the partition when the sampler assigns them (virtual nodes)."""
+        if not self.sampler.assigns:
+            return config
+        return ConfigRecord({**dict(config), protocol.ASSIGNED_PARTITION: partition_id})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

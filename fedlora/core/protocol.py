@@ -12,6 +12,10 @@ METRICS = "metrics"
 """RecordDict key of the MetricRecord in every reply."""
 
 SERVER_ROUND = "server-round"
+ASSIGNED_PARTITION = "assigned-partition"
+"""Message config key (simulation only): the partition this message's virtual node plays this time.
+Virtual nodes share one data source and keep their state in the run directory by partition, so any of
+them can play any partition, and the server need not ask every node which one it holds."""
 STATE_DIR = "state-dir"
 """Where clients keep their state between rounds: a node config key (deployment) or a message config
 key (the simulation's directory under the run directory); absent = the node's Context.state."""

@@ -44,11 +44,14 @@ def run_federation(
 ) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid``, writing the run directory; returns the summary.
 
-    With ``resume`` the run continues after the checkpoint's round. With ``client_state_dir`` clients
-    keep their state there, versioned by round (:mod:`fedlora.core.store`).
+    With ``resume`` the run continues after the checkpoint's round. With ``client_state_dir`` (a
+    simulation) clients keep their state there by partition, versioned by round
+    (:mod:`fedlora.core.store`); any virtual node can then play any partition, so the server assigns
+    partitions to nodes instead of asking every node for its own (:mod:`fedlora.server.sampling`).
     """
     started = time.monotonic()
     strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
+    strategy.sampler.assigns = client_state_dir is not None
     strategy.summary()
     evaluate = Evaluator(cfg)
     config: dict[str, Any] = {protocol.EXPERIMENT: cfg.to_toml()}
