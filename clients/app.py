@@ -25,8 +25,14 @@ from fedlora.privacy.mechanisms import mechanism_for
 app = ClientApp()
 
 
-def _partition_id(context: Context, num_clients: int) -> int:
-    """This node's partition, checked against the experiment's ``federation.num_clients``."""
+def _partition_id(context: Context, config: ConfigRecord, num_clients: int) -> int:
+    """The partition this message is for: the one the server assigned (virtual nodes of a simulation,
+    which share one data source), else this node's own, checked against ``federation.num_clients``."""
+    assigned = config.get(protocol.ASSIGNED_PARTITION)
+    if assigned is not None:
+        if context.node_config.get(protocol.NODE_DATA_PATH):
+            raise ValueError("this SuperNode has its own data-path and plays no other partition")
+        return int(assigned)  # type: ignore[arg-type]
     value = context.node_config.get(protocol.NODE_PARTITION_ID)
     if value is None:
         raise ValueError("this SuperNode has no partition-id; start it with --node-config 'partition-id=N'")
@@ -51,7 +57,7 @@ def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
     text = str(config[protocol.EXPERIMENT])
     cfg = runtime.parse_experiment(text)
     runtime.set_threads(cfg.federation.client_cpus)
-    pid = _partition_id(context, cfg.federation.num_clients)
+    pid = _partition_id(context, config, cfg.federation.num_clients)
     server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
     plan = ClientPlan.from_config(message.content[protocol.PLAN])  # type: ignore[arg-type]
     local_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=plan.rank))
@@ -101,6 +107,7 @@ def train(message: Message, context: Context) -> Message:
             protocol.TRAIN_LOSS: trained.loss,
             protocol.PARTITION_ID: pid,
             **trained.metrics,
+            **runtime.label_counts(cfg, data.train),
         }
     )
     return Message(
@@ -118,7 +125,7 @@ def _declined(message: Message, pid: int, reason: str, extra: dict[str, float]) 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
     """Evaluate this client's adapter (the global one, plus anything kept locally) on its validation split."""
-    _, pid, _, model, data, _, _, _ = _prepare(message, context)
+    cfg, pid, _, model, data, _, _, _ = _prepare(message, context)
     loss, accuracy = evaluate_model(model, data.val)
     n = len(data.val)
     metrics = MetricRecord(
@@ -127,6 +134,7 @@ def evaluate(message: Message, context: Context) -> Message:
             protocol.EVAL_LOSS: loss if n else 0.0,
             protocol.EVAL_ACCURACY: accuracy if n else 0.0,
             protocol.PARTITION_ID: pid,
+            **runtime.label_counts(cfg, data.val),
         }
     )
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)

@@ -108,6 +108,15 @@ def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
     return _client_data(text, partition_id, data_path)
 
 
+def label_counts(cfg: ExperimentConfig, split: Encoded) -> dict[str, list[int]]:
+    """``{label-counts: [examples of each label]}`` for a reply's metrics; empty under differential
+    privacy (see :data:`fedlora.core.protocol.LABEL_COUNTS`)."""
+    if cfg.privacy.enabled:
+        return {}
+    counts = torch.bincount(split.labels, minlength=len(cfg.data.labels))
+    return {protocol.LABEL_COUNTS: [int(c) for c in counts]}
+
+
 def client_seed(cfg: ExperimentConfig, server_round: int, partition_id: int) -> int:
     """A distinct, reproducible seed per (experiment seed, round, client)."""
     return (cfg.seed * 1_000_003 + server_round * 10_007 + partition_id) % (2**31)

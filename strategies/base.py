@@ -83,6 +83,8 @@ class LoraStrategy(Strategy):
         self.traffic = RoundTraffic()
         self.counts = RoundCounts()
         self.last_metrics: dict[str, int | float] = {}
+        self.client_rows: list[dict[str, Any]] = []
+        """This round's ``clients.jsonl`` lines (:func:`fedlora.server.replies.client_row`)."""
         self._sent: State = {}
 
     # ----- hooks (override these) -----------------------------------------------------------
@@ -148,14 +150,27 @@ class LoraStrategy(Strategy):
         }
         if self.base_offsets:
             shared[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets)
+        config = shared[protocol.CONFIG]
         return [
             Message(
-                RecordDict({**shared, protocol.PLAN: self.client_plan(pid, server_round).to_config()}),
+                RecordDict(
+                    {
+                        **shared,
+                        protocol.CONFIG: self._assigned(config, pid),
+                        protocol.PLAN: self.client_plan(pid, server_round).to_config(),
+                    }
+                ),
                 message_type=kind,
                 dst_node_id=node,
             )
             for pid, node in chosen.items()
         ]
+
+    def _assigned(self, config: ConfigRecord, partition_id: int) -> ConfigRecord:
+        """The message config, naming the partition when the sampler assigns them (virtual nodes)."""
+        if not self.sampler.assigns:
+            return config
+        return ConfigRecord({**dict(config), protocol.ASSIGNED_PARTITION: partition_id})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -171,10 +186,12 @@ class LoraStrategy(Strategy):
         ok = sorted((r for r in replies if not r.has_error()), key=reply_of.partition_of)
         sampled = self.counts.sampled
         self.counts = RoundCounts(sampled=sampled, replied=len(ok), failed=sampled - len(ok))
+        self.client_rows = []
         for reply in replies:
             if reply.has_error():
                 reason = reply_of.last_line(str(reply.error.reason))
                 log.warning("round %s: a client failed: %s", server_round, reason)
+                self._client_row(server_round, "train", reply, "failed", reason)
         self.privacy.observe([r.content[protocol.METRICS] for r in ok if protocol.METRICS in r.content])
         declined = [r for r in ok if reply_of.declined(r)]
         trained = [r for r in ok if not reply_of.declined(r)]
@@ -185,6 +202,9 @@ class LoraStrategy(Strategy):
         self._check_enough(server_round, replies, len(trained) + len(declined))
         for reply in declined:
             log.info("round %s: a client declined: %s", server_round, reply_of.reason(reply))
+            self._client_row(server_round, "train", reply, "declined", reply_of.reason(reply))
+        for reply in trained:
+            self._client_row(server_round, "train", reply, "ok")
         self.last_metrics = {"num_clients": float(len(trained)), "train_loss": math.nan}
         if trained or self.privacy.aggregates_without_replies:
             self._aggregate_replies(server_round, trained)
@@ -201,6 +221,7 @@ class LoraStrategy(Strategy):
                 valid.append(reply)
                 continue
             self.counts.rejected += 1
+            self._client_row(server_round, "train", reply, "rejected", problem)
             who = reply_of.who(reply)
             log.warning("round %s: rejected the reply of client %s: %s", server_round, who, problem)
         return valid
@@ -250,7 +271,11 @@ class LoraStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted client validation loss and accuracy."""
+        replies = list(replies)
         ok = sorted((r for r in replies if not r.has_error()), key=reply_of.partition_of)
+        for reply in replies:
+            failed = reply_of.last_line(str(reply.error.reason)) if reply.has_error() else ""
+            self._client_row(server_round, "evaluate", reply, "failed" if failed else "ok", failed)
         rows = [r.content[protocol.METRICS] for r in ok]
         rows = [m for m in rows if float(m[protocol.NUM_EXAMPLES]) > 0]  # type: ignore[arg-type]
         if not rows:
@@ -266,6 +291,10 @@ class LoraStrategy(Strategy):
                 "client_eval_accuracy": mean(protocol.EVAL_ACCURACY),
             }
         )
+
+    def _client_row(self, server_round: int, phase: str, reply: Message, status: str, why: str = "") -> None:
+        """Note what one client's reply said and what became of it (``clients.jsonl``)."""
+        self.client_rows.append(reply_of.client_row(server_round, phase, reply, status, why))
 
     # ----- checkpoint -------------------------------------------------------------------------
     def checkpoint_state(self) -> dict[str, Any]:

@@ -219,6 +219,32 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
 
 
 @pytest.fixture(scope="session")
+def run_in_process() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``run_in_process(*args)``: run the CLI command ``fedlora *args`` in this test process (typer's
+    CliRunner); returns a CompletedProcess like :func:`run_cli` (stdout, stderr with the traceback of
+    any exception).
+
+    For end-to-end tests about what a run computes, not about its process: the imports (torch,
+    transformers, peft, flwr, Ray) are paid once per pytest worker instead of once per run, about a third
+    of a short run's CPU time. Ray is still started and stopped by each run, as in ``fedlora run``.
+    """
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from fedlora.cli import app
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        result = CliRunner().invoke(app, list(args))
+        stderr = result.stderr
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            stderr += "".join(traceback.format_exception(result.exception))
+        return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def start_cli() -> Callable[..., subprocess.Popen[Any]]:
     """``start_cli(*args, **popen_kwargs)``: start ``python -m fedlora.cli *args`` from the repository
     root; by default its stdout and stderr are merged into one text pipe."""

@@ -1,4 +1,7 @@
-"""End to end: `fedlora compare` on a small real grid, killed mid-way, resumed, then re-run (all skipped)."""
+"""End to end: `fedlora compare` on a small real grid, killed mid-way, resumed, then re-run (all skipped).
+
+One seed per cell: how seeds expand into runs and rows is covered by the unit tests in test_compare.py;
+here each run is a real `fedlora run` process with its own Ray, about half a minute each."""
 
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ GRID = """
 [compare]
 name = "small"
 experiment = "{base}"
-seeds = [0, 1]
+seeds = [0]
 target_accuracy = 0.4
 set = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2", "data.max_examples=2000",
-       "data.test_size=100", "federation.fraction_evaluate=1.0"]
+       "data.test_size=100", "federation.fraction_evaluate=1.0", "data.max_length=32",
+       "federation.client_cpus=2"]
 
 [[compare.axes]]
 key = "strategy.name"
@@ -63,15 +67,10 @@ def test_compare_killed_mid_way_resumes_and_skips_finished_runs(
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-3000:]
     assert "1 already finished" in output
-    assert output.count("done ") == 3
+    assert output.count("done ") == 1
 
     rows = list(csv.DictReader((out / "comparison.csv").open()))
-    assert [(r["cell"], r["seed"]) for r in rows] == [
-        ("fedit", "0"),
-        ("fedit", "1"),
-        ("ffa-lora", "0"),
-        ("ffa-lora", "1"),
-    ]
+    assert [(r["cell"], r["seed"]) for r in rows] == [("fedit", "0"), ("ffa-lora", "0")]
     for row in rows:
         summary = read_summary(Path(row["run_dir"]))
         assert float(row["final_accuracy"]) == summary["final_eval_accuracy"]
@@ -80,7 +79,7 @@ def test_compare_killed_mid_way_resumes_and_skips_finished_runs(
         assert float(row["downlink_mb"]) == summary["total_downlink_bytes"] / 1e6
         assert float(row["wall_s"]) == summary["wall_s"]
         assert row["strategy"] == summary["strategy"] == row["cell"]
-    ffa, fedit = (float(r["uplink_mb"]) for r in (rows[2], rows[0]))
+    ffa, fedit = (float(r["uplink_mb"]) for r in (rows[1], rows[0]))
     assert ffa < 0.55 * fedit  # FFA-LoRA sends B only
     for name in ("comparison.md", "accuracy_per_round.png", "accuracy_vs_uplink.png", "report.html"):
         assert (out / name).is_file(), name
@@ -89,5 +88,5 @@ def test_compare_killed_mid_way_resumes_and_skips_finished_runs(
     proc = compare()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
-    assert "4 already finished" in output and "done " not in output
+    assert "2 already finished" in output and "done " not in output
     assert time.monotonic() - started < 60  # nothing ran again

@@ -241,6 +241,44 @@ def test_thousand_iid_clients_build_quickly() -> None:
     assert sum(len(p) for p in splits.train_parts) + sum(len(p) for p in splits.val_parts) == 5000
 
 
+@pytest.mark.parametrize(("n", "clients"), [(10, 3), (101, 7), (64, 64), (1000, 999)])
+def test_iid_is_flowers_iid_partitioner(n: int, clients: int) -> None:
+    """The one-pass IID split equals flwr's IidPartitioner over the same shuffled rows."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    from fedlora.core.partitions import IID_STREAM, iid, int_column
+
+    fast = iid(n, clients, seed=3)
+    partitioner = IidPartitioner(num_partitions=clients)
+    rows = np.random.default_rng([3, IID_STREAM]).permutation(n)
+    partitioner.dataset = datasets.Dataset.from_dict({"row": rows})
+    for cid in range(clients):
+        np.testing.assert_array_equal(fast[cid], int_column(partitioner.load_partition(cid), "row"))
+
+
+@pytest.mark.parametrize("kind", ["dirichlet", "shards"])
+def test_label_partitions_read_from_flower_equal_its_load_partition(kind: str) -> None:
+    """The partitions read from flwr's kept indices equal one load_partition per client."""
+    from fedlora.core.partitions import dirichlet, int_column, shards
+
+    labels = np.random.default_rng(0).integers(0, 4, size=400)
+    fast = dirichlet(labels, 9, 0.5, seed=1) if kind == "dirichlet" else shards(labels, 9, 2, seed=1)
+
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner, ShardPartitioner
+
+    options = {"num_partitions": 9, "partition_by": "label", "shuffle": True, "seed": 1}
+    partitioner = (
+        DirichletPartitioner(alpha=0.5, min_partition_size=1, self_balancing=False, **options)
+        if kind == "dirichlet"
+        else ShardPartitioner(num_shards_per_partition=2, **options)
+    )
+    partitioner.dataset = datasets.Dataset.from_dict({"label": labels, "row": np.arange(len(labels))})
+    for cid in range(9):
+        np.testing.assert_array_equal(fast[cid], int_column(partitioner.load_partition(cid), "row"))
+
+
 # --- errors, cache and helpers ----------------------------------------------------------------------------
 
 

@@ -29,6 +29,7 @@ def test_interrupt_stops_ray_and_keeps_finished_rounds(
     out = tmp_path / "run"
     args = ["--clients", "3", "--rounds", "20", "--set", "train.local_steps=1"]
     args += ["--set", "data.max_examples=2000", "--set", "data.test_size=100", "--out", str(out)]
+    args += ["--set", "data.max_length=32", "--set", "federation.client_cpus=2"]  # one Ray actor
     proc = start_cli("run", *args, start_new_session=True)
     started = follow_descendants(proc.pid)
     rounds = out / "rounds.jsonl"

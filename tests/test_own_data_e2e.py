@@ -53,10 +53,12 @@ def test_fedlora_data_shows_each_client_and_writes_a_png(tmp_path: Path) -> None
 
 @pytest.mark.e2e
 def test_a_csv_with_five_labels_trains_by_user_and_the_adapter_predicts_names(
-    tmp_path: Path, run_cli: Callable[..., subprocess.CompletedProcess[str]]
+    tmp_path: Path, run_in_process: Callable[..., subprocess.CompletedProcess[str]]
 ) -> None:
     out = tmp_path / "run"
-    proc = run_cli("run", str(experiment(tmp_path)), "--out", str(out), timeout=600)
+    proc = run_in_process(
+        "run", str(experiment(tmp_path)), "--out", str(out), "--set", "federation.client_cpus=2"
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "macro_f1" in proc.stdout
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]

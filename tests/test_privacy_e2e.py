@@ -12,10 +12,11 @@ from opacus.accountants import RDPAccountant
 
 SMALL = ["--clients", "3", "--set", "train.local_steps=2", "--set", "data.max_examples=2000"]
 SMALL += ["--set", "data.test_size=100", "--set", "data.max_length=32"]
+SMALL += ["--set", "federation.client_cpus=2"]  # one Ray actor runs every client: one model load
 
 
-def _run(run_cli: Callable, out: Path, *args: str) -> list[dict]:  # type: ignore[type-arg]
-    proc = run_cli("run", *SMALL, *args, "--out", str(out))
+def _run(run_in_process: Callable, out: Path, *args: str) -> list[dict]:  # type: ignore[type-arg]
+    proc = run_in_process("run", *SMALL, *args, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "eps " in proc.stdout  # the progress line shows epsilon
     return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -46,7 +47,9 @@ def _saved_a_is_the_initial_a(out: Path) -> None:
 
 
 @pytest.mark.e2e
-def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(tmp_path: Path, run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(
+    tmp_path: Path, run_in_process
+) -> None:  # type: ignore[no-untyped-def]
     from fedlora.core.config import load_config
     from fedlora.core.data import get_splits
 
@@ -57,7 +60,7 @@ def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(tmp
     after_two = sorted(_reference([e] * 2, 1e-5) for e in entry)
     budget = after_two[1] + 1e-6  # the middle client can afford exactly two rounds
     rows = _run(
-        run_cli, tmp_path / "run",
+        run_in_process, tmp_path / "run",
         "--strategy", "ffa-lora", "--rounds", "3",
         "--set", "privacy.mode=dp-sgd", "--set", "privacy.noise_multiplier=1.0",
         "--set", f"privacy.target_epsilon={budget}",
@@ -88,10 +91,10 @@ def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(tmp
 @pytest.mark.e2e
 @pytest.mark.parametrize(("strategy", "placement"), [("fedit", "server"), ("ffa-lora", "client")])
 def test_dp_updates_epsilon_is_the_subsampled_gaussian_after_each_round(
-    tmp_path: Path, strategy: str, placement: str, run_cli
+    tmp_path: Path, strategy: str, placement: str, run_in_process
 ) -> None:  # type: ignore[no-untyped-def]
     rows = _run(
-        run_cli, tmp_path / "run",
+        run_in_process, tmp_path / "run",
         "--strategy", strategy, "--rounds", "2",
         "--set", "privacy.mode=dp-updates", "--set", "privacy.noise_multiplier=1.0",
         "--set", "privacy.clip_norm=0.5", "--set", f"privacy.placement={placement}",

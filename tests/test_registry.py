@@ -235,6 +235,7 @@ def test_the_example_strategy_runs_end_to_end(example: ModuleType, tmp_path: Pat
         [
             'strategy.name="fedavg-server-lr"', "federation.num_clients=3", "federation.rounds=2",
             "train.local_steps=2", "data.max_examples=2000", "data.test_size=100", "data.max_length=32",
+            "federation.client_cpus=2",
         ],
     )  # fmt: skip
     preflight(cfg)

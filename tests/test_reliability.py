@@ -123,6 +123,49 @@ def _spoilt(good: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     return [nan, shape, missing, dtype, huge]
 
 
+def test_each_reply_becomes_a_client_row_with_its_fate(task_identity: None) -> None:
+    strategy = _strategy("fedit", max_norm=1e3)
+    sent = _start(strategy)
+    good = [_good(strategy, pid) for pid in (0, 1)]
+    messages = _messages(sent, [*good, _spoilt(_good(strategy, 2))[0], None])  # 2 NaN, 3 raised
+    strategy.aggregate_train(1, messages)
+    rows = {r["partition_id"]: r for r in strategy.client_rows}
+    assert rows[0] == {
+        "round": 1, "phase": "train", "partition_id": 0, "node_id": 100, "status": "ok",
+        "num_examples": 10, "train_loss": 1.0,
+    }  # fmt: skip
+    assert rows[1]["status"] == "ok" and rows[1]["num_examples"] == 11
+    assert rows[2]["status"] == "rejected" and "NaN" in rows[2]["reason"]
+    assert rows[-1]["status"] == "failed" and rows[-1]["reason"] == "client raised"
+    assert len(strategy.client_rows) == 4  # partitions 4-7 never answered: counted in num_failed only
+
+
+def test_label_counts_travel_only_without_privacy() -> None:
+    from clients.runtime import label_counts
+    from fedlora.core.training import Encoded
+
+    split = Encoded(ids=((1,),) * 5, labels=torch.tensor([0, 2, 2, 0, 2]), pad_id=0)
+    plain = from_dict({"data": {"labels": ["a", "b", "c"]}})
+    assert label_counts(plain, split) == {protocol.LABEL_COUNTS: [2, 0, 3]}
+    private = from_dict(
+        {"data": {"labels": ["a", "b", "c"]}, "privacy": {"mode": "dp-sgd", "noise_multiplier": 1.0}}
+    )
+    assert label_counts(private, split) == {}
+
+
+def test_resume_keeps_the_client_rows_of_the_checkpointed_rounds(tmp_path: Path) -> None:
+    from fedlora.core.records import RunDirectory
+
+    run_dir = RunDirectory(tmp_path / "run")
+    run_dir.create(from_dict({}))
+    for r in (1, 2, 3):
+        run_dir.append_round({"round": r})
+        run_dir.append_clients([{"round": r, "partition_id": 0}, {"round": r, "partition_id": 1}])
+    run_dir.keep_rounds(2, {"round": 2})
+    lines = run_dir.clients_path.read_text().splitlines()
+    assert [line.count('"round": 2') for line in lines] == [0, 0, 1, 1] and len(lines) == 4
+
+
 @pytest.mark.parametrize("name", sorted(registry.available()))
 def test_every_strategy_rejects_bad_replies_and_aggregates_the_rest(name: str, task_identity: None) -> None:
     dirty, clean = _strategy(name, max_norm=1e3), _strategy(name, max_norm=1e3)

@@ -8,6 +8,7 @@ restored), 20% of clients raising and 10% sending NaN every round.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import time
@@ -24,6 +25,7 @@ ARGS += ["--set", "federation.fraction=0.5", "--set", "train.local_steps=1"]
 ARGS += ["--set", "train.batch_size=8", "--set", "data.max_length=32"]
 ARGS += ["--set", "data.max_examples=1000", "--set", "data.test_size=60"]
 ARGS += ["--set", "faults.raise_fraction=0.2", "--set", "faults.nan_fraction=0.1"]
+ARGS += ["--set", "federation.client_cpus=2"]  # one Ray actor runs every client: one model load
 TIMING = ("wall_s", "aggregate_s")
 
 
@@ -32,9 +34,9 @@ def _metrics(run_dir: Path) -> list[dict[str, object]]:
 
 
 @pytest.fixture(scope="module")
-def clean_run(tmp_path_factory: pytest.TempPathFactory, run_cli) -> Path:  # type: ignore[no-untyped-def]
+def clean_run(tmp_path_factory: pytest.TempPathFactory, run_in_process) -> Path:  # type: ignore[no-untyped-def]
     out = tmp_path_factory.mktemp("faults") / "run"
-    proc = run_cli("run", *ARGS, "--out", str(out))
+    proc = run_in_process("run", *ARGS, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out
 
@@ -54,7 +56,7 @@ def test_faulty_clients_are_dropped_and_every_round_completes(clean_run: Path) -
 
 @pytest.mark.e2e
 def test_sigkill_in_round_3_then_resume_gives_the_same_rounds(
-    clean_run: Path, tmp_path: Path, start_cli, run_cli
+    clean_run: Path, tmp_path: Path, start_cli, run_in_process
 ) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "run"
     proc = start_cli(
@@ -69,12 +71,19 @@ def test_sigkill_in_round_3_then_resume_gives_the_same_rounds(
     assert not (out / "summary.json").exists()
     assert not [p for p in killed if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
-    resumed = run_cli("run", "--resume", str(out))
+    resumed = run_in_process("run", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert _metrics(out) == _metrics(clean_run)
+    assert _client_lines(out) == _client_lines(clean_run)  # no round's lines lost or written twice
     a, b = read_summary(out), read_summary(clean_run)
     assert a["final_eval_accuracy"] == b["final_eval_accuracy"]
     assert a["final_eval_loss"] == b["final_eval_loss"]
+
+
+def _client_lines(run_dir: Path) -> list[str]:
+    """clients.jsonl without the node ids (Flower draws them afresh in every run), in a fixed order."""
+    rows = [json.loads(line) for line in (run_dir / "clients.jsonl").read_text().splitlines()]
+    return sorted(json.dumps({k: v for k, v in r.items() if k != "node_id"}, sort_keys=True) for r in rows)
 
 
 def _wait_for_round_3_client_state(out: Path, proc: subprocess.Popen[bytes]) -> None:

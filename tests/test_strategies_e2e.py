@@ -1,7 +1,8 @@
 """Every strategy completes a short `fedlora run` on the real model and data, reproducibly.
 
 Each strategy is run twice with one seed (3 clients, 2 sampled per round, 2 rounds), once per session
-and only when a test asks for it. The tests are grouped in classes by the runs they read: `make test`
+and only when a test asks for it, in the test process (``run_in_process``) with one client actor of two
+CPUs, the cheapest real simulation. The tests are grouped in classes by the runs they read: `make test`
 hands out whole classes to its xdist workers (``--dist loadscope``), so no pair of runs is made twice.
 """
 
@@ -30,19 +31,21 @@ SMALL = [
     "federation.fraction=0.67",
     "--set",
     "train.local_steps=2",
+    "--set",
+    "federation.client_cpus=2",  # one Ray actor runs both clients: one model load instead of two
 ]
 SMALL += ["--set", "data.max_examples=2000", "--set", "data.test_size=100", "--set", "data.max_length=32"]
 TIMING = ("wall_s", "aggregate_s", "fair_solve_s")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory, run_cli):  # type: ignore[no-untyped-def]
+def results(tmp_path_factory: pytest.TempPathFactory, run_in_process):  # type: ignore[no-untyped-def]
     """``results(name)``: the rounds.jsonl rows of the two runs of strategy ``name``, made on first use."""
     base = tmp_path_factory.mktemp("strategies")
     done: dict[str, list[list[dict]]] = {}  # type: ignore[type-arg]
 
     def run(name: str, out: Path) -> list[dict]:  # type: ignore[type-arg]
-        proc = run_cli("run", "--strategy", name, *SMALL, *EXTRA.get(name, []), "--out", str(out))
+        proc = run_in_process("run", "--strategy", name, *SMALL, *EXTRA.get(name, []), "--out", str(out))
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
 

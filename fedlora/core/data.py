@@ -41,28 +41,48 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FederatedSplits:
-    """A global stratified test set and, per client (ids 0..num_clients-1), a train and a val split."""
+    """A global stratified test set and, per client (ids 0..num_clients-1), a train and a val split.
+
+    Clients' splits are kept as row indices into ``pool`` and made into Datasets only when asked for,
+    so that splitting for 10,000 clients takes a fraction of a second instead of a minute of
+    ``Dataset.select`` calls.
+    """
 
     test: datasets.Dataset
-    train_parts: tuple[datasets.Dataset, ...]
-    val_parts: tuple[datasets.Dataset, ...]
+    pool: datasets.Dataset
+    train_rows: tuple[np.ndarray, ...]
+    val_rows: tuple[np.ndarray, ...]
 
     def __post_init__(self) -> None:
-        if len(self.train_parts) != len(self.val_parts):
-            raise ValueError(f"{len(self.train_parts)} train parts but {len(self.val_parts)} val parts")
+        if len(self.train_rows) != len(self.val_rows):
+            raise ValueError(f"{len(self.train_rows)} train parts but {len(self.val_rows)} val parts")
 
     @property
     def num_clients(self) -> int:
         """Number of clients."""
-        return len(self.train_parts)
+        return len(self.train_rows)
 
     def client_train(self, cid: int) -> datasets.Dataset:
         """Training split of client ``cid`` (never empty)."""
-        return self.train_parts[self._check(cid)]
+        return self.pool.select(self.train_rows[self._check(cid)])
 
     def client_val(self, cid: int) -> datasets.Dataset:
         """Validation split of client ``cid`` (empty when the client is too small for one example)."""
-        return self.val_parts[self._check(cid)]
+        return self.pool.select(self.val_rows[self._check(cid)])
+
+    def train_sizes(self) -> list[int]:
+        """Number of training examples of every client, in client order."""
+        return [len(rows) for rows in self.train_rows]
+
+    @property
+    def train_parts(self) -> tuple[datasets.Dataset, ...]:
+        """Every client's training split (builds them all: prefer :meth:`client_train`)."""
+        return tuple(self.client_train(cid) for cid in range(self.num_clients))
+
+    @property
+    def val_parts(self) -> tuple[datasets.Dataset, ...]:
+        """Every client's validation split (builds them all: prefer :meth:`client_val`)."""
+        return tuple(self.client_val(cid) for cid in range(self.num_clients))
 
     def _check(self, cid: int) -> int:
         if not 0 <= cid < self.num_clients:
@@ -101,8 +121,8 @@ def build_splits(cfg: DataConfig, num_clients: int, seed: int) -> FederatedSplit
             "test set; lower federation.num_clients or raise data.max_examples"
         )
     parts = partition(pool, cfg, num_clients, seed)
-    train_parts, val_parts = _train_val(pool, parts, cfg.val_fraction, seed, noun)
-    return FederatedSplits(test=test, train_parts=train_parts, val_parts=val_parts)
+    train_rows, val_rows = _train_val(parts, cfg.val_fraction, seed, noun)
+    return FederatedSplits(test=test, pool=pool, train_rows=train_rows, val_rows=val_rows)
 
 
 def get_splits(cfg: DataConfig, num_clients: int, seed: int) -> FederatedSplits:
@@ -120,8 +140,8 @@ def _cached_splits(fields: tuple[Any, ...], num_clients: int, seed: int) -> Fede
 def split_of_file(ds: datasets.Dataset, val_fraction: float, seed: int) -> tuple[datasets.Dataset, ...]:
     """A deployed node's own examples as (train, val): shuffled with the seed, the first
     ``floor(val_fraction * n)`` kept for validation, as every simulated client does with its partition."""
-    (train,), (val,) = _train_val(ds, [np.arange(len(ds))], val_fraction, seed, "examples")
-    return train, val
+    (train,), (val,) = _train_val([np.arange(len(ds))], val_fraction, seed, "examples")
+    return ds.select(train), ds.select(val)
 
 
 def label_counts(ds: datasets.Dataset) -> list[int]:
@@ -160,12 +180,13 @@ def _stratified_split(
 
 
 def _train_val(
-    pool: datasets.Dataset, parts: list[np.ndarray], val_fraction: float, seed: int, noun: str = "tweets"
-) -> tuple[tuple[datasets.Dataset, ...], tuple[datasets.Dataset, ...]]:
-    """Shuffle each client's rows and keep the first ``floor(val_fraction * n)`` for validation."""
+    parts: list[np.ndarray], val_fraction: float, seed: int, noun: str = "tweets"
+) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Shuffle each client's rows and keep the first ``floor(val_fraction * n)`` for validation;
+    returns the train and the validation rows of every client."""
     rng = np.random.default_rng([seed, VAL_STREAM])
-    train: list[datasets.Dataset] = []
-    val: list[datasets.Dataset] = []
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
     for cid, rows in enumerate(parts):
         rows = rng.permutation(rows)
         n_val = int(len(rows) * val_fraction + 1e-9)
@@ -174,6 +195,6 @@ def _train_val(
                 f"client {cid} would have no training {noun} ({len(rows)} in its partition); lower "
                 "data.val_fraction or federation.num_clients"
             )
-        val.append(pool.select(rows[:n_val]))
-        train.append(pool.select(rows[n_val:]))
+        val.append(rows[:n_val])
+        train.append(rows[n_val:])
     return tuple(train), tuple(val)

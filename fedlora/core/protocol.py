@@ -12,6 +12,10 @@ METRICS = "metrics"
 """RecordDict key of the MetricRecord in every reply."""
 
 SERVER_ROUND = "server-round"
+ASSIGNED_PARTITION = "assigned-partition"
+"""Message config key (simulation only): the partition this message's virtual node plays this time.
+Virtual nodes share one data source and keep their state in the run directory by partition, so any of
+them can play any partition, and the server need not ask every node which one it holds."""
 STATE_DIR = "state-dir"
 """Where clients keep their state between rounds: a node config key (deployment) or a message config
 key (the simulation's directory under the run directory); absent = the node's Context.state."""
@@ -23,6 +27,10 @@ TRAIN_LOSS = "train-loss"
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
 PARTITION_ID = "partition-id"
+LABEL_COUNTS = "label-counts"
+"""The examples of each label (in ``data.labels`` order) in the split a client trained (train replies)
+or evaluated on (evaluate replies). Sent only without differential privacy: a label histogram is data
+about the client that no mechanism here protects."""
 LOCAL_ADAPTER = "fedlora-local-adapter"
 """Node state key of the adapter tensors a client keeps between rounds (FedSA-LoRA's B)."""
 
@@ -41,6 +49,10 @@ REASON = "reason"
 
 # Node config keys (set by the simulation engine, or by --node-config on a SuperNode).
 NODE_PARTITION_ID = "partition-id"
+LABEL_COUNTS = "label-counts"
+"""The examples of each label (in ``data.labels`` order) in the split a client trained (train replies)
+or evaluated on (evaluate replies). Sent only without differential privacy: a label histogram is data
+about the client that no mechanism here protects."""
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_STATE_DIR = "state-dir"
 NODE_DATA_PATH = "data-path"

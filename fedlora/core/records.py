@@ -54,6 +54,11 @@ class RunDirectory:
         return self.path / "rounds.jsonl"
 
     @property
+    def clients_path(self) -> Path:
+        """One JSON object per client reply: round, phase, partition, status and the reply's metrics."""
+        return self.path / "clients.jsonl"
+
+    @property
     def summary_path(self) -> Path:
         return self.path / "summary.json"
 
@@ -88,11 +93,19 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path / "config.toml", cfg.to_toml())
         self.rounds_path.touch()
+        self.clients_path.touch()
 
     def append_round(self, row: dict[str, Any]) -> None:
         """Append one round's record to ``rounds.jsonl`` and flush it to disk."""
         with self.rounds_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append_clients(self, rows: list[dict[str, Any]]) -> None:
+        """Append one round's client rows to ``clients.jsonl`` (flushed to disk)."""
+        with self.clients_path.open("a", encoding="utf-8") as f:
+            f.write("".join(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n" for row in rows))
             f.flush()
             os.fsync(f.fileno())
 
@@ -114,13 +127,15 @@ class RunDirectory:
 
     def keep_rounds(self, last_round: int, last_row: dict[str, Any]) -> list[dict[str, Any]]:
         """Rewrite ``rounds.jsonl`` (atomically) to rounds 1..``last_round``, the last one being
-        ``last_row`` (a crash may fall between writing the checkpoint and appending its row); returns
-        the rows."""
+        ``last_row`` (a crash may fall between writing the checkpoint and appending its row), and
+        ``clients.jsonl`` to the same rounds; returns the rounds' rows."""
         rows = [r for r in _readable_rows(self.rounds_path) if r["round"] < last_round]
         rows.append({k: _clean(v) for k, v in last_row.items()})
         if [r["round"] for r in rows] != list(range(1, last_round + 1)):
             raise RunDirError(f"'{self.rounds_path}' does not hold rounds 1..{last_round - 1}; cannot resume")
         atomic_write(self.rounds_path, "".join(json.dumps(r) + "\n" for r in rows))
+        clients = [r for r in _readable_rows(self.clients_path) if r["round"] <= last_round]
+        atomic_write(self.clients_path, "".join(json.dumps(r) + "\n" for r in clients))
         return rows
 
     def write_summary(self, summary: dict[str, Any]) -> None:

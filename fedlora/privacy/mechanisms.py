@@ -93,6 +93,10 @@ class Mechanism:
         """The partitions that train this round: ``want`` of them, uniformly without replacement."""
         return sorted(rng.sample(list(partitions), want))
 
+    def most_sampled(self, population: int, want: int) -> int:
+        """How many partitions :meth:`sample` can return in a round, for sizing a simulation: ``want``."""
+        return want
+
     def weights(self, counts: Sequence[float]) -> list[float]:
         """Aggregation weights p_k = n_k / sum(n) from the clients' example counts."""
         total = float(sum(counts))
@@ -232,6 +236,13 @@ class DpUpdates(Mechanism):
         """Each partition independently with probability q = m / N (the accountant's assumption)."""
         rate = calibration.client_rate(self.cfg)
         return [pid for pid in partitions if rng.random() < rate]
+
+    def most_sampled(self, population: int, want: int) -> int:
+        """A round's Poisson sample is Binomial(N, q): its mean plus 6 standard deviations (a round
+        exceeds it with probability below 1e-8), at most N."""
+        rate = calibration.client_rate(self.cfg)
+        mean = population * rate
+        return min(population, math.ceil(mean + 6 * math.sqrt(mean * (1 - rate))))
 
     def weights(self, counts: Sequence[float]) -> list[float]:
         """Equal weights: the sum's sensitivity to one client is then the clip norm C."""

@@ -55,7 +55,7 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
     check_model(cfg)
     cfg, splits = check_data(cfg)
     if cfg.privacy.enabled:
-        check_privacy(cfg, [len(splits.client_train(i)) for i in range(cfg.federation.num_clients)])
+        check_privacy(cfg, splits.train_sizes())
     return cfg
 
 

@@ -1,7 +1,8 @@
 """One federated run from start to summary: the round loop plus its run directory.
 
-After each round the checkpoint is written (atomically, :mod:`fedlora.run.checkpoint`) before the
-round's row is appended to ``rounds.jsonl``; at the end the adapter (and any base offsets) and
+After each round its per-client lines are appended to ``clients.jsonl``, then the checkpoint is
+written (atomically, :mod:`fedlora.run.checkpoint`), then the round's row is appended to
+``rounds.jsonl``; at the end the adapter (and any base offsets) and
 ``summary.json`` are written.
 """
 
@@ -43,11 +44,14 @@ def run_federation(
 ) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid``, writing the run directory; returns the summary.
 
-    With ``resume`` the run continues after the checkpoint's round. With ``client_state_dir`` clients
-    keep their state there, versioned by round (:mod:`fedlora.core.store`).
+    With ``resume`` the run continues after the checkpoint's round. With ``client_state_dir`` (a
+    simulation) clients keep their state there by partition, versioned by round
+    (:mod:`fedlora.core.store`); any virtual node can then play any partition, so the server assigns
+    partitions to nodes instead of asking every node for its own (:mod:`fedlora.server.sampling`).
     """
     started = time.monotonic()
     strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
+    strategy.sampler.assigns = client_state_dir is not None
     strategy.summary()
     evaluate = Evaluator(cfg)
     config: dict[str, Any] = {protocol.EXPERIMENT: cfg.to_toml()}
@@ -65,6 +69,7 @@ def run_federation(
         log.warning("fedlora: resuming after round %s", saved.round)
     for server_round in range(len(rows) + 1, cfg.federation.rounds + 1):
         row = loop.run_round(server_round)
+        run_dir.append_clients(loop.client_rows)  # before the checkpoint: a resume drops later rounds
         wall_s = before_s + time.monotonic() - started
         state = checkpoint.Checkpoint(
             server_round, loop.global_state, strategy.base_offsets, strategy.checkpoint_state(), row, wall_s

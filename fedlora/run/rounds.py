@@ -42,6 +42,8 @@ class RoundLoop:
         self.evaluate = evaluate
         self.config = config
         self.arrays: ArrayRecord = to_arrays(strategy.global_state)
+        self.client_rows: list[dict[str, Any]] = []
+        """The last round's per-client lines for ``clients.jsonl``, by phase and partition."""
 
     @property
     def global_state(self) -> State:
@@ -107,4 +109,8 @@ class RoundLoop:
         }
         if client_eval is not None:
             row.update({k: float(v) for k, v in client_eval.items()})  # type: ignore[arg-type]
+        phases = {"train": 0, "evaluate": 1}
+        self.client_rows = sorted(
+            strategy.client_rows, key=lambda r: (phases[r["phase"]], r["partition_id"], r["node_id"])
+        )
         return row

@@ -26,8 +26,10 @@ from clients.app import app as client_app
 from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.records import RunDirectory
 from fedlora.core.stopping import STOP, RunInterrupted
+from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.run.processes import ProcessTracker
 from fedlora.run.server_app import make_server_app
+from fedlora.server.sampling import virtual_nodes
 
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -140,7 +142,11 @@ def simulate(
     verbose: bool = False,
     resume: bool = False,
 ) -> None:
-    """Run ``cfg`` with ``federation.num_clients`` virtual SuperNodes; blocks until done.
+    """Run ``cfg``'s ``federation.num_clients`` clients on Flower's simulation engine; blocks until done.
+
+    The clients are partitions of the data; Flower's virtual SuperNodes are a pool of workers, as many
+    as the largest round needs (:func:`fedlora.server.sampling.virtual_nodes`), each message naming the
+    partition it plays, so time and memory per round do not grow with the number of clients.
 
     With ``resume`` the run continues after the run directory's checkpoint. Clients keep their state
     between rounds under the run directory (``client_state/``), so a resumed run replays exactly.
@@ -171,7 +177,7 @@ def simulate(
                     cfg, run_dir, on_round, resume=resume, client_state_dir=run_dir.client_state_path
                 ),
                 client_app=client_app,
-                num_supernodes=cfg.federation.num_clients,
+                num_supernodes=virtual_nodes(cfg, mechanism_for(cfg)),  # workers; clients are partitions
                 backend_config=config,  # type: ignore[arg-type]
                 verbose_logging=verbose,
             )

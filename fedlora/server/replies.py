@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import Message
 
@@ -85,3 +86,25 @@ def last_line(text: str) -> str:
     """The last line of a client's error (Flower wraps it: ``... Message: <reason>'>``)."""
     lines = text.strip().removesuffix("'>").strip().splitlines()
     return lines[-1] if lines else "no reason given"
+
+
+def client_row(server_round: int, phase: str, reply: Message, status: str, why: str = "") -> dict[str, Any]:
+    """One line of ``clients.jsonl``: what one client's reply in ``phase`` ("train" or "evaluate") of a
+    round said and what became of it (``status``: ok, declined, rejected or failed, with ``why``).
+
+    The reply's metrics follow under snake_case names (num_examples, train_loss, label_counts, ...).
+    """
+    metrics = reply.content.metric_records.get(protocol.METRICS) if not reply.has_error() else None
+    row: dict[str, Any] = {
+        "round": server_round,
+        "phase": phase,
+        "partition_id": partition_of(reply) if not reply.has_error() else -1,
+        "node_id": reply.metadata.src_node_id,
+        "status": status,
+    }
+    for key, value in (metrics or {}).items():
+        if key != protocol.PARTITION_ID:
+            row[key.replace("-", "_")] = list(value) if isinstance(value, list) else value
+    if why:
+        row["reason"] = why
+    return row

@@ -1,8 +1,13 @@
 """Which clients take part in a round: sampled by partition id with the run's seeded RNG.
 
 Sampling by partition id, not by Flower's random node ids, makes runs with the same seed sample the
-same clients. The partition of every node is asked once with a QUERY message and cached (asked again
-only when the set of connected nodes changes).
+same clients. Deployed nodes each hold one partition: the partition of every node is asked once with a
+QUERY message and cached (asked again only when the set of connected nodes changes). In a simulation
+a client is a partition, and Flower's virtual SuperNodes are a pool of interchangeable workers
+(:func:`virtual_nodes` of them, enough for the largest round): each round the sampled partitions are
+handed to the workers in order and each message names its partition
+(:data:`fedlora.core.protocol.ASSIGNED_PARTITION`). No node is asked anything, and the cost of a round
+does not grow with the number of clients.
 """
 
 from __future__ import annotations
@@ -20,6 +25,18 @@ from fedlora.privacy.mechanisms import Mechanism
 from fedlora.server.replies import RoundFailedError
 
 
+def virtual_nodes(cfg: ExperimentConfig, mechanism: Mechanism) -> int:
+    """Flower virtual SuperNodes a simulation needs: the most partitions a training or evaluation round
+    can sample (at least ``federation.min_clients``, at most ``federation.num_clients``). A rare larger
+    Poisson sample still works: a worker then plays two partitions, one after the other."""
+    fed = cfg.federation
+    train = mechanism.most_sampled(fed.num_clients, fed.clients_per_round())
+    evaluate = fed.clients_per_round(fed.fraction_evaluate) if fed.fraction_evaluate > 0 else 0
+    if fed.fraction >= 1.0 or fed.fraction_evaluate >= 1.0:
+        return fed.num_clients
+    return min(fed.num_clients, max(train, evaluate, fed.min_clients))
+
+
 class ClientSampler:
     """Seeded sampling of partitions; the privacy mechanism decides how training rounds sample."""
 
@@ -28,9 +45,11 @@ class ClientSampler:
         self.mechanism = mechanism
         self.rng = random.Random(cfg.seed)
         self._node_of: dict[int, int] | None = None
+        self.assigns = False
+        """True for virtual nodes (a simulation): partitions are assigned to nodes, not asked."""
 
     def partitions(self, grid: Grid) -> dict[int, int]:
-        """partition id -> node id of every connected node (a QUERY to each node the first time)."""
+        """partition id -> node id of every connected deployed node (a QUERY to each the first time)."""
         nodes = sorted(grid.get_node_ids())
         if self._node_of is None or set(self._node_of.values()) != set(nodes):
             ask = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
@@ -55,19 +74,23 @@ class ClientSampler:
         privacy mechanism says (uniformly without replacement, or Poisson under dp-updates).
         """
         fed = self.cfg.federation
-        connected = len(list(grid.get_node_ids()))
-        if connected < fed.min_clients:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) < min(fed.min_clients, fed.num_clients):
             raise RoundFailedError(
-                f"only {connected} clients are connected but federation.min_clients = {fed.min_clients}"
+                f"only {len(nodes)} clients are connected but federation.min_clients = {fed.min_clients}"
             )
-        node_of = self.partitions(grid)
+        node_of = None if self.assigns else self.partitions(grid)
+        population = range(fed.num_clients) if node_of is None else sorted(node_of)
         if (fraction if fraction is not None else fed.fraction) >= 1.0:
-            return dict(node_of)
-        want = min(len(node_of), fed.clients_per_round(fraction))
-        if training:
-            chosen = self.mechanism.sample(sorted(node_of), want, self.rng)
+            chosen = list(population)
         else:
-            chosen = sorted(self.rng.sample(sorted(node_of), want))
+            want = min(len(population), fed.clients_per_round(fraction))
+            if training:
+                chosen = self.mechanism.sample(population, want, self.rng)
+            else:
+                chosen = sorted(self.rng.sample(population, want))
+        if node_of is None:  # virtual nodes: the i-th partition to the i-th worker
+            return {pid: nodes[i % len(nodes)] for i, pid in enumerate(chosen)}
         return {pid: node_of[pid] for pid in chosen}
 
     def state(self) -> list[Any]:
