@@ -332,6 +332,12 @@ def report(
         float | None,
         typer.Option(help="accuracy (0-1) for the rounds-to-target column (default: the grid's, or 0.6)"),
     ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="cell label the others are compared with per seed (default: the grid's, or the first)"
+        ),
+    ] = None,
 ) -> None:
     """Rebuild tables and plots from existing runs, without running anything."""
     # start-up: imported when the command runs, so `fedlora --help` stays fast
@@ -340,7 +346,7 @@ def report(
     if target is not None and not 0 < target <= 1:
         _fail(f"--target {target} is invalid: expected a fraction in (0, 1], e.g. 0.6")
     try:
-        found = collect(dirs, target)
+        found = collect(dirs, target, baseline)
     except ConfigError as exc:
         _fail(str(exc))
         return

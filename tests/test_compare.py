@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from fedlora.compare.grid import Grid, load_grid, parse_grid
 from fedlora.compare.runner import plan, prepare
 from fedlora.core.config import ConfigError, load_config
 from fedlora.core.records import RunDirectory
-from fedlora.report.results import group, load_run, markdown, table
+from fedlora.report import paired
+from fedlora.report.results import CellStats, group, load_run, markdown, table
 from fedlora.report.writer import collect, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,6 +208,7 @@ def test_report_from_plain_run_directories_groups_by_differing_keys(tmp_path: Pa
     assert {p.name for p in files.values()} == {
         "comparison.csv",
         "comparison.md",
+        "paired.csv",
         "accuracy_per_round.png",
         "accuracy_vs_uplink.png",
         "report.html",
@@ -334,3 +337,129 @@ def test_a_run_made_before_new_keys_existed_still_counts_as_finished(tmp_path: P
     del older["faults"]  # a section added to fedlora after this run was made, at its defaults
     (run.path / "config.toml").write_text(tomli_w.dumps(older))
     assert plan(tasks, tmp_path) == ([], tasks)
+
+
+# ----- paired differences against a baseline ----------------------------------------------------
+
+
+def paired_runs(tmp_path: Path, finals: dict[str, list[float]], seeds: list[int]) -> list[CellStats]:
+    """Cells of one-round runs whose final accuracy per seed is given (None: that run is missing)."""
+    results = []
+    for label, values in finals.items():
+        for seed, acc in zip(seeds, values, strict=True):
+            if acc is None:
+                continue
+            run = fake_run(tmp_path / f"{label}-{seed}", strategy="fedit", seed=seed, accuracy=[acc], up=10)
+            results.append(load_run(run, cell=label, levels={"strategy": label}, target=0.6))
+    return group(results)
+
+
+def test_paired_difference_and_interval_equal_a_hand_computation(tmp_path: Path) -> None:
+    base = [0.50, 0.60, 0.55, 0.52]
+    diffs = [0.02, 0.04, 0.03, 0.05]  # a consistent gain of about 3.5 points
+    cells = paired_runs(
+        tmp_path, {"a": base, "b": [x + d for x, d in zip(base, diffs, strict=True)]}, [0, 1, 2, 3]
+    )
+    (final, best) = paired.compare(cells, cells[0])[0]
+    # by hand: mean 0.035, sample std sqrt(sum((d - mean)^2) / 3), t_{0.975, 3} (a t table)
+    mean = 0.035
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
+    half = T_975[3] * sd / math.sqrt(4)
+    assert final.seeds == [0, 1, 2, 3]
+    assert final.interval is not None
+    assert final.interval.mean == pytest.approx(mean, abs=1e-12)
+    assert final.interval.low == pytest.approx(mean - half, abs=1e-12)
+    assert final.interval.high == pytest.approx(mean + half, abs=1e-12)
+    assert final.verdict == "better" and best.verdict == "better"
+    _, rows = paired.table(cells, cells[0], 0.6)
+    assert rows[0][0] == "a (baseline)"
+    assert rows[1][:4] == [
+        "b",
+        "4",
+        f"+3.5 [+{100 * (mean - half):.1f}, +{100 * (mean + half):.1f}]",
+        "better",
+    ]
+    flipped = paired.compare(cells, cells[1])[0][0]  # the other way round: worse
+    assert flipped.verdict == "worse" and flipped.interval.mean == pytest.approx(-mean)  # type: ignore[union-attr]
+
+
+T_975 = {
+    # closed forms for 1 and 2 degrees of freedom; published table values for the others
+    1: math.tan(math.pi * (0.975 - 0.5)),
+    2: (2 * 0.975 - 1) / math.sqrt(2 * 0.975 * (1 - 0.975)),
+    3: 3.182446305284,
+    4: 2.776445105198,
+    9: 2.262157162798,
+}
+
+
+@pytest.mark.parametrize(("df", "quantile"), sorted(T_975.items()))
+def test_the_interval_uses_students_t_quantile(df: int, quantile: float) -> None:
+    """Half-width = t_{0.975, n-1} * s / sqrt(n) for n = df + 1 values."""
+    n = df + 1
+    values = [float(i % 2) for i in range(n)]  # 0, 1, 0, 1, ...
+    interval = paired.t_interval(values)
+    assert interval is not None and interval.low is not None
+    s = statistics.stdev(values)
+    assert interval.mean - interval.low == pytest.approx(quantile * s / math.sqrt(n), rel=1e-11)
+
+
+def test_no_detectable_difference_when_the_interval_contains_zero(tmp_path: Path) -> None:
+    cells = paired_runs(tmp_path, {"a": [0.5, 0.6, 0.55], "b": [0.52, 0.57, 0.56]}, [0, 1, 2])
+    (final, _) = paired.compare(cells, cells[0])[0]
+    assert final.interval is not None and final.interval.low < 0 < final.interval.high  # type: ignore[operator]
+    assert final.verdict == "no detectable difference at 3 seeds"
+    assert "no detectable difference at 3 seeds" in paired.markdown(cells, cells[0], 0.6)
+
+
+def test_missing_seeds_are_left_out_of_the_pairs(tmp_path: Path) -> None:
+    cells = paired_runs(tmp_path, {"a": [0.5, 0.6, None, 0.55], "b": [0.52, None, 0.6, 0.58]}, [0, 1, 2, 3])
+    (final, _) = paired.compare(cells, cells[0])[0]
+    assert final.seeds == [0, 3]
+    assert final.differences == pytest.approx([0.02, 0.03])
+    assert paired.pairs_text(final) == "2 of 3"
+    one = paired_runs(tmp_path / "one", {"a": [0.5], "b": [0.6]}, [0])
+    (single, _) = paired.compare(one, one[0])[0]
+    assert single.verdict == "one seed: no interval"
+    assert paired.interval_text(single.interval) == "+10.0"
+
+
+def test_bytes_to_target_sum_the_uplink_of_rounds_until_the_target(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "r", strategy="fedit", seed=0, accuracy=[0.5, 0.62, 0.7], up=3_000_000)
+    result = load_run(run, cell="fedit", levels={}, target=0.6)
+    assert result.rounds_to_target == 2 and result.uplink_mb_to_target == pytest.approx(2.0)
+    assert load_run(run, cell="fedit", levels={}, target=0.9).uplink_mb_to_target is None
+
+
+def test_baseline_is_validated_and_defaults_to_the_first_cell() -> None:
+    assert parse_grid(grid_table(), base_dir=SIMS).baseline == "fedit · no DP"
+    grid = parse_grid(grid_table(baseline="ffa-lora · no DP"), base_dir=SIMS)
+    assert grid.manifest()["baseline"] == "ffa-lora · no DP"
+    with pytest.raises(
+        ConfigError, match=r"compare.baseline = 'fedsa' is not a cell.*cells: fedit · no DP, "
+    ):
+        parse_grid(grid_table(baseline="fedsa"), base_dir=SIMS)
+    with pytest.raises(ConfigError, match=r"compare\.baseline = 3"):
+        parse_grid(grid_table(baseline=3), base_dir=SIMS)
+
+
+def test_report_puts_the_paired_table_first(tmp_path: Path) -> None:
+    for seed, (a, b) in enumerate([(0.5, 0.55), (0.6, 0.66), (0.55, 0.59)]):
+        fake_run(tmp_path / "runs" / f"fedit-{seed}", strategy="fedit", seed=seed, accuracy=[0.4, a], up=10)
+        fake_run(tmp_path / "runs" / f"ffa-{seed}", strategy="ffa-lora", seed=seed, accuracy=[0.4, b], up=5)
+    files = write_report(collect([tmp_path / "runs"], baseline="ffa-lora"), tmp_path / "out")
+    text = files["markdown"].read_text()
+    assert text.startswith("## Paired differences against ffa-lora")
+    assert text.index("| ffa-lora (baseline)") < text.index("## Per cell")
+    rows = list(csv.DictReader(files["paired"].open()))
+    assert [(r["cell"], r["baseline"], r["metric"], r["pairs"]) for r in rows] == [
+        ("fedit", "ffa-lora", "final_accuracy", "3"),
+        ("fedit", "ffa-lora", "best_accuracy", "3"),
+    ]
+    assert float(rows[0]["mean_diff"]) == pytest.approx(-0.05)
+    assert rows[0]["verdict"] == "worse"
+    html = files["html"].read_text()
+    assert html.index("Paired differences against ffa-lora") < html.index("Per cell")
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--baseline", "nope"])
+    assert result.exit_code == 2 and "baseline 'nope' is not a cell" in result.output
+    assert "cells: fedit, ffa-lora" in result.output

@@ -13,6 +13,7 @@ STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1040px;
        color: #1b1b1b; padding: 0 1em; }
 h1 { font-size: 1.5em; margin-bottom: 0.2em; }
+h2 { font-size: 1.15em; margin-top: 1.6em; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.35em 0.7em; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
@@ -24,13 +25,33 @@ img { max-width: 100%; display: block; margin: 1em 0; border: 1px solid #eee; }
 """
 
 
-def render(
-    title: str, cells: list[CellStats], target: float, images: list[Path], about: dict[str, str]
-) -> str:
-    """The report page as one HTML string (images embedded as base64 PNG data)."""
-    header, rows = table(cells, target)
+def html_table(header: list[str], rows: list[list[str]]) -> str:
+    """A table with escaped cells (Markdown bold becomes <strong>)."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render(
+    title: str,
+    cells: list[CellStats],
+    target: float,
+    images: list[Path],
+    about: dict[str, str],
+    paired: tuple[str, list[str], list[list[str]], str] | None = None,
+) -> str:
+    """The report page as one HTML string (images embedded as base64 PNG data).
+
+    ``paired``: the paired-difference table (heading, header, rows, legend), shown first.
+    """
+    header, rows = table(cells, target)
+    first = ""
+    if paired is not None:
+        heading, p_header, p_rows, p_legend = paired
+        first = (
+            f"<h2>{html.escape(heading)}</h2>{html_table(p_header, p_rows)}"
+            f'<p class="legend">{html.escape(p_legend)}</p><h2>Per cell</h2>'
+        )
     figures = "".join(
         f'<img alt="{html.escape(p.stem.replace("_", " "))}" src="data:image/png;base64,{_b64(p)}">'
         for p in images
@@ -40,7 +61,7 @@ def render(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(title)}: fedlora comparison</title><style>{STYLE}</style></head><body>"
         f'<h1>{html.escape(title)}</h1><p class="legend">fedlora comparison report</p>'
-        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+        f"{first}{html_table(header, rows)}"
         f'<p class="legend">{html.escape(legend(cells, target))}</p>'
         f'{figures}<dl class="about">{facts}</dl></body></html>\n'
     )

@@ -25,6 +25,7 @@ CSV_COLUMNS = (
     "final_accuracy",
     "best_accuracy",
     "rounds_to_target",
+    "uplink_mb_to_target",
     "uplink_mb",
     "downlink_mb",
     "final_epsilon",
@@ -53,6 +54,12 @@ class RunResult:
     majority_accuracy: float
     accuracy: list[float]
     """Global test accuracy after each round (fractions)."""
+    uplink_mb_to_target: float | None = None
+    """Uplink MB of rounds 1 to ``rounds_to_target`` (None when the target was never reached)."""
+    history: tuple[dict[str, Any], ...] = ()
+    """The rows of ``rounds.jsonl`` (losses, traffic, failures and ε per round)."""
+    total_failed: int = 0
+    total_rejected: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,9 @@ def load_run(run_dir: Path, *, cell: str, levels: dict[str, str], target: float)
     rows = read_rounds(run_dir)
     accuracy = [float(r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
     reached = next((int(r["round"]) for r in rows if (r.get("eval_accuracy") or 0.0) >= target), None)
+    to_target = None
+    if reached is not None:
+        to_target = sum(int(r.get("uplink_bytes") or 0) for r in rows if int(r["round"]) <= reached) / 1e6
     epsilon = summary.get("final_epsilon")
     return RunResult(
         cell=cell,
@@ -103,6 +113,10 @@ def load_run(run_dir: Path, *, cell: str, levels: dict[str, str], target: float)
         wall_s=float(summary["wall_s"]),
         majority_accuracy=float(summary["majority_accuracy"]),
         accuracy=accuracy,
+        uplink_mb_to_target=to_target,
+        history=tuple(rows),
+        total_failed=int(summary.get("total_failed") or 0),
+        total_rejected=int(summary.get("total_rejected") or 0),
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError
-from fedlora.report import plots
+from fedlora.report import paired, plots
 from fedlora.report.html import render
 from fedlora.report.results import (
     DEFAULT_TARGET,
@@ -41,6 +41,8 @@ class Collected:
     results: list[RunResult] = field(default_factory=list)
     unfinished: list[Path] = field(default_factory=list)
     privacy_axes: set[str] = field(default_factory=set)
+    baseline: str | None = None
+    """Label of the cell the others are paired with (None: the first cell)."""
 
     def series(self, cell: CellStats) -> str:
         """A cell's line in the ε plot: its levels on the non-privacy axes (the strategy by default)."""
@@ -48,8 +50,9 @@ class Collected:
         return " · ".join(kept) if kept and self.privacy_axes else cell.runs[0].strategy
 
 
-def collect(dirs: list[Path], target: float | None = None) -> Collected:
-    """Find every run below ``dirs``; raises ConfigError when a path holds no run or comparison."""
+def collect(dirs: list[Path], target: float | None = None, baseline: str | None = None) -> Collected:
+    """Find every run below ``dirs``; raises ConfigError when a path holds no run or comparison, or when
+    ``baseline`` (default: the grid's, else the first cell) names no cell."""
     found = Collected(title="", target=target or DEFAULT_TARGET)
     plain: list[Path] = []
     titles = []
@@ -72,6 +75,13 @@ def collect(dirs: list[Path], target: float | None = None) -> Collected:
             f"no finished run in {', '.join(map(str, dirs))} (a run is finished once it has summary.json)"
         )
     found.title = ", ".join(dict.fromkeys(titles)) or "runs"
+    labels = list(dict.fromkeys(r.cell for r in found.results))
+    if baseline is not None:
+        found.baseline = baseline
+    if found.baseline is not None and found.baseline not in labels:
+        raise ConfigError(
+            f"baseline {found.baseline!r} is not a cell with finished runs; cells: {', '.join(labels)}"
+        )
     return found
 
 
@@ -85,6 +95,8 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     found.target = target or float(manifest.get("target_accuracy", DEFAULT_TARGET))
     found.privacy_axes.update(manifest.get("privacy_axes", []))
+    if found.baseline is None and manifest.get("baseline"):
+        found.baseline = str(manifest["baseline"])
     for cell in manifest["cells"]:
         for seed in manifest["seeds"]:
             run_dir = path / "runs" / cell["slug"] / f"seed-{seed}"
@@ -131,9 +143,17 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     cells = group(found.results)
     seeds = max(len(c.runs) for c in cells)
-    files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md"}
+    baseline = paired.find_baseline(cells, found.baseline)
+    files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md", "paired": out / "paired.csv"}
     write_csv(found.results, files["csv"])
-    files["markdown"].write_text(markdown(cells, found.target), encoding="utf-8")
+    paired.write_csv(cells, baseline, files["paired"])
+    files["markdown"].write_text(
+        f"## Paired differences against {baseline.label}\n\n"
+        + paired.markdown(cells, baseline, found.target)
+        + "\n## Per cell\n\n"
+        + markdown(cells, found.target),
+        encoding="utf-8",
+    )
     per = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     files["accuracy"] = plots.accuracy_per_round(
         cells, out / "accuracy_per_round.png", f"{found.title}: test accuracy per round ({per})"
@@ -152,7 +172,19 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
     images = [files[k] for k in ("accuracy", "uplink", "epsilon") if k in files]
     files["html"] = out / "report.html"
     files["html"].write_text(
-        render(found.title, cells, found.target, images, _about(found, command)), encoding="utf-8"
+        render(
+            found.title,
+            cells,
+            found.target,
+            images,
+            _about(found, command),
+            (
+                f"Paired differences against {baseline.label}",
+                *paired.table(cells, baseline, found.target),
+                paired.legend(baseline, seeds),
+            ),
+        ),
+        encoding="utf-8",
     )
     return files
 
