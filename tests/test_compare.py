@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import re
 import shutil
 import statistics
 import subprocess
@@ -209,8 +211,10 @@ def test_report_from_plain_run_directories_groups_by_differing_keys(tmp_path: Pa
         "comparison.csv",
         "comparison.md",
         "paired.csv",
+        "final_accuracy_paired.png",
         "accuracy_per_round.png",
         "accuracy_vs_uplink.png",
+        "traffic_per_round.png",
         "report.html",
     }
     rows = list(csv.DictReader(files["csv"].open()))
@@ -231,7 +235,8 @@ def test_epsilon_plot_and_column_appear_with_dp(tmp_path: Path) -> None:
 def test_html_report_is_self_contained(tmp_path: Path) -> None:
     fake_run(tmp_path / "a", strategy="fedit", seed=0, accuracy=[0.5, 0.6], up=10)
     html = write_report(collect([tmp_path / "a"]), tmp_path / "out")["html"].read_text()
-    assert html.count('src="data:image/png;base64,') == 2
+    # paired dot plot, accuracy per round, accuracy against uplink, traffic per round (no losses recorded)
+    assert html.count('src="data:image/png;base64,') == 4
     for external in ("http://", "https://", "<link", "<script", "@import", "url("):
         assert external not in html
 
@@ -243,16 +248,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     from matplotlib.image import imread
 
-    for seed in (0, 1):
-        fake_run(
-            tmp_path / "runs" / f"a{seed}",
-            strategy="fedit",
-            seed=seed,
-            accuracy=[0.4, 0.6 + seed / 20],
-            up=10,
-        )
-        fake_run(tmp_path / "runs" / f"b{seed}", strategy="flora", seed=seed, accuracy=[0.45, 0.5], up=30)
-    page = write_report(collect([tmp_path / "runs"]), tmp_path / "out")["html"]
+    page = write_report(collect([write_showcase(tmp_path / "cmp")]), tmp_path / "out")["html"]
     shot = tmp_path / "shot.png"
     flags = [
         "--headless",
@@ -262,11 +258,12 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path) -> None:
         "--no-first-run",
     ]
     flags += ["--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
-    flags += [f"--screenshot={shot}", "--window-size=1100,2200", "--hide-scrollbars"]
+    flags += [f"--screenshot={shot}", "--window-size=1100,2400", "--hide-scrollbars"]
     subprocess.run([CHROMIUM, *flags, page.as_uri()], capture_output=True, timeout=120, check=True)
     pixels = imread(shot)[..., :3]
     saturation = pixels.max(axis=-1) - pixels.min(axis=-1)
-    coloured = (saturation > 0.3).mean()  # plot lines and markers (tab10 colours); text and page are grey
+    # the paired table (text), the per-seed dot plot and the curves (tab10 colours); page and text are grey
+    coloured = (saturation > 0.3).mean()
     dark = (pixels.max(axis=-1) < 0.3).mean()  # table text
     assert coloured > 0.002, f"no plot visible in the screenshot ({coloured:.4%} coloured pixels)"
     assert dark > 0.002, f"no text visible in the screenshot ({dark:.4%} dark pixels)"
@@ -463,3 +460,123 @@ def test_report_puts_the_paired_table_first(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--baseline", "nope"])
     assert result.exit_code == 2 and "baseline 'nope' is not a cell" in result.output
     assert "cells: fedit, ffa-lora" in result.output
+
+
+# ----- per-client metrics and the full report -----------------------------------------------------
+
+
+def rich_run(path: Path, *, strategy: str, seed: int, gain: float, rounds: int = 6, clients: int = 5) -> Path:
+    """A finished run with losses, traffic, a failed client and per-client evaluation in clients.jsonl."""
+    run = fake_run(
+        path,
+        strategy=strategy,
+        seed=seed,
+        accuracy=[0.42 + gain * r / rounds + 0.01 * ((seed * 7 + r) % 3) for r in range(1, rounds + 1)],
+        up=rounds * 600_000,
+    )
+    rows = []
+    for r in range(1, rounds + 1):
+        acc = 0.42 + gain * r / rounds + 0.01 * ((seed * 7 + r) % 3)
+        rows.append(
+            {
+                "round": r,
+                "eval_accuracy": acc,
+                "train_loss": 1.1 - 0.4 * gain * r,
+                "eval_loss": 1.08 - 0.3 * gain * r,
+                "uplink_bytes": 600_000,
+                "downlink_bytes": 1_200_000,
+                "num_failed": 1 if r == 2 and seed == 0 else 0,
+            }
+        )
+    (run / "rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lines = []
+    for r in range(1, rounds + 1):
+        for pid in range(clients):
+            acc = 0.4 + gain * r / rounds + 0.04 * pid - 0.01 * seed
+            lines.append(
+                {"round": r, "phase": "train", "partition_id": pid, "status": "ok", "num_examples": 50}
+            )
+            lines.append(
+                {
+                    "round": r,
+                    "phase": "evaluate",
+                    "partition_id": pid,
+                    "status": "ok",
+                    "num_examples": 10 if pid else 0,  # client 0 has no validation split: left out
+                    "eval_loss": 1.0,
+                    "eval_accuracy": acc,
+                }
+            )
+    lines.append({"round": 1, "phase": "evaluate", "partition_id": -1, "status": "failed", "reason": "x"})
+    (run / "clients.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run
+
+
+def test_per_client_metrics_of_the_last_evaluated_round(tmp_path: Path) -> None:
+    run = rich_run(tmp_path / "r", strategy="fedsa-lora", seed=1, gain=0.12, rounds=4, clients=5)
+    result = load_run(run, cell="fedsa", levels={}, target=0.6)
+    assert [c.round for c in result.client_eval] == [1, 2, 3, 4]
+    values = [0.4 + 0.12 + 0.04 * pid - 0.01 for pid in range(1, 5)]  # round 4, clients 1-4
+    last = result.last_client_eval
+    assert last is not None and last.clients == 4
+    assert last.mean == pytest.approx(statistics.fmean(values))
+    assert last.worst == pytest.approx(min(values))
+    assert last.std == pytest.approx(statistics.stdev(values))
+    assert last.iqr == pytest.approx(
+        statistics.quantiles(values, n=4, method="inclusive")[2]
+        - statistics.quantiles(values, n=4, method="inclusive")[0]
+    )
+    assert result.client_accuracy_kind == "personalised (shared A, own B)"
+    files = write_report(collect([run]), tmp_path / "out")
+    row = next(csv.DictReader(files["csv"].open()))
+    assert float(row["client_mean_accuracy"]) == pytest.approx(last.mean)
+    assert float(row["client_worst_accuracy"]) == pytest.approx(last.worst)
+    assert row["client_eval_round"] == "4" and row["client_accuracy_kind"].startswith("personalised")
+    text = files["markdown"].read_text()
+    assert "## Per client" in text and "personalised (shared A, own B)" in text
+    assert "fedsa ‡" in text or "‡ FedSA-LoRA" in text
+    plain = fake_run(tmp_path / "p", strategy="fedit", seed=0, accuracy=[0.5], up=10)
+    assert load_run(plain, cell="x", levels={}, target=0.6).client_eval == ()  # no client evaluation
+
+
+def write_showcase(root: Path, seeds: int = 4) -> Path:
+    """A comparison directory as `fedlora compare` leaves it: three strategies, ``seeds`` seeds."""
+    gains = {"fedit": 0.10, "ffa-lora": 0.16, "fedsa-lora": 0.11}
+    cells = [{"label": s, "slug": s, "levels": {"strategy": s}} for s in gains]
+    for strategy, gain in gains.items():
+        for seed in range(seeds):
+            rich_run(root / "runs" / strategy / f"seed-{seed}", strategy=strategy, seed=seed, gain=gain)
+    manifest = {"name": "showcase", "seeds": list(range(seeds)), "target_accuracy": 0.5, "baseline": "fedit"}
+    (root / "comparison.json").write_text(json.dumps({**manifest, "cells": cells, "privacy_axes": []}))
+    return root
+
+
+def test_the_report_shows_paired_table_curves_traffic_failures_clients_and_config(tmp_path: Path) -> None:
+    files = write_report(collect([write_showcase(tmp_path / "cmp")]), tmp_path / "cmp")
+    for kind in ("final", "accuracy", "loss", "uplink", "traffic", "clients"):
+        assert files[kind].is_file(), kind
+    html = files["html"].read_text()
+    headings = re.findall(r"<h2>(.*?)</h2>", html)
+    assert headings[0] == "Paired differences against fedit"
+    assert headings[1:] == [
+        "Per cell",
+        "Cells: strategy and what differs from the baseline",
+        "Accuracy and loss per round",
+        "Traffic",
+        "Per-client metrics",
+        "Failed, rejected and declined clients",
+        "Base configuration",
+        "About this report",
+    ]
+    assert "strategy.name = &quot;ffa-lora&quot;" in html or "strategy.name = ffa-lora" in html
+    assert "[federation]" in html  # the full base config
+    assert html.count('src="data:image/png;base64,') == 6  # every figure but ε (no DP)
+    paired_rows = list(csv.DictReader(files["paired"].open()))
+    ffa = next(r for r in paired_rows if r["cell"] == "ffa-lora" and r["metric"] == "final_accuracy")
+    assert (
+        ffa["pairs"] == "4" and float(ffa["mean_diff"]) == pytest.approx(0.06) and ffa["verdict"] == "better"
+    )
+    client = next(
+        r for r in paired_rows if r["cell"] == "fedsa-lora" and r["metric"] == "client_mean_accuracy"
+    )
+    assert float(client["mean_diff"]) == pytest.approx(0.01)

@@ -28,6 +28,16 @@ PAIRED_METRICS = (
 )
 """Metrics compared per seed (RunResult attribute, column title); accuracies, shown in points."""
 
+CLIENT_METRIC = ("client_mean_accuracy", "client acc.")
+"""Compared too when clients evaluate: mean client validation accuracy (personalised for FedSA-LoRA)."""
+
+
+def metrics(cells: list[CellStats]) -> tuple[tuple[str, str], ...]:
+    """The paired metrics of these cells: final and best test accuracy, and client accuracy if any."""
+    if any(c.values(CLIENT_METRIC[0]) for c in cells):
+        return (*PAIRED_METRICS, CLIENT_METRIC)
+    return PAIRED_METRICS
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -98,6 +108,9 @@ def pair(cell: CellStats, baseline: CellStats, metric: str) -> Paired:
     """The paired differences of ``metric`` between ``cell`` and ``baseline`` on their shared seeds."""
     mine, theirs = by_seed(cell.runs), by_seed(baseline.runs)
     seeds = sorted(set(mine) & set(theirs))
+    seeds = [
+        s for s in seeds if getattr(mine[s], metric) is not None and getattr(theirs[s], metric) is not None
+    ]
     differences = [float(getattr(mine[s], metric)) - float(getattr(theirs[s], metric)) for s in seeds]
     return Paired(
         cell.label,
@@ -122,8 +135,8 @@ def find_baseline(cells: list[CellStats], label: str | None) -> CellStats:
 
 
 def compare(cells: list[CellStats], baseline: CellStats) -> list[list[Paired]]:
-    """For every cell but the baseline, its :class:`Paired` results, one per metric in PAIRED_METRICS."""
-    return [[pair(c, baseline, m) for m, _ in PAIRED_METRICS] for c in cells if c is not baseline]
+    """For every cell but the baseline, its :class:`Paired` results, one per metric of :func:`metrics`."""
+    return [[pair(c, baseline, m) for m, _ in metrics(cells)] for c in cells if c is not baseline]
 
 
 def signed(value: float, digits: int = 1) -> str:
@@ -165,13 +178,12 @@ def to_target(cell: CellStats) -> tuple[str, str]:
 def table(cells: list[CellStats], baseline: CellStats, target: float) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the paired table: the baseline first (its own means), then every other cell."""
     header = ["cell", "pairs"]
-    for _, title in PAIRED_METRICS:
+    for _, title in metrics(cells):
         header += [f"Δ {title} (pp) [95% CI]", f"{title}: verdict"]
     header += [f"rounds to {100 * target:g}%", f"uplink MB to {100 * target:g}%"]
-    final = baseline.mean_std("final_accuracy")
-    best = baseline.mean_std("best_accuracy")
     base_row = [f"{baseline.label} (baseline)", str(len(baseline.runs))]
-    for found in (final, best):
+    for name, _ in metrics(cells):
+        found = baseline.mean_std(name)
         base_row += [f"{100 * found[0]:.1f}% (mean)" if found else "—", ""]
     rows = [base_row + list(to_target(baseline))]
     for cell, results in zip((c for c in cells if c is not baseline), compare(cells, baseline), strict=True):
@@ -190,6 +202,11 @@ def legend(baseline: CellStats, seeds: int) -> str:
         "per-seed differences). better / worse: the interval excludes zero; otherwise no difference is "
         f"detectable with this many seeds ({seeds} at most here). Pairs: seeds where both runs finished. "
         "Rounds and uplink MB to the target: mean over the seeds that reached it ((k/n): only k did)."
+        + (
+            " Client acc.: mean over clients of their own validation accuracy (personalised for FedSA-LoRA)."
+            if baseline.values(CLIENT_METRIC[0])
+            else ""
+        )
     )
 
 

@@ -15,21 +15,24 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError
-from fedlora.report import paired, plots
-from fedlora.report.html import render
+from fedlora.report import html, paired, plots
 from fedlora.report.results import (
     DEFAULT_TARGET,
     CellStats,
     RunResult,
+    client_legend,
+    client_table,
     group,
     is_finished,
+    legend,
     load_run,
     markdown,
+    table,
     write_csv,
 )
 
 MANIFEST = "comparison.json"
-IGNORED_KEYS = {"seed", "name"}
+IGNORED_KEYS = {"seed", "name", "federation.ray_address"}
 
 
 @dataclass
@@ -139,7 +142,8 @@ def _short(key: str) -> str:
 
 
 def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str, Path]:
-    """Write comparison.csv, comparison.md, the PNG plots and report.html into ``out``; returns them."""
+    """Write comparison.csv, paired.csv, comparison.md, the PNG plots and report.html into ``out``;
+    returns them by kind."""
     out.mkdir(parents=True, exist_ok=True)
     cells = group(found.results)
     seeds = max(len(c.runs) for c in cells)
@@ -147,46 +151,187 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
     files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md", "paired": out / "paired.csv"}
     write_csv(found.results, files["csv"])
     paired.write_csv(cells, baseline, files["paired"])
+    clients = client_table(cells)
     files["markdown"].write_text(
         f"## Paired differences against {baseline.label}\n\n"
         + paired.markdown(cells, baseline, found.target)
         + "\n## Per cell\n\n"
-        + markdown(cells, found.target),
-        encoding="utf-8",
-    )
-    per = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
-    files["accuracy"] = plots.accuracy_per_round(
-        cells, out / "accuracy_per_round.png", f"{found.title}: test accuracy per round ({per})"
-    )
-    files["uplink"] = plots.accuracy_vs_uplink(
-        cells, out / "accuracy_vs_uplink.png", f"{found.title}: final accuracy against uplink traffic"
-    )
-    epsilon = plots.accuracy_vs_epsilon(
-        cells,
-        out / "accuracy_vs_epsilon.png",
-        f"{found.title}: final accuracy against privacy spent",
-        found.series,
-    )
-    if epsilon is not None:
-        files["epsilon"] = epsilon
-    images = [files[k] for k in ("accuracy", "uplink", "epsilon") if k in files]
-    files["html"] = out / "report.html"
-    files["html"].write_text(
-        render(
-            found.title,
-            cells,
-            found.target,
-            images,
-            _about(found, command),
-            (
-                f"Paired differences against {baseline.label}",
-                *paired.table(cells, baseline, found.target),
-                paired.legend(baseline, seeds),
-            ),
+        + markdown(cells, found.target)
+        + (
+            ""
+            if clients is None
+            else "\n## Per client\n\n" + _markdown_table(*clients) + "\n" + client_legend() + "\n"
         ),
         encoding="utf-8",
     )
+    files.update(_plots(found, cells, baseline, out, seeds))
+    files["html"] = out / "report.html"
+    files["html"].write_text(_html(found, cells, baseline, files, seeds, command), encoding="utf-8")
     return files
+
+
+def _plots(
+    found: Collected, cells: list[CellStats], baseline: CellStats, out: Path, seeds: int
+) -> dict[str, Path]:
+    title = found.title
+    per = f"mean over {seeds} seeds, range shaded" if seeds > 1 else "one seed"
+    differences = {}
+    for results in paired.compare(cells, baseline):
+        final = results[0]
+        differences[final.cell] = (final.differences, final.interval)
+    made: dict[str, Path | None] = {
+        "final": plots.final_accuracy_paired(
+            cells,
+            baseline,
+            differences,
+            out / "final_accuracy_paired.png",
+            f"{title}: final test accuracy per seed",
+        ),
+        "accuracy": plots.accuracy_per_round(
+            cells, out / "accuracy_per_round.png", f"{title}: test accuracy per round ({per})", baseline
+        ),
+        "loss": plots.loss_per_round(cells, out / "loss_per_round.png", f"{title}: loss per round ({per})"),
+        "uplink": plots.accuracy_vs_uplink(
+            cells, out / "accuracy_vs_uplink.png", f"{title}: final accuracy against uplink traffic"
+        ),
+        "traffic": plots.traffic_per_round(
+            cells, out / "traffic_per_round.png", f"{title}: traffic per round"
+        ),
+        "epsilon": plots.accuracy_vs_epsilon(
+            cells,
+            out / "accuracy_vs_epsilon.png",
+            f"{title}: final accuracy against privacy spent",
+            found.series,
+        ),
+        "clients": plots.client_accuracy_per_round(
+            cells, out / "client_accuracy_per_round.png", f"{title}: clients' own validation accuracy"
+        ),
+    }
+    return {k: v for k, v in made.items() if v is not None}
+
+
+def _html(
+    found: Collected,
+    cells: list[CellStats],
+    baseline: CellStats,
+    files: dict[str, Path],
+    seeds: int,
+    command: str,
+) -> str:
+    def figures(*kinds: str) -> str:
+        return "".join(html.figure(files[k]) for k in kinds if k in files)
+
+    sections = [
+        (
+            f"Paired differences against {baseline.label}",
+            html.table(*paired.table(cells, baseline, found.target))
+            + html.legend(paired.legend(baseline, seeds))
+            + figures("final"),
+        ),
+        ("Per cell", html.table(*table(cells, found.target)) + html.legend(legend(cells, found.target))),
+        (
+            "Cells: strategy and what differs from the baseline",
+            html.table(*_cells_table(cells, baseline), text_columns=(1, 2)),
+        ),
+        ("Accuracy and loss per round", figures("accuracy", "loss")),
+        ("Traffic", figures("uplink", "traffic")),
+    ]
+    if "epsilon" in files:
+        sections.append(("Privacy", figures("epsilon") + html.table(*_privacy_table(cells))))
+    clients = client_table(cells)
+    if clients is not None:
+        sections.append(
+            (
+                "Per-client metrics",
+                html.table(*clients, text_columns=(1,)) + html.legend(client_legend()) + figures("clients"),
+            )
+        )
+    sections.append(("Failed, rejected and declined clients", _failures(found, cells)))
+    config = baseline.runs[0].run_dir / "config.toml"
+    if config.is_file():
+        sections.append(
+            (
+                "Base configuration",
+                html.preformatted(
+                    config.read_text(encoding="utf-8"),
+                    f"{baseline.label}, seed {baseline.runs[0].seed} (config.toml); the other cells differ "
+                    "only in the keys listed under Cells, and every run in its seed",
+                ),
+            )
+        )
+    return html.page(found.title, sections, _about(found, command))
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *["---:"] * (len(header) - 1)]) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+PLACEMENT_KEYS = {"seed", "name", "federation.ray_address"}
+"""Keys that never make two cells different: the seed is paired, the others do not change results."""
+
+
+def _cells_table(cells: list[CellStats], baseline: CellStats) -> tuple[list[str], list[list[str]]]:
+    """Per cell: its strategy and the resolved config keys whose values differ from the baseline's."""
+    reference = _run_config(baseline.runs[0].run_dir)
+    rows = []
+    for cell in cells:
+        mine = _run_config(cell.runs[0].run_dir)
+        keys = sorted((set(mine) | set(reference)) - PLACEMENT_KEYS)
+        changed = [f"{k} = {mine.get(k, '(unset)')}" for k in keys if mine.get(k) != reference.get(k)]
+        what = "(baseline)" if cell is baseline else "; ".join(changed) or "nothing"
+        rows.append([cell.label, cell.runs[0].strategy, what, ", ".join(str(r.seed) for r in cell.runs)])
+    return ["cell", "strategy", "changed keys (against the baseline)", "seeds"], rows
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.toml"
+    return _flat(tomllib.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
+
+
+def _privacy_table(cells: list[CellStats]) -> tuple[list[str], list[list[str]]]:
+    """Per cell: ε spent (mean over seeds), δ, and the last round's noise multiplier and clipping norm."""
+    rows = []
+    for cell in cells:
+        last = cell.runs[0].history[-1] if cell.runs[0].history else {}
+        eps = cell.mean_std("final_epsilon")
+        rows.append(
+            [
+                cell.label,
+                "no DP" if eps is None else f"{eps[0]:.2f}",
+                "—" if cell.runs[0].delta is None else f"{cell.runs[0].delta:g}",
+                _number(last.get("noise_multiplier")),
+                _number(last.get("clip_norm")),
+            ]
+        )
+    return ["cell", "ε spent", "δ", "noise multiplier", "clipping norm"], rows
+
+
+def _number(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.3g}"
+
+
+def _failures(found: Collected, cells: list[CellStats]) -> str:
+    """Per cell the client replies that failed, were rejected or declined (totals over seeds and rounds),
+    and the runs that have not finished."""
+    rows = []
+    for cell in cells:
+        totals = {k: sum(int(r.get(k) or 0) for run in cell.runs for r in run.history) for k in FAULT_KEYS}
+        bad_rounds = sum(1 for run in cell.runs for r in run.history if any(r.get(k) for k in FAULT_KEYS))
+        rows.append([cell.label, str(len(cell.runs)), *(str(totals[k]) for k in FAULT_KEYS), str(bad_rounds)])
+    header = ["cell", "runs", "failed replies", "rejected replies", "declined (DP)", "rounds with any"]
+    text = html.table(header, rows)
+    text += html.legend(
+        "Failed: the client raised or timed out; rejected: its reply failed validation (shapes, NaN, norm); "
+        "declined: under DP-SGD a client with too few examples for its budget sends nothing. "
+        "Per client and round in each run's clients.jsonl."
+    )
+    if found.unfinished:
+        text += html.legend("Unfinished runs (left out): " + ", ".join(str(p) for p in found.unfinished))
+    return text
+
+
+FAULT_KEYS = ("num_failed", "num_rejected", "num_declined")
 
 
 def _about(found: Collected, command: str) -> dict[str, str]:
