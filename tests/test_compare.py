@@ -580,3 +580,76 @@ def test_the_report_shows_paired_table_curves_traffic_failures_clients_and_confi
         r for r in paired_rows if r["cell"] == "fedsa-lora" and r["metric"] == "client_mean_accuracy"
     )
     assert float(client["mean_diff"]) == pytest.approx(0.01)
+
+
+# ----- one Ray head for the grid ------------------------------------------------------------------
+
+
+def test_the_ray_address_never_makes_a_finished_or_resumable_run_different(tmp_path: Path) -> None:
+    import torch
+
+    from fedlora.compare.runner import Comparison, _command
+    from fedlora.run import checkpoint
+
+    grid = parse_grid({"experiment": "quickstart.toml", "seeds": [0, 1]}, base_dir=SIMS)
+    tasks = grid.tasks()
+    prepare(grid, tasks, tmp_path)
+    assert 'ray_address = ""' in (tmp_path / "configs" / f"{tasks[0].key}.toml").read_text()
+    attached = grid.tasks(
+        ['federation.ray_address="127.0.0.1:6379"']
+    )  # as `fedlora run --ray-address` writes
+    finished = RunDirectory(tmp_path / "runs" / tasks[0].key)
+    finished.create(attached[0].config)
+    finished.write_summary({"final_eval_accuracy": 0.5})
+    where = Comparison(tmp_path)
+    unfinished = RunDirectory(where.run_dir(tasks[1]))
+    unfinished.create(attached[1].config)
+    checkpoint.save(
+        unfinished.checkpoint_path, checkpoint.Checkpoint(round=1, global_state={"w": torch.zeros(2)})
+    )
+    assert plan(tasks, tmp_path) == ([tasks[1]], [tasks[0]])
+    command = _command(tasks[1], where, verbose=False, ray_address="127.0.0.1:7000")
+    assert command[-4:] == ["--resume", str(unfinished.path), "--ray-address", "127.0.0.1:7000"]
+    fresh = _command(grid.tasks(["lora.rank=4"])[1], where, verbose=False, ray_address="127.0.0.1:7000")
+    assert "--overwrite" in fresh and fresh[-2:] == ["--ray-address", "127.0.0.1:7000"]
+    assert "--ray-address" not in _command(tasks[1], where, verbose=False)  # a Ray per run
+
+
+def test_each_running_run_gets_a_head_of_its_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from fedlora.compare import runner
+
+    grid = parse_grid({"experiment": "quickstart.toml", "seeds": [0, 1, 2, 3, 4]}, base_dir=SIMS)
+    tasks = grid.tasks()
+    lent: list[tuple[str, str]] = []
+    busy: set[str] = set()
+
+    def start(task, where, verbose, ray_address=""):  # type: ignore[no-untyped-def]
+        assert ray_address and ray_address not in busy, (ray_address, busy)  # never two runs on one head
+        busy.add(ray_address)
+        lent.append((task.key, ray_address))
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
+        return proc, (tmp_path / f"{len(lent)}.log").open("wb")
+
+    def outcome(task, code, seconds, where):  # type: ignore[no-untyped-def]
+        busy.discard(next(a for k, a in lent if k == task.key))
+        return runner.Event("finished", task, seconds)
+
+    monkeypatch.setattr(runner, "_start", start)
+    monkeypatch.setattr(runner, "_outcome", outcome)
+    assert runner.execute(tasks, tmp_path, lambda e: None, jobs=2, ray_addresses=["h:1", "h:2"])
+    assert [k for k, _ in lent] == [t.key for t in tasks]
+    assert {a for _, a in lent} == {"h:1", "h:2"}
+    with pytest.raises(ValueError, match="one per job"):
+        runner.execute(tasks, tmp_path, lambda e: None, jobs=2, ray_addresses=["h:1"])
+
+
+def test_resume_accepts_a_ray_address(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "run")
+    run.create(load_config(SIMS / "quickstart.toml"))
+    result = CliRunner().invoke(app, ["run", "--resume", str(run.path), "--ray-address", "127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "no checkpoint" in result.output and "drop" not in result.output  # refused for its own reason
+    result = CliRunner().invoke(app, ["run", "--resume", str(run.path), "--seed", "3"])
+    assert result.exit_code == 2 and "drop --set or a shortcut" in result.output
