@@ -4,7 +4,6 @@ whether stopped in order or when `fedlora compare` is killed with SIGKILL. No si
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import subprocess
@@ -44,9 +43,11 @@ def test_a_head_stops_with_its_processes(tmp_path: Path) -> None:
         processes = [psutil.Process(p) for p in head.pids()]
         assert len(processes) > 3  # ray start, the GCS, the raylet and more
         temp = head._temp
+        assert temp is not None and temp.is_dir()
     _, alive = psutil.wait_procs(processes, timeout=5)
     assert not alive, [p.pid for p in alive]
     assert not answers(head.address) and not temp.exists()
+    assert not (tmp_path / "head.log.tmpdir").exists()
 
 
 @pytest.mark.e2e
@@ -76,4 +77,7 @@ def test_a_head_dies_with_a_comparison_killed_by_sigkill(tmp_path: Path, repo_ro
             holder.kill()
         holder.wait(timeout=10)
         if line:
-            shutil.rmtree(json.loads(line)["temp"], ignore_errors=True)  # a killed head leaves its logs
+            temp = Path(json.loads(line)["temp"])
+            assert temp.is_dir()  # a killed head leaves its temporary directory ...
+            RayHead(tmp_path / "head.log")._remove_stale()  # ... until the next head with that log starts
+            assert not temp.exists()

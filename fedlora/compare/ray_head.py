@@ -8,7 +8,8 @@ socket paths must stay under 108 bytes), and the same quiet environment a run gi
 It never outlives the comparison: :meth:`RayHead.stop` sends SIGTERM (``ray start --block`` then stops
 its daemons) and kills by PID whatever remains; if `fedlora compare` dies without stopping it, the
 kernel sends the head SIGTERM (Linux's parent-death signal), and Ray's daemons share the fate of
-``ray start`` the same way.
+``ray start`` the same way; the head's temporary directory is then removed when the next head starts
+with the same log (the comparison is run again).
 """
 
 from __future__ import annotations
@@ -71,12 +72,15 @@ class RayHead:
         self.num_cpus = num_cpus
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self._temp = Path(tempfile.mkdtemp(prefix="fl-ray-"))
+        self._temp: Path | None = None
+        """Ray's temporary directory, made when the head starts (short: socket paths < 108 bytes)."""
         self._proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
         command = [_ray_executable(), "start", "--head", "--block", "--port", str(self.port)]
         command += ["--node-ip-address", "127.0.0.1", "--include-dashboard", "false"]
+        if self._temp is None:
+            self._temp = Path(tempfile.mkdtemp(prefix="fl-ray-"))
         command += ["--disable-usage-stats", "--temp-dir", str(self._temp)]
         if self.num_cpus is not None:
             command += ["--num-cpus", str(self.num_cpus)]
@@ -85,9 +89,12 @@ class RayHead:
     def start(self, timeout: float = 120.0) -> str:
         """Start the head and wait until Ray reports it running; returns its address."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
+        command = self.command()
+        self._marker.write_text(str(self._temp), encoding="utf-8")
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
-                self.command(),
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C reaches `fedlora compare` only
@@ -102,6 +109,20 @@ class RayHead:
                 raise RayHeadError(f"the comparison's Ray head did not start (log {self.log}): {tail}")
             time.sleep(0.2)
         return self.address
+
+    @property
+    def _marker(self) -> Path:
+        """Names the head's temporary directory while it runs (beside its log)."""
+        return self.log.with_name(self.log.name + ".tmpdir")
+
+    def _remove_stale(self) -> None:
+        """Remove the temporary directory of a head killed before it could (its comparison got SIGKILL)."""
+        if not self._marker.is_file():
+            return
+        stale = Path(self._marker.read_text(encoding="utf-8").strip())
+        if stale.name.startswith("fl-ray-") and stale != self._temp:
+            shutil.rmtree(stale, ignore_errors=True)
+        self._marker.unlink(missing_ok=True)
 
     def _log_text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace") if self.log.is_file() else ""
@@ -133,7 +154,9 @@ class RayHead:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=5)
             self._proc = None
-        shutil.rmtree(self._temp, ignore_errors=True)
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._marker.unlink(missing_ok=True)
 
     def __enter__(self) -> RayHead:
         self.start()
