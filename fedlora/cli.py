@@ -317,6 +317,8 @@ def _compare_with_progress(
             finished = execute(todo, root, on_event, jobs=jobs, verbose=verbose, ray_addresses=addresses)
         except RayHeadError as exc:
             _fail(f"{exc} (or pass --ray-per-run)", code=1)
+        except KeyboardInterrupt:  # while the head was starting: no run has started yet
+            finished = False
         finally:
             for head in heads:
                 head.stop()

@@ -293,6 +293,15 @@ def test_cli_errors_are_one_line_with_exit_2(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()  # nothing written before the grid is valid
     result = CliRunner().invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "holds no run" in result.output
+    unknown = tmp_path / "baseline.toml"
+    unknown.write_text(
+        f'[compare]\nexperiment = "{SIMS / "quickstart.toml"}"\nbaseline = "fedsa"\n'
+        '[[compare.axes]]\nkey = "strategy.name"\nvalues = ["fedit", "ffa-lora"]\n'
+    )
+    result = CliRunner().invoke(app, ["compare", str(unknown), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "compare.baseline = 'fedsa' is not a cell of this grid; cells: fedit, ffa-lora" in result.output
+    assert not (tmp_path / "out").exists()
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "notes.txt").write_text("mine")
     good = tmp_path / "good.toml"

@@ -10,6 +10,7 @@ the usual random initialisation, which is the default and identical to every oth
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,8 +24,8 @@ from fedlora.core.config import ExperimentConfig
 from fedlora.core.data import build_splits
 from fedlora.run.experiment import load_experiment
 from strategies import registry
-from tests.test_compare import SIMS
 
+SIMS = Path(__file__).resolve().parents[1] / "sims"
 STRATEGIES = sorted(registry.available())
 SMALL = [
     "federation.num_clients=6",
