@@ -12,14 +12,14 @@ import re
 from pathlib import Path
 
 STYLE = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1080px;
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1260px;
        color: #1b1b1b; padding: 0 1em; }
 h1 { font-size: 1.5em; margin-bottom: 0.2em; }
 h2 { font-size: 1.15em; margin-top: 1.8em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.35em 0.7em; text-align: right; white-space: nowrap; }
 th:first-child, td:first-child { text-align: left; }
-td.text { text-align: left; white-space: normal; }
+td.text, th.text { text-align: left; white-space: normal; min-width: 7em; }
 th { background: #f4f4f4; white-space: normal; vertical-align: bottom; }
 .wide { overflow-x: auto; }
 img { max-width: 100%; display: block; margin: 1em 0; border: 1px solid #eee; }
@@ -32,7 +32,10 @@ pre { background: #f7f7f7; padding: 0.8em; font-size: 0.82em; overflow-x: auto; 
 
 def table(header: list[str], rows: list[list[str]], *, text_columns: tuple[int, ...] = ()) -> str:
     """A table with escaped cells (Markdown bold becomes <strong>); ``text_columns`` wrap, left-aligned."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    head = "".join(
+        f'<th class="text">{html.escape(h)}</th>' if i in text_columns else f"<th>{html.escape(h)}</th>"
+        for i, h in enumerate(header)
+    )
     body = "".join(
         "<tr>"
         + "".join(

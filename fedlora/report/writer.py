@@ -224,7 +224,7 @@ def _html(
     sections = [
         (
             f"Paired differences against {baseline.label}",
-            html.table(*paired.table(cells, baseline, found.target))
+            _paired_html(cells, baseline, found.target)
             + html.legend(paired.legend(baseline, seeds))
             + figures("final"),
         ),
@@ -260,6 +260,13 @@ def _html(
             )
         )
     return html.page(found.title, sections, _about(found, command))
+
+
+def _paired_html(cells: list[CellStats], baseline: CellStats, target: float) -> str:
+    """The paired table, its verdict columns wrapping (they are sentences)."""
+    header, rows = paired.table(cells, baseline, target)
+    verdicts = tuple(i for i, h in enumerate(header) if h.endswith("verdict"))
+    return html.table(header, rows, text_columns=verdicts)
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
