@@ -220,9 +220,11 @@ def final_accuracy_paired(
     left.set_yticks(range(n), [c.label for c in cells], fontsize=8)
     left.invert_yaxis()
     left.set_xlabel(
-        f"final test accuracy (%): seeds (dots), mean (bar); majority class {majority:.1f}% dotted"
+        f"final test accuracy (%)\nseeds: dots; mean: bar; majority class ({majority:.1f}%) dotted"
     )
-    right.set_xlabel(f"difference to {baseline.label} (points): seeds, mean and 95% CI")
+    right.set_xlabel(
+        f"difference to {baseline.label} (points)\nseeds: dots; mean and 95% CI: diamond and bar"
+    )
     for ax in (left, right):
         ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path, title)
