@@ -6,12 +6,13 @@ import dataclasses
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from fedlora.core.config import ConfigError
+from fedlora.core.config import ConfigError, apply_overrides, from_dict
 from fedlora.core.records import RunDirectory, RunDirError, read_summary
 
 app = typer.Typer(
@@ -42,7 +43,8 @@ def run(
     strategy: Annotated[str | None, typer.Option(help="shortcut for --set strategy.name=NAME")] = None,
     seed: Annotated[int | None, typer.Option(help="shortcut for --set seed=N")] = None,
     ray_address: Annotated[
-        str | None, typer.Option(help="attach to a running Ray cluster (HOST:PORT of its head)")
+        str | None,
+        typer.Option(help="attach to a running Ray cluster (HOST:PORT of its head); allowed with --resume"),
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run directory")] = False,
     resume: Annotated[
@@ -61,10 +63,11 @@ def run(
         ("federation.rounds", rounds),
         ("strategy.name", strategy),
         ("seed", seed),
-        ("federation.ray_address", ray_address),
     ):
         if value is not None:
             overrides.append(f"{key}={value}" if not isinstance(value, str) else f'{key}="{value}"')
+    if ray_address is not None and resume is None:
+        overrides.append(f'federation.ray_address="{ray_address}"')
     if resume is not None:
         given = [name for name, v in (("EXPERIMENT", experiment), ("--out", out)) if v is not None]
         given += ["--set or a shortcut"] if overrides else []
@@ -77,6 +80,9 @@ def run(
         if resume is not None:
             run_dir = RunDirectory(resume)
             cfg = run_dir.resumable_config()
+            if ray_address is not None:  # where the rest runs, not what it computes: allowed on resume
+                attach = [f'federation.ray_address="{ray_address}"']
+                cfg = from_dict(apply_overrides(cfg.to_dict(), attach))
         else:
             cfg = load_experiment(experiment, overrides)
         cfg = preflight(cfg, simulation=True)  # every check before the run directory is touched
@@ -187,7 +193,15 @@ def compare(
         list[str] | None, typer.Option("--set", help="override a key in every run: section.key=value")
     ] = None,
     out: Annotated[Path | None, typer.Option(help="comparison directory (default: runs/<grid name>)")] = None,
-    jobs: Annotated[int, typer.Option(min=1, help="runs at the same time (each starts its own Ray)")] = 1,
+    jobs: Annotated[int, typer.Option(min=1, help="runs at the same time")] = 1,
+    shared_ray: Annotated[
+        bool,
+        typer.Option(
+            "--shared-ray/--ray-per-run",
+            help="start one local Ray head per job slot for the whole grid and attach every run to it "
+            "(default), or let every run start and stop its own Ray",
+        ),
+    ] = True,
     seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, replacing the grid's")] = None,
     overwrite: Annotated[bool, typer.Option(help="delete the comparison directory and start again")] = False,
     dry_run: Annotated[bool, typer.Option(help="list the runs and exit")] = False,
@@ -231,7 +245,9 @@ def compare(
             typer.echo(f"{'done' if task in done else 'todo'}  {task.cell.label:<40} seed {task.seed}")
         return
     prepare(grid, tasks, root)
-    _compare_with_progress(grid, todo, done, root, jobs=jobs, verbose=verbose)
+    # a grid (or --set) that names a Ray cluster runs there; otherwise the comparison brings its own
+    shared = shared_ray and not any(t.config.federation.ray_address for t in tasks)
+    _compare_with_progress(grid, todo, done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
 
 
 def _seed_list(text: str) -> list[int]:
@@ -247,12 +263,13 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _compare_with_progress(
-    grid: Any, todo: list[Any], done: list[Any], root: Path, *, jobs: int, verbose: bool
+    grid: Any, todo: list[Any], done: list[Any], root: Path, *, jobs: int, verbose: bool, shared_ray: bool
 ) -> None:
     # start-up: imported when the command runs, so `fedlora --help` stays fast
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from fedlora.compare.ray_head import RayHeadError
     from fedlora.compare.runner import Event, execute
 
     console = Console()
@@ -294,13 +311,44 @@ def _compare_with_progress(
                 left = sum(durations) / len(durations) * remaining / jobs
                 progress.update(bar, left=f"about {max(1, round(left / 60))} min left")
 
-        finished = execute(todo, root, on_event, jobs=jobs, verbose=verbose)
+        heads: list[Any] = []
+        try:
+            addresses = _start_heads(console, heads, root, min(jobs, len(todo))) if shared_ray else None
+            finished = execute(todo, root, on_event, jobs=jobs, verbose=verbose, ray_addresses=addresses)
+        except RayHeadError as exc:
+            _fail(f"{exc} (or pass --ray-per-run)", code=1)
+        except KeyboardInterrupt:  # while the head was starting: no run has started yet
+            finished = False
+        finally:
+            for head in heads:
+                head.stop()
     _write_comparison_report(console, root)
     if not finished:
         console.print(f"[yellow]interrupted[/]: re-run the same command to resume ({root})")
         raise typer.Exit(130)
     if failed:
         _fail(f"{len(failed)} run(s) failed: {', '.join(failed)}; fix and re-run to resume", code=1)
+
+
+def _start_heads(console: Any, heads: list[Any], root: Path, count: int) -> list[str]:
+    """Start ``count`` local Ray heads (one per job slot), appending each to ``heads`` as it starts, so
+    that the caller stops every one, even after an interruption; returns their addresses."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.compare.ray_head import RayHead
+
+    started = time.monotonic()
+    for i in range(count):
+        head = RayHead(root / "logs" / (f"ray-head-{i}.log" if count > 1 else "ray-head.log"))
+        heads.append(head)
+        head.start()
+    if heads:
+        where = ", ".join(h.address for h in heads)
+        console.print(
+            f"[dim]Ray: {len(heads)} local head(s) for the whole grid at {where} "
+            f"(started in {time.monotonic() - started:.1f} s); every run attaches to one[/]",
+            soft_wrap=True,
+        )
+    return [h.address for h in heads]
 
 
 def _final_accuracy(root: Path, task: Any) -> str:
@@ -332,6 +380,12 @@ def report(
         float | None,
         typer.Option(help="accuracy (0-1) for the rounds-to-target column (default: the grid's, or 0.6)"),
     ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="cell label the others are compared with per seed (default: the grid's, or the first)"
+        ),
+    ] = None,
 ) -> None:
     """Rebuild tables and plots from existing runs, without running anything."""
     # start-up: imported when the command runs, so `fedlora --help` stays fast
@@ -340,7 +394,7 @@ def report(
     if target is not None and not 0 < target <= 1:
         _fail(f"--target {target} is invalid: expected a fraction in (0, 1], e.g. 0.6")
     try:
-        found = collect(dirs, target)
+        found = collect(dirs, target, baseline)
     except ConfigError as exc:
         _fail(str(exc))
         return

@@ -7,6 +7,7 @@ A grid file has one ``[compare]`` table::
     experiment = "quickstart.toml"       # base experiment, relative to the grid file
     seeds = [0, 1, 2]                    # every cell runs once per seed
     target_accuracy = 0.6                # for "rounds to target" (a fraction, 0-1)
+    baseline = "fedit"                   # the cell every other is compared with, seed by seed
     set = ["federation.rounds=6"]        # overrides applied to every cell
 
     [[compare.axes]]                     # one config key, one level per value
@@ -36,7 +37,7 @@ from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.report.results import DEFAULT_TARGET
 from fedlora.run.experiment import load_experiment
 
-GRID_KEYS = {"name", "experiment", "seeds", "target_accuracy", "set", "axes"}
+GRID_KEYS = {"name", "experiment", "seeds", "target_accuracy", "set", "axes", "baseline"}
 AXIS_KEYS = {"key", "values", "name", "levels"}
 
 
@@ -95,10 +96,19 @@ class Grid:
     overrides: list[str]
     axes: list[Axis]
     source: Path | None = None
+    baseline: str = ""
+    """Label of the cell the others are compared with per seed ("" = the first cell)."""
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cells", _product(self.axes))
+        labels = [c.label for c in self.cells]
+        if not self.baseline:
+            object.__setattr__(self, "baseline", labels[0])
+        elif self.baseline not in labels:
+            raise ConfigError(
+                f"compare.baseline = {self.baseline!r} is not a cell of this grid; cells: {', '.join(labels)}"
+            )
 
     def tasks(self, extra: list[str] | None = None) -> list[Task]:
         """Every (cell, seed) with its config resolved and validated; ``extra`` overrides apply last."""
@@ -120,6 +130,7 @@ class Grid:
             "experiment": str(self.experiment),
             "seeds": self.seeds,
             "target_accuracy": self.target_accuracy,
+            "baseline": self.baseline,
             "axes": [{"name": a.name, "levels": list(a.levels)} for a in self.axes],
             "privacy_axes": [a.name for a in self.axes if a.touches("privacy.")],
             "cells": [{"label": c.label, "slug": c.slug, "levels": c.levels} for c in self.cells],
@@ -171,7 +182,10 @@ def parse_grid(table: dict[str, Any], *, base_dir: Path, source: Path | None = N
     name = table.get("name", source.stem if source else "comparison")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"compare.name = {name!r} is invalid: expected a non-empty string")
-    return Grid(name, base_dir / experiment, list(seeds), float(target), overrides, axes, source)
+    baseline = table.get("baseline", "")
+    if not isinstance(baseline, str):
+        raise ConfigError(f'compare.baseline = {baseline!r} is invalid: expected a cell label, e.g. "fedit"')
+    return Grid(name, base_dir / experiment, list(seeds), float(target), overrides, axes, source, baseline)
 
 
 def _parse_axis(data: Any, index: int) -> Axis:

@@ -10,8 +10,10 @@ Layout of a comparison directory::
 
 A run with a ``summary.json`` and the same resolved config is finished and skipped on a re-run; an
 unfinished one continues from its last checkpointed round (``fedlora run --resume``), or starts
-again if it never finished a round. Runs are separate processes (each with its own Ray), ``jobs`` at a time;
-the first SIGINT/SIGTERM stops them gracefully, a second stops every process by PID at once.
+again if it never finished a round. Runs are separate processes, ``jobs`` at a time, each attached to a
+Ray head of the comparison (:mod:`fedlora.compare.ray_head`, one per job slot) or starting its own Ray;
+the Ray address is where a run executes, not what it computes, so it is left out when configs are
+compared. The first SIGINT/SIGTERM stops the runs gracefully, a second stops every process by PID at once.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ def plan(tasks: list[Task], root: Path) -> tuple[list[Task], list[Task]]:
     return todo, done
 
 
+def comparable(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What decides a run's results: the config without ``federation.ray_address`` (where it ran)."""
+    data = cfg.to_dict()
+    data.get("federation", {}).pop("ray_address", None)
+    return data
+
+
 def _same_config(run_dir: Path, task: Task) -> bool:
     """Whether the run's ``config.toml`` resolves to the task's config (keys added to fedlora since the
     run was made count at their defaults, so upgrading does not invalidate finished runs)."""
@@ -91,7 +100,7 @@ def _same_config(run_dir: Path, task: Task) -> bool:
         written = ExperimentConfig.from_toml((run_dir / "config.toml").read_text(encoding="utf-8"))
     except (ConfigError, OSError):
         return False
-    return written.to_dict() == task.config.to_dict()
+    return comparable(written) == comparable(task.config)
 
 
 def prepare(grid: Grid, tasks: list[Task], root: Path) -> None:
@@ -117,25 +126,30 @@ def resumable(run_dir: Path, task: Task) -> bool:
         config = RunDirectory(run_dir).resumable_config()
     except (RunDirError, ConfigError, OSError):
         return False
-    return config.to_dict() == task.config.to_dict()
+    return comparable(config) == comparable(task.config)
 
 
-def _command(task: Task, where: Comparison, verbose: bool) -> list[str]:
-    """``fedlora run --resume`` for a run interrupted after a round, else a fresh ``fedlora run``."""
+def _command(task: Task, where: Comparison, verbose: bool, ray_address: str = "") -> list[str]:
+    """``fedlora run --resume`` for a run interrupted after a round, else a fresh ``fedlora run``;
+    with ``ray_address`` attached to that Ray head."""
     command = [sys.executable, "-m", "fedlora.cli", "run"]
     run_dir = where.run_dir(task)
     if resumable(run_dir, task):
         command += ["--resume", str(run_dir)]
     else:
         command += [str(where.config_file(task)), "--out", str(run_dir), "--overwrite"]
+    if ray_address:
+        command += ["--ray-address", ray_address]
     return command + (["--verbose"] if verbose else [])
 
 
-def _start(task: Task, where: Comparison, verbose: bool) -> tuple[subprocess.Popen[bytes], Any]:
+def _start(
+    task: Task, where: Comparison, verbose: bool, ray_address: str = ""
+) -> tuple[subprocess.Popen[bytes], Any]:
     log_path = where.log_file(task)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")  # a resumed run adds to its log
-    command = _command(task, where, verbose)
+    command = _command(task, where, verbose, ray_address)
     proc = subprocess.Popen(
         command,
         stdout=log,
@@ -175,15 +189,28 @@ class Stopper:
 
 
 def execute(
-    tasks: list[Task], root: Path, on_event: Callable[[Event], None], *, jobs: int = 1, verbose: bool = False
+    tasks: list[Task],
+    root: Path,
+    on_event: Callable[[Event], None],
+    *,
+    jobs: int = 1,
+    verbose: bool = False,
+    ray_addresses: list[str] | None = None,
 ) -> bool:
-    """Run ``tasks`` (``jobs`` at a time); returns False if interrupted. Failures are reported, not raised."""
+    """Run ``tasks`` (``jobs`` at a time); returns False if interrupted. Failures are reported, not raised.
+
+    With ``ray_addresses`` (at least ``jobs`` of them) each running run attaches to a Ray head of its
+    own: a head is lent to one run at a time, so runs never compete for one cluster's CPUs.
+    """
     where = Comparison(root)
     queue = list(tasks)
-    running: dict[int, tuple[Task, subprocess.Popen[bytes], Any, float]] = {}
+    free = list(ray_addresses or [])
+    if ray_addresses is not None and len(free) < min(jobs, len(tasks)):
+        raise ValueError(f"{len(free)} Ray heads for {jobs} runs at a time; start one per job")
+    running: dict[int, tuple[Task, subprocess.Popen[bytes], Any, float, str]] = {}
     in_main = threading.current_thread() is threading.main_thread()
     with ProcessTracker() as tracker:
-        stopper = Stopper(tracker, lambda: [p for _, p, _, _ in running.values()])
+        stopper = Stopper(tracker, lambda: [p for _, p, _, _, _ in running.values()])
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         if in_main:
             for sig in previous:
@@ -192,14 +219,17 @@ def execute(
             while queue or running:
                 while queue and len(running) < jobs and not stopper.requested:
                     task = queue.pop(0)
-                    proc, log = _start(task, where, verbose)
-                    running[proc.pid] = (task, proc, log, time.monotonic())
+                    address = free.pop(0) if free else ""
+                    proc, log = _start(task, where, verbose, address)
+                    running[proc.pid] = (task, proc, log, time.monotonic(), address)
                     on_event(Event("started", task))
-                for pid, (task, proc, log, started) in list(running.items()):
+                for pid, (task, proc, log, started, address) in list(running.items()):
                     if proc.poll() is None:
                         continue
                     log.close()
                     del running[pid]
+                    if address:
+                        free.append(address)
                     on_event(_outcome(task, proc.returncode, time.monotonic() - started, where))
                 if stopper.requested and not running:
                     break

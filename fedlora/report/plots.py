@@ -6,6 +6,7 @@ chosen to stay readable at about 800 pixels wide (a README column).
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,8 @@ import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from fedlora.report.clients import PERSONALISED
+from fedlora.report.paired import Interval, t_interval
 from fedlora.report.results import CellStats
 
 SIZE = (7.5, 4.6)  # inches; at DPI 130 about 975 x 600 pixels
@@ -51,21 +54,212 @@ def _majority(ax: Axes, cells: list[CellStats]) -> None:
     )
 
 
-def accuracy_per_round(cells: list[CellStats], path: Path, title: str) -> Path:
-    """Mean test accuracy per round, one line per cell, with a ± 1 std band over seeds."""
-    fig, ax = plt.subplots(figsize=SIZE)
-    for cell, colour in zip(cells, _colours(len(cells)), strict=True):
-        mean, std = cell.mean_accuracy_curve()
+def _panels(n: int, *, height: float = 2.5) -> tuple[Figure, list[Axes]]:
+    """A grid of ``n`` small panels, three per row, sharing both axes; unused panels hidden."""
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, grid = plt.subplots(
+        rows, cols, figsize=(10.0, 0.6 + height * rows), sharex=True, sharey=True, squeeze=False
+    )
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _save(fig: Figure, path: Path, title: str) -> Path:
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
+def _series(cell: CellStats, key: str) -> list[list[float]]:
+    """Per seed, the values of ``key`` in ``rounds.jsonl`` (rounds without a value dropped)."""
+    return [[float(r[key]) for r in run.history if r.get(key) is not None] for run in cell.runs]
+
+
+def _mean_min_max(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Per round over the curves: mean, minimum and maximum (the shortest curve decides the length)."""
+    curves = [c for c in curves if c]
+    length = min((len(c) for c in curves), default=0)
+    columns = [[c[i] for c in curves] for i in range(length)]
+    return [statistics.fmean(c) for c in columns], [min(c) for c in columns], [max(c) for c in columns]
+
+
+def accuracy_per_round(
+    cells: list[CellStats], path: Path, title: str, baseline: CellStats | None = None
+) -> Path:
+    """Small multiples, one panel per cell: its mean test accuracy per round with the range over seeds
+    shaded, the baseline cell's mean dashed grey, the majority class dotted."""
+    fig, axes = _panels(len(cells))
+    base = _mean_min_max([[100 * a for a in r.accuracy] for r in baseline.runs])[0] if baseline else []
+    majority = 100 * statistics.fmean(r.majority_accuracy for c in cells for r in c.runs)
+    for ax, cell, colour in zip(axes, cells, _colours(len(cells)), strict=True):
+        mean, low, high = _mean_min_max([[100 * a for a in r.accuracy] for r in cell.runs])
         rounds = list(range(1, len(mean) + 1))
-        ax.plot(rounds, [100 * m for m in mean], color=colour, marker="o", markersize=3, label=cell.label)
-        low = [100 * (m - s) for m, s in zip(mean, std, strict=True)]
-        high = [100 * (m + s) for m, s in zip(mean, std, strict=True)]
-        ax.fill_between(rounds, low, high, color=colour, alpha=0.15, linewidth=0)
-    _majority(ax, cells)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
-    return _finish(fig, ax, path, title)
+        if baseline is not None and cell is not baseline and base:
+            ax.plot(
+                range(1, len(base) + 1), base, color="grey", linestyle="--", linewidth=1, label=baseline.label
+            )
+        ax.fill_between(rounds, low, high, color=colour, alpha=0.2, linewidth=0)
+        seeds = f", {len(cell.runs)} seeds" if len(cell.runs) > 1 else ""
+        ax.plot(rounds, mean, color=colour, marker="o", markersize=3, label=f"{cell.label}{seeds}")
+        ax.axhline(majority, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(cell.label, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
+    for ax in axes[-min(3, len(axes)) :]:
+        ax.set_xlabel("round")
+    axes[0].set_ylabel("test accuracy (%)")
+    return _save(fig, path, title)
+
+
+def loss_per_round(cells: list[CellStats], path: Path, title: str) -> Path | None:
+    """Small multiples, one panel per cell: mean training loss (clients) and test loss per round."""
+    if not any(_series(c, "train_loss")[0] or _series(c, "eval_loss")[0] for c in cells):
+        return None
+    fig, axes = _panels(len(cells))
+    for ax, cell in zip(axes, cells, strict=True):
+        for key, name, style in (("train_loss", "train (clients)", "-"), ("eval_loss", "test", "--")):
+            mean, low, high = _mean_min_max(_series(cell, key))
+            rounds = list(range(1, len(mean) + 1))
+            ax.plot(
+                rounds, mean, linestyle=style, color="black" if key == "eval_loss" else "tab:blue", label=name
+            )
+            ax.fill_between(
+                rounds, low, high, alpha=0.15, linewidth=0, color="tab:blue" if style == "-" else "grey"
+            )
+        ax.set_title(cell.label, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
+    for ax in axes[-min(3, len(axes)) :]:
+        ax.set_xlabel("round")
+    axes[0].set_ylabel("loss")
+    return _save(fig, path, title)
+
+
+def traffic_per_round(cells: list[CellStats], path: Path, title: str) -> Path:
+    """Mean uplink and downlink MB per round, one pair of bars per cell (log scale when they differ a lot)."""
+    labels = [c.label for c in cells]
+    up = [statistics.fmean([v / 1e6 for s in _series(c, "uplink_bytes") for v in s] or [0.0]) for c in cells]
+    down = [
+        statistics.fmean([v / 1e6 for s in _series(c, "downlink_bytes") for v in s] or [0.0]) for c in cells
+    ]
+    fig, ax = plt.subplots(figsize=(7.5, 0.9 + 0.45 * len(cells)))
+    ys = list(range(len(cells)))
+    ax.barh([y - 0.2 for y in ys], up, height=0.38, color="tab:blue", label="uplink")
+    ax.barh([y + 0.2 for y in ys], down, height=0.38, color="tab:orange", label="downlink")
+    ax.set_yticks(ys, labels, fontsize=8)
+    ax.invert_yaxis()
+    positive = [v for v in up + down if v > 0]
+    if positive and max(positive) / min(positive) > 20:
+        ax.set_xscale("log")
+    elif positive:
+        ax.set_xlim(0, 1.3 * max(positive))  # room for the legend on the right
+    ax.set_xlabel("MB per round (all clients; mean over rounds and seeds)")
+    ax.legend(fontsize=8, loc="lower right", framealpha=0.9)
+    return _finish(fig, ax, path, title, legend=False)
+
+
+def final_accuracy_paired(
+    cells: list[CellStats],
+    baseline: CellStats,
+    differences: dict[str, tuple[list[float], Interval | None]],
+    path: Path,
+    title: str,
+) -> Path:
+    """Left: final test accuracy per seed (dots) and the cell mean (bar) per cell. Right: per seed the
+    difference to the baseline on the same seed (dots), the mean and its 95% confidence interval."""
+    n = len(cells)
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(10.0, 1.2 + 0.5 * n), sharey=True, gridspec_kw={"width_ratios": [1, 1]}
+    )
+    colours = _colours(n)
+    for y, (cell, colour) in enumerate(zip(cells, colours, strict=True)):
+        values = [100 * r.final_accuracy for r in cell.runs]
+        jitter = [0.12 * ((i % 5) - 2) / 2 for i in range(len(values))]
+        left.scatter(values, [y + j for j in jitter], color=colour, s=22, zorder=3)
+        left.plot([statistics.fmean(values)] * 2, [y - 0.3, y + 0.3], color="black", linewidth=2)
+        if cell is baseline:
+            right.text(
+                0.02,
+                y,
+                "baseline",
+                va="center",
+                fontsize=8,
+                color="grey",
+                transform=right.get_yaxis_transform(),
+            )
+            continue
+        diffs, interval = differences.get(cell.label, ([], None))
+        right.scatter(
+            [100 * d for d in diffs], [y + j for j in jitter[: len(diffs)]], color=colour, s=22, zorder=3
+        )
+        if interval is not None:
+            low = interval.low if interval.low is not None else interval.mean
+            high = interval.high if interval.high is not None else interval.mean
+            right.errorbar(
+                100 * interval.mean,
+                y,
+                xerr=[[100 * (interval.mean - low)], [100 * (high - interval.mean)]],
+                fmt="D",
+                color="black",
+                capsize=4,
+                markersize=5,
+                zorder=4,
+            )
+    majority = 100 * statistics.fmean(r.majority_accuracy for c in cells for r in c.runs)
+    left.axvline(
+        majority, color="grey", linestyle=":", linewidth=1, label=f"majority class ({majority:.1f}%)"
+    )
+    right.axvline(0, color="grey", linewidth=1)
+    left.set_yticks(range(n), [c.label for c in cells], fontsize=8)
+    left.invert_yaxis()
+    left.set_xlabel(
+        f"final test accuracy (%)\nseeds: dots; mean: bar; majority class ({majority:.1f}%) dotted"
+    )
+    right.set_xlabel(
+        f"difference to {baseline.label} (points)\nseeds: dots; mean and 95% CI: diamond and bar"
+    )
+    for ax in (left, right):
+        ax.grid(True, axis="x", alpha=0.3)
+    return _save(fig, path, title)
+
+
+def client_accuracy_per_round(cells: list[CellStats], path: Path, title: str) -> Path | None:
+    """Small multiples of the clients' own validation accuracy per evaluated round: mean over clients,
+    the worst client (dashed), the interquartile range shaded; means over seeds."""
+    shown = [c for c in cells if any(r.client_eval for r in c.runs)]
+    if not shown:
+        return None
+    fig, axes = _panels(len(shown))
+    for ax, cell, colour in zip(axes, shown, _colours(len(shown)), strict=True):
+        by_round: dict[int, list[tuple[float, float, float, float]]] = {}
+        for run in cell.runs:
+            for c in run.client_eval:
+                by_round.setdefault(c.round, []).append((c.mean, c.worst, c.q25, c.q75))
+        rounds = sorted(by_round)
+        mean, worst, q25, q75 = (
+            [100 * statistics.fmean(v[i] for v in by_round[r]) for r in rounds] for i in range(4)
+        )
+        ax.fill_between(
+            rounds, q25, q75, color=colour, alpha=0.2, linewidth=0, label="middle half of clients"
+        )
+        ax.plot(rounds, mean, color=colour, marker="o", markersize=3, label="mean client")
+        ax.plot(rounds, worst, color=colour, linestyle="--", label="worst client")
+        kind = "personalised" if any(r.strategy in PERSONALISED for r in cell.runs) else "global adapter"
+        ax.set_title(f"{cell.label} ({kind})", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
+    for ax in axes[-min(3, len(axes)) :]:
+        ax.set_xlabel("round")
+    axes[0].set_ylabel("client validation accuracy (%)")
+    return _save(fig, path, title)
 
 
 def accuracy_vs_uplink(cells: list[CellStats], path: Path, title: str) -> Path:
@@ -95,7 +289,8 @@ def accuracy_vs_uplink(cells: list[CellStats], path: Path, title: str) -> Path:
 def accuracy_vs_epsilon(
     cells: list[CellStats], path: Path, title: str, series: Callable[[CellStats], str]
 ) -> Path | None:
-    """Final accuracy against ε spent, one line per series (e.g. strategy); no-DP cells as dashed lines.
+    """Final accuracy against ε spent, one line per series (e.g. strategy), with 95% confidence intervals
+    of the mean over seeds (Student t); no-DP cells as dashed lines.
 
     Returns None (and writes nothing) when no cell used differential privacy.
     """
@@ -106,7 +301,7 @@ def accuracy_vs_epsilon(
         groups.setdefault(series(cell), []).append(cell)
     fig, ax = plt.subplots(figsize=SIZE)
     for (name, members), colour in zip(groups.items(), _colours(len(groups)), strict=True):
-        private = [(c.mean_std("final_epsilon"), c.mean_std("final_accuracy")) for c in members]
+        private = [(c.mean_std("final_epsilon"), _half_width(c)) for c in members]
         points = sorted((e[0], 100 * a[0], 100 * a[1]) for e, a in private if e is not None and a is not None)
         if points:
             xs, ys, errs = zip(*points, strict=True)
@@ -121,3 +316,11 @@ def accuracy_vs_epsilon(
     ax.set_xlabel(f"ε spent over the whole run{suffix}")
     ax.set_ylabel("final test accuracy (%)")
     return _finish(fig, ax, path, title)
+
+
+def _half_width(cell: CellStats) -> tuple[float, float] | None:
+    """Mean final accuracy and the half-width of its 95% confidence interval (0 with one seed)."""
+    interval = t_interval(cell.values("final_accuracy"))
+    if interval is None:
+        return None
+    return interval.mean, 0.0 if interval.high is None else interval.high - interval.mean

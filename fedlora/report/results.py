@@ -17,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.records import atomic_write, read_rounds, read_summary
+from fedlora.report.clients import (
+    PERSONALISED,
+    ClientRound,
+    accuracy_kind,
+    evaluation_rounds,
+    read_clients,
+)
 
 DEFAULT_TARGET = 0.6
 """Accuracy (0-1) a comparison counts rounds and bytes to when its grid sets no ``target_accuracy``."""
@@ -25,10 +32,18 @@ CSV_COLUMNS = (
     "final_accuracy",
     "best_accuracy",
     "rounds_to_target",
+    "uplink_mb_to_target",
     "uplink_mb",
     "downlink_mb",
     "final_epsilon",
     "wall_s",
+    "client_eval_round",
+    "client_eval_clients",
+    "client_mean_accuracy",
+    "client_worst_accuracy",
+    "client_std_accuracy",
+    "client_iqr_accuracy",
+    "client_accuracy_kind",
 )
 
 
@@ -53,6 +68,48 @@ class RunResult:
     majority_accuracy: float
     accuracy: list[float]
     """Global test accuracy after each round (fractions)."""
+    uplink_mb_to_target: float | None = None
+    """Uplink MB of rounds 1 to ``rounds_to_target`` (None when the target was never reached)."""
+    history: tuple[dict[str, Any], ...] = ()
+    """The rows of ``rounds.jsonl`` (losses, traffic, failures and ε per round)."""
+    total_failed: int = 0
+    total_rejected: int = 0
+    client_eval: tuple[ClientRound, ...] = ()
+    """Client-side evaluation per round (from ``clients.jsonl``), in round order."""
+
+    @property
+    def last_client_eval(self) -> ClientRound | None:
+        """The last round with client evaluation (the final one when clients evaluate every round)."""
+        return self.client_eval[-1] if self.client_eval else None
+
+    @property
+    def client_eval_round(self) -> int | None:
+        return None if self.last_client_eval is None else self.last_client_eval.round
+
+    @property
+    def client_eval_clients(self) -> int | None:
+        return None if self.last_client_eval is None else self.last_client_eval.clients
+
+    @property
+    def client_mean_accuracy(self) -> float | None:
+        return None if self.last_client_eval is None else self.last_client_eval.mean
+
+    @property
+    def client_worst_accuracy(self) -> float | None:
+        return None if self.last_client_eval is None else self.last_client_eval.worst
+
+    @property
+    def client_std_accuracy(self) -> float | None:
+        return None if self.last_client_eval is None else self.last_client_eval.std
+
+    @property
+    def client_iqr_accuracy(self) -> float | None:
+        return None if self.last_client_eval is None else self.last_client_eval.iqr
+
+    @property
+    def client_accuracy_kind(self) -> str | None:
+        """personalised (FedSA-LoRA) or global adapter; None without client evaluation."""
+        return None if self.last_client_eval is None else accuracy_kind(self.strategy)
 
 
 @dataclass(frozen=True)
@@ -74,6 +131,7 @@ METRICS = (
     Metric("rounds_to_target", "rounds to {target}", False),
     Metric("uplink_mb", "uplink (MB)", False, digits=2),
     Metric("downlink_mb", "downlink (MB)", False, digits=2),
+    Metric("client_mean_accuracy", "client acc. (%)", True, 100.0),
     Metric("final_epsilon", "ε", False, digits=2, mark_best=False),
     Metric("wall_s", "wall (s)", False, digits=0),
 )
@@ -85,6 +143,9 @@ def load_run(run_dir: Path, *, cell: str, levels: dict[str, str], target: float)
     rows = read_rounds(run_dir)
     accuracy = [float(r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
     reached = next((int(r["round"]) for r in rows if (r.get("eval_accuracy") or 0.0) >= target), None)
+    to_target = None
+    if reached is not None:
+        to_target = sum(int(r.get("uplink_bytes") or 0) for r in rows if int(r["round"]) <= reached) / 1e6
     epsilon = summary.get("final_epsilon")
     return RunResult(
         cell=cell,
@@ -103,6 +164,11 @@ def load_run(run_dir: Path, *, cell: str, levels: dict[str, str], target: float)
         wall_s=float(summary["wall_s"]),
         majority_accuracy=float(summary["majority_accuracy"]),
         accuracy=accuracy,
+        uplink_mb_to_target=to_target,
+        history=tuple(rows),
+        total_failed=int(summary.get("total_failed") or 0),
+        total_rejected=int(summary.get("total_rejected") or 0),
+        client_eval=tuple(evaluation_rounds(read_clients(run_dir))),
     )
 
 
@@ -191,8 +257,66 @@ def table(cells: list[CellStats], target: float) -> tuple[list[str], list[list[s
     metrics = [m for m in METRICS if any(c.values(m.name) for c in cells)]
     header = ["cell", "seeds", *(m.title.format(target=f"{100 * target:g}%") for m in metrics)]
     columns = [_column(cells, m) for m in metrics]
-    rows = [[c.label, str(len(c.runs)), *(col[i] for col in columns)] for i, c in enumerate(cells)]
+    rows = [[_label(c), str(len(c.runs)), *(col[i] for col in columns)] for i, c in enumerate(cells)]
     return header, rows
+
+
+def _personalised(cell: CellStats) -> bool:
+    return any(r.strategy in PERSONALISED for r in cell.runs)
+
+
+def _label(cell: CellStats) -> str:
+    """A cell's label, marked ‡ when its test accuracy is not the model its clients use (FedSA-LoRA)."""
+    return f"{cell.label} ‡" if _personalised(cell) else cell.label
+
+
+def client_table(cells: list[CellStats]) -> tuple[list[str], list[list[str]]] | None:
+    """Per cell, the clients' own-validation accuracy in the last round with client evaluation: mean
+    over clients, worst client, standard deviation and IQR across clients (each the mean over seeds).
+    None when no run has client evaluation."""
+    header = [
+        "cell",
+        "accuracy of",
+        "round",
+        "clients",
+        "mean client (%)",
+        "worst client (%)",
+        "std across clients (pp)",
+        "IQR (pp)",
+    ]
+    rows = []
+    for cell in cells:
+        last = [r.last_client_eval for r in cell.runs if r.last_client_eval is not None]
+        if not last:
+            continue
+        rounds = sorted({c.round for c in last})
+        clients = sorted({c.clients for c in last})
+
+        def mean(values: Iterable[float]) -> str:
+            return f"{100 * statistics.fmean(values):.1f}"
+
+        rows.append(
+            [
+                cell.label,
+                accuracy_kind(cell.runs[0].strategy),
+                "/".join(map(str, rounds)),
+                "/".join(map(str, clients)),
+                mean(c.mean for c in last),
+                mean(c.worst for c in last),
+                mean(c.std for c in last),
+                mean(c.iqr for c in last),
+            ]
+        )
+    return (header, rows) if rows else None
+
+
+def client_legend() -> str:
+    """What the per-client table's numbers mean."""
+    return (
+        "Each client's accuracy on its own validation split, in the last round where clients evaluated; "
+        "every client counts once. Personalised (FedSA-LoRA): the shared A with the client's own B. "
+        "Numbers are means over seeds."
+    )
 
 
 def _column(cells: list[CellStats], metric: Metric) -> list[str]:
@@ -240,6 +364,15 @@ def legend(cells: list[CellStats], target: float) -> str:
     ]
     if any("†" in row[i] for row in table(cells, target)[1] for i in range(len(row))):
         parts.append(f"† some seeds never reached {100 * target:g}%; mean over those that did.")
+    if any(c.values("client_mean_accuracy") for c in cells):
+        parts.append(
+            "Client acc.: mean over clients of their own validation accuracy (last evaluated round)."
+        )
+    if any(_personalised(c) for c in cells):
+        parts.append(
+            "‡ FedSA-LoRA: the test accuracy is the shared part alone (B = 0, each client's B never leaves "
+            "it); its client acc. is the personalised accuracy (shared A, the client's own B)."
+        )
     return " ".join(parts)
 
 

@@ -15,21 +15,24 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError
-from fedlora.report import plots
-from fedlora.report.html import render
+from fedlora.report import html, paired, plots
 from fedlora.report.results import (
     DEFAULT_TARGET,
     CellStats,
     RunResult,
+    client_legend,
+    client_table,
     group,
     is_finished,
+    legend,
     load_run,
     markdown,
+    table,
     write_csv,
 )
 
 MANIFEST = "comparison.json"
-IGNORED_KEYS = {"seed", "name"}
+IGNORED_KEYS = {"seed", "name", "federation.ray_address"}
 
 
 @dataclass
@@ -41,6 +44,8 @@ class Collected:
     results: list[RunResult] = field(default_factory=list)
     unfinished: list[Path] = field(default_factory=list)
     privacy_axes: set[str] = field(default_factory=set)
+    baseline: str | None = None
+    """Label of the cell the others are paired with (None: the first cell)."""
 
     def series(self, cell: CellStats) -> str:
         """A cell's line in the ε plot: its levels on the non-privacy axes (the strategy by default)."""
@@ -48,8 +53,9 @@ class Collected:
         return " · ".join(kept) if kept and self.privacy_axes else cell.runs[0].strategy
 
 
-def collect(dirs: list[Path], target: float | None = None) -> Collected:
-    """Find every run below ``dirs``; raises ConfigError when a path holds no run or comparison."""
+def collect(dirs: list[Path], target: float | None = None, baseline: str | None = None) -> Collected:
+    """Find every run below ``dirs``; raises ConfigError when a path holds no run or comparison, or when
+    ``baseline`` (default: the grid's, else the first cell) names no cell."""
     found = Collected(title="", target=target or DEFAULT_TARGET)
     plain: list[Path] = []
     titles = []
@@ -72,6 +78,13 @@ def collect(dirs: list[Path], target: float | None = None) -> Collected:
             f"no finished run in {', '.join(map(str, dirs))} (a run is finished once it has summary.json)"
         )
     found.title = ", ".join(dict.fromkeys(titles)) or "runs"
+    labels = list(dict.fromkeys(r.cell for r in found.results))
+    if baseline is not None:
+        found.baseline = baseline
+    if found.baseline is not None and found.baseline not in labels:
+        raise ConfigError(
+            f"baseline {found.baseline!r} is not a cell with finished runs; cells: {', '.join(labels)}"
+        )
     return found
 
 
@@ -85,6 +98,8 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     found.target = target or float(manifest.get("target_accuracy", DEFAULT_TARGET))
     found.privacy_axes.update(manifest.get("privacy_axes", []))
+    if found.baseline is None and manifest.get("baseline"):
+        found.baseline = str(manifest["baseline"])
     for cell in manifest["cells"]:
         for seed in manifest["seeds"]:
             run_dir = path / "runs" / cell["slug"] / f"seed-{seed}"
@@ -127,34 +142,203 @@ def _short(key: str) -> str:
 
 
 def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str, Path]:
-    """Write comparison.csv, comparison.md, the PNG plots and report.html into ``out``; returns them."""
+    """Write comparison.csv, paired.csv, comparison.md, the PNG plots and report.html into ``out``;
+    returns them by kind."""
     out.mkdir(parents=True, exist_ok=True)
     cells = group(found.results)
     seeds = max(len(c.runs) for c in cells)
-    files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md"}
+    baseline = paired.find_baseline(cells, found.baseline)
+    files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md", "paired": out / "paired.csv"}
     write_csv(found.results, files["csv"])
-    files["markdown"].write_text(markdown(cells, found.target), encoding="utf-8")
-    per = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
-    files["accuracy"] = plots.accuracy_per_round(
-        cells, out / "accuracy_per_round.png", f"{found.title}: test accuracy per round ({per})"
+    paired.write_csv(cells, baseline, files["paired"])
+    clients = client_table(cells)
+    files["markdown"].write_text(
+        f"## Paired differences against {baseline.label}\n\n"
+        + paired.markdown(cells, baseline, found.target)
+        + "\n## Per cell\n\n"
+        + markdown(cells, found.target)
+        + (
+            ""
+            if clients is None
+            else "\n## Per client\n\n" + _markdown_table(*clients) + "\n" + client_legend() + "\n"
+        ),
+        encoding="utf-8",
     )
-    files["uplink"] = plots.accuracy_vs_uplink(
-        cells, out / "accuracy_vs_uplink.png", f"{found.title}: final accuracy against uplink traffic"
-    )
-    epsilon = plots.accuracy_vs_epsilon(
-        cells,
-        out / "accuracy_vs_epsilon.png",
-        f"{found.title}: final accuracy against privacy spent",
-        found.series,
-    )
-    if epsilon is not None:
-        files["epsilon"] = epsilon
-    images = [files[k] for k in ("accuracy", "uplink", "epsilon") if k in files]
+    files.update(_plots(found, cells, baseline, out, seeds))
     files["html"] = out / "report.html"
-    files["html"].write_text(
-        render(found.title, cells, found.target, images, _about(found, command)), encoding="utf-8"
-    )
+    files["html"].write_text(_html(found, cells, baseline, files, seeds, command), encoding="utf-8")
     return files
+
+
+def _plots(
+    found: Collected, cells: list[CellStats], baseline: CellStats, out: Path, seeds: int
+) -> dict[str, Path]:
+    title = found.title
+    per = f"mean over {seeds} seeds, range shaded" if seeds > 1 else "one seed"
+    differences = {}
+    for results in paired.compare(cells, baseline):
+        final = results[0]
+        differences[final.cell] = (final.differences, final.interval)
+    made: dict[str, Path | None] = {
+        "final": plots.final_accuracy_paired(
+            cells,
+            baseline,
+            differences,
+            out / "final_accuracy_paired.png",
+            f"{title}: final test accuracy per seed",
+        ),
+        "accuracy": plots.accuracy_per_round(
+            cells, out / "accuracy_per_round.png", f"{title}: test accuracy per round ({per})", baseline
+        ),
+        "loss": plots.loss_per_round(cells, out / "loss_per_round.png", f"{title}: loss per round ({per})"),
+        "uplink": plots.accuracy_vs_uplink(
+            cells, out / "accuracy_vs_uplink.png", f"{title}: final accuracy against uplink traffic"
+        ),
+        "traffic": plots.traffic_per_round(
+            cells, out / "traffic_per_round.png", f"{title}: traffic per round"
+        ),
+        "epsilon": plots.accuracy_vs_epsilon(
+            cells,
+            out / "accuracy_vs_epsilon.png",
+            f"{title}: final accuracy against privacy spent",
+            found.series,
+        ),
+        "clients": plots.client_accuracy_per_round(
+            cells, out / "client_accuracy_per_round.png", f"{title}: clients' own validation accuracy"
+        ),
+    }
+    return {k: v for k, v in made.items() if v is not None}
+
+
+def _html(
+    found: Collected,
+    cells: list[CellStats],
+    baseline: CellStats,
+    files: dict[str, Path],
+    seeds: int,
+    command: str,
+) -> str:
+    def figures(*kinds: str) -> str:
+        return "".join(html.figure(files[k]) for k in kinds if k in files)
+
+    sections = [
+        (
+            f"Paired differences against {baseline.label}",
+            _paired_html(cells, baseline, found.target)
+            + html.legend(paired.legend(baseline, seeds))
+            + figures("final"),
+        ),
+        ("Per cell", html.table(*table(cells, found.target)) + html.legend(legend(cells, found.target))),
+        (
+            "Cells: strategy and what differs from the baseline",
+            html.table(*_cells_table(cells, baseline), text_columns=(1, 2)),
+        ),
+        ("Accuracy and loss per round", figures("accuracy", "loss")),
+        ("Traffic", figures("uplink", "traffic")),
+    ]
+    if "epsilon" in files:
+        sections.append(("Privacy", figures("epsilon") + html.table(*_privacy_table(cells))))
+    clients = client_table(cells)
+    if clients is not None:
+        sections.append(
+            (
+                "Per-client metrics",
+                html.table(*clients, text_columns=(1,)) + html.legend(client_legend()) + figures("clients"),
+            )
+        )
+    sections.append(("Failed, rejected and declined clients", _failures(found, cells)))
+    config = baseline.runs[0].run_dir / "config.toml"
+    if config.is_file():
+        sections.append(
+            (
+                "Base configuration",
+                html.preformatted(
+                    config.read_text(encoding="utf-8"),
+                    f"{baseline.label}, seed {baseline.runs[0].seed} (config.toml); the other cells differ "
+                    "only in the keys listed under Cells, and every run in its seed",
+                ),
+            )
+        )
+    return html.page(found.title, sections, _about(found, command))
+
+
+def _paired_html(cells: list[CellStats], baseline: CellStats, target: float) -> str:
+    """The paired table, its verdict columns wrapping (they are sentences)."""
+    header, rows = paired.table(cells, baseline, target)
+    verdicts = tuple(i for i, h in enumerate(header) if h.endswith("verdict"))
+    return html.table(header, rows, text_columns=verdicts)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *["---:"] * (len(header) - 1)]) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+PLACEMENT_KEYS = {"seed", "name", "federation.ray_address"}
+"""Keys that never make two cells different: the seed is paired, the others do not change results."""
+
+
+def _cells_table(cells: list[CellStats], baseline: CellStats) -> tuple[list[str], list[list[str]]]:
+    """Per cell: its strategy and the resolved config keys whose values differ from the baseline's."""
+    reference = _run_config(baseline.runs[0].run_dir)
+    rows = []
+    for cell in cells:
+        mine = _run_config(cell.runs[0].run_dir)
+        keys = sorted((set(mine) | set(reference)) - PLACEMENT_KEYS)
+        changed = [f"{k} = {mine.get(k, '(unset)')}" for k in keys if mine.get(k) != reference.get(k)]
+        what = "(baseline)" if cell is baseline else "; ".join(changed) or "nothing"
+        rows.append([cell.label, cell.runs[0].strategy, what, ", ".join(str(r.seed) for r in cell.runs)])
+    return ["cell", "strategy", "changed keys (against the baseline)", "seeds"], rows
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.toml"
+    return _flat(tomllib.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
+
+
+def _privacy_table(cells: list[CellStats]) -> tuple[list[str], list[list[str]]]:
+    """Per cell: ε spent (mean over seeds), δ, and the last round's noise multiplier and clipping norm."""
+    rows = []
+    for cell in cells:
+        last = cell.runs[0].history[-1] if cell.runs[0].history else {}
+        eps = cell.mean_std("final_epsilon")
+        rows.append(
+            [
+                cell.label,
+                "no DP" if eps is None else f"{eps[0]:.2f}",
+                "—" if cell.runs[0].delta is None else f"{cell.runs[0].delta:g}",
+                _number(last.get("noise_multiplier")),
+                _number(last.get("clip_norm")),
+            ]
+        )
+    return ["cell", "ε spent", "δ", "noise multiplier", "clipping norm"], rows
+
+
+def _number(value: Any) -> str:
+    return "—" if value is None else f"{float(value):.3g}"
+
+
+def _failures(found: Collected, cells: list[CellStats]) -> str:
+    """Per cell the client replies that failed, were rejected or declined (totals over seeds and rounds),
+    and the runs that have not finished."""
+    rows = []
+    for cell in cells:
+        totals = {k: sum(int(r.get(k) or 0) for run in cell.runs for r in run.history) for k in FAULT_KEYS}
+        bad_rounds = sum(1 for run in cell.runs for r in run.history if any(r.get(k) for k in FAULT_KEYS))
+        rows.append([cell.label, str(len(cell.runs)), *(str(totals[k]) for k in FAULT_KEYS), str(bad_rounds)])
+    header = ["cell", "runs", "failed replies", "rejected replies", "declined (DP)", "rounds with any"]
+    text = html.table(header, rows)
+    text += html.legend(
+        "Failed: the client raised or timed out; rejected: its reply failed validation (shapes, NaN, norm); "
+        "declined: under DP-SGD a client with too few examples for its budget sends nothing. "
+        "Per client and round in each run's clients.jsonl."
+    )
+    if found.unfinished:
+        text += html.legend("Unfinished runs (left out): " + ", ".join(str(p) for p in found.unfinished))
+    return text
+
+
+FAULT_KEYS = ("num_failed", "num_rejected", "num_declined")
 
 
 def _about(found: Collected, command: str) -> dict[str, str]:

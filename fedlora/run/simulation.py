@@ -27,26 +27,10 @@ from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.records import RunDirectory
 from fedlora.core.stopping import STOP, RunInterrupted
 from fedlora.privacy.mechanisms import mechanism_for
+from fedlora.run.environment import quiet_environment
 from fedlora.run.processes import ProcessTracker
 from fedlora.run.server_app import make_server_app
 from fedlora.server.sampling import virtual_nodes
-
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-}
-
-
-def quiet_environment() -> None:
-    """Offline, no telemetry, no update checks (inherited by Ray's worker processes)."""
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
 
 
 def backend_config(cfg: ExperimentConfig, *, verbose: bool = False) -> dict[str, Any]:

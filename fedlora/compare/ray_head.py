@@ -1,0 +1,166 @@
+"""One local Ray head for the runs of a comparison, instead of a Ray started and stopped by every run.
+
+Each ``fedlora run`` of the grid attaches to the head (``--ray-address``), so Ray's daemons start once
+per comparison; each run still starts its own client actors. The head is ``ray start --head --block``
+in a session of its own, on loopback, with its own ports and a short temporary directory (Ray's
+socket paths must stay under 108 bytes), and the same quiet environment a run gives its own Ray.
+
+It never outlives the comparison: :meth:`RayHead.stop` sends SIGTERM (``ray start --block`` then stops
+its daemons) and kills by PID whatever remains; if `fedlora compare` dies without stopping it, the
+kernel sends the head SIGTERM (Linux's parent-death signal), and Ray's daemons share the fate of
+``ray start`` the same way; the head's temporary directory is then removed when the next head starts
+with the same log (the comparison is run again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from fedlora.run.environment import QUIET_ENV
+
+STARTED = "Ray runtime started"
+PORT_FLAGS = (
+    "--node-manager-port",
+    "--object-manager-port",
+    "--dashboard-agent-listen-port",
+    "--dashboard-agent-grpc-port",
+    "--runtime-env-agent-port",
+    "--metrics-export-port",
+    "--ray-client-server-port",
+)
+
+
+class RayHeadError(RuntimeError):
+    """The head did not start (its log's last lines are in the message)."""
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (on loopback)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ray_executable() -> str:
+    beside = Path(sys.executable).with_name("ray")
+    return str(beside) if beside.is_file() else (shutil.which("ray") or "ray")
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the head gets SIGTERM (it stops its daemons) if `fedlora compare` itself dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class RayHead:
+    """A local Ray head process; ``address`` is HOST:PORT for ``federation.ray_address``."""
+
+    def __init__(self, log: Path, *, num_cpus: int | None = None) -> None:
+        self.log = log
+        self.num_cpus = num_cpus
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._temp: Path | None = None
+        """Ray's temporary directory, made when the head starts (short: socket paths < 108 bytes)."""
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        command = [_ray_executable(), "start", "--head", "--block", "--port", str(self.port)]
+        command += ["--node-ip-address", "127.0.0.1", "--include-dashboard", "false"]
+        if self._temp is None:
+            self._temp = Path(tempfile.mkdtemp(prefix="fl-ray-"))
+        command += ["--disable-usage-stats", "--temp-dir", str(self._temp)]
+        if self.num_cpus is not None:
+            command += ["--num-cpus", str(self.num_cpus)]
+        return command + [str(x) for flag in PORT_FLAGS for x in (flag, free_port())]
+
+    def start(self, timeout: float = 120.0) -> str:
+        """Start the head and wait until Ray reports it running; returns its address."""
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._remove_stale()
+        command = self.command()
+        self._marker.write_text(str(self._temp), encoding="utf-8")
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a terminal's Ctrl-C reaches `fedlora compare` only
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                env={**os.environ, **QUIET_ENV},
+            )
+        deadline = time.monotonic() + timeout
+        while STARTED not in self._log_text():
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                tail = "\n".join(self._log_text().strip().splitlines()[-5:])
+                self.stop()
+                raise RayHeadError(f"the comparison's Ray head did not start (log {self.log}): {tail}")
+            time.sleep(0.2)
+        return self.address
+
+    @property
+    def _marker(self) -> Path:
+        """Names the head's temporary directory while it runs (beside its log)."""
+        return self.log.with_name(self.log.name + ".tmpdir")
+
+    def _remove_stale(self) -> None:
+        """Remove the temporary directory of a head killed before it could (its comparison got SIGKILL)."""
+        if not self._marker.is_file():
+            return
+        stale = Path(self._marker.read_text(encoding="utf-8").strip())
+        if stale.name.startswith("fl-ray-") and stale != self._temp:
+            shutil.rmtree(stale, ignore_errors=True)
+        self._marker.unlink(missing_ok=True)
+
+    def _log_text(self) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace") if self.log.is_file() else ""
+
+    def pids(self) -> list[int]:
+        """The head process and its descendants now (Ray's daemons and workers)."""
+        if self._proc is None:
+            return []
+        try:
+            root = psutil.Process(self._proc.pid)
+            return [root.pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.Error:
+            return []
+
+    def stop(self, grace: float = 20.0) -> None:
+        """SIGTERM to ``ray start`` (it stops its daemons); then SIGKILL by PID whatever is left."""
+        if self._proc is not None:
+            tree = []
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self._proc.pid)
+                tree = [root, *root.children(recursive=True)]
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGTERM)
+            _, alive = psutil.wait_procs(tree, timeout=grace)
+            for proc in alive:
+                with contextlib.suppress(psutil.Error):
+                    proc.kill()
+            psutil.wait_procs(alive, timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=5)
+            self._proc = None
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._marker.unlink(missing_ok=True)
+
+    def __enter__(self) -> RayHead:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,239 @@
+"""Paired differences against a baseline cell: per seed, cell minus baseline on the same seed.
+
+A seed fixes the data split, the clients sampled in every round and the initial adapter for every
+cell, so the seed-to-seed spread (which is often larger than the gap between two methods) cancels
+in the per-seed difference. For each metric this module reports the mean paired difference, a 95%
+confidence interval from Student's t distribution on the differences, the number of pairs and a
+verdict in plain words. Seeds where either run is missing (failed, unfinished) are left out of
+the pairs, and the table says how many pairs there are.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from scipy import stats
+
+from fedlora.report.results import CellStats, RunResult
+
+CONFIDENCE = 0.95
+
+PAIRED_METRICS = (
+    ("final_accuracy", "final acc."),
+    ("best_accuracy", "best acc."),
+)
+"""Metrics compared per seed (RunResult attribute, column title); accuracies, shown in points."""
+
+CLIENT_METRIC = ("client_mean_accuracy", "client acc.")
+"""Compared too when clients evaluate: mean client validation accuracy (personalised for FedSA-LoRA)."""
+
+
+def metrics(cells: list[CellStats]) -> tuple[tuple[str, str], ...]:
+    """The paired metrics of these cells: final and best test accuracy, and client accuracy if any."""
+    if any(c.values(CLIENT_METRIC[0]) for c in cells):
+        return (*PAIRED_METRICS, CLIENT_METRIC)
+    return PAIRED_METRICS
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of paired differences with its two-sided confidence interval (None bounds with one pair)."""
+
+    mean: float
+    low: float | None
+    high: float | None
+    n: int
+
+
+def t_interval(differences: list[float], confidence: float = CONFIDENCE) -> Interval | None:
+    """Mean ± t_{(1+c)/2, n-1} · s / sqrt(n) over ``differences``; None for no values.
+
+    With one value there is no spread to estimate: the mean with no bounds.
+    """
+    n = len(differences)
+    if n == 0:
+        return None
+    mean = statistics.fmean(differences)
+    if n == 1:
+        return Interval(mean, None, None, 1)
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * statistics.stdev(differences) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def verdict(interval: Interval | None, *, higher_is_better: bool = True) -> str:
+    """``better``/``worse`` when the interval excludes zero, else no detectable difference at n seeds."""
+    if interval is None:
+        return "no paired seeds"
+    if interval.low is None or interval.high is None:
+        return "one seed: no interval"
+    if interval.low > 0 or interval.high < 0:
+        up = interval.low > 0
+        return "better" if up == higher_is_better else "worse"
+    return f"no detectable difference at {interval.n} seeds"
+
+
+@dataclass(frozen=True)
+class Paired:
+    """One cell against the baseline on one metric."""
+
+    cell: str
+    baseline: str
+    metric: str
+    seeds: list[int]
+    """The seeds present in both cells (the pairs), in order."""
+    differences: list[float]
+    """cell minus baseline, per paired seed."""
+    cell_seeds: int
+    baseline_seeds: int
+    interval: Interval | None
+
+    @property
+    def verdict(self) -> str:
+        return verdict(self.interval)
+
+
+def by_seed(runs: list[RunResult]) -> dict[int, RunResult]:
+    """A cell's runs keyed by seed (the first run of a seed wins if a folder holds two)."""
+    found: dict[int, RunResult] = {}
+    for run in runs:
+        found.setdefault(run.seed, run)
+    return found
+
+
+def pair(cell: CellStats, baseline: CellStats, metric: str) -> Paired:
+    """The paired differences of ``metric`` between ``cell`` and ``baseline`` on their shared seeds."""
+    mine, theirs = by_seed(cell.runs), by_seed(baseline.runs)
+    seeds = sorted(set(mine) & set(theirs))
+    seeds = [
+        s for s in seeds if getattr(mine[s], metric) is not None and getattr(theirs[s], metric) is not None
+    ]
+    differences = [float(getattr(mine[s], metric)) - float(getattr(theirs[s], metric)) for s in seeds]
+    return Paired(
+        cell.label,
+        baseline.label,
+        metric,
+        seeds,
+        differences,
+        len(mine),
+        len(theirs),
+        t_interval(differences),
+    )
+
+
+def find_baseline(cells: list[CellStats], label: str | None) -> CellStats:
+    """The baseline cell by label (default: the first cell)."""
+    if label is None:
+        return cells[0]
+    for cell in cells:
+        if cell.label == label:
+            return cell
+    raise KeyError(label)
+
+
+def compare(cells: list[CellStats], baseline: CellStats) -> list[list[Paired]]:
+    """For every cell but the baseline, its :class:`Paired` results, one per metric of :func:`metrics`."""
+    return [[pair(c, baseline, m) for m, _ in metrics(cells)] for c in cells if c is not baseline]
+
+
+def signed(value: float, digits: int = 1) -> str:
+    """A difference with its sign, in points: ``+2.1``, ``-0.4``, ``0.0``."""
+    text = f"{value:+.{digits}f}"
+    return "0.0" if float(text) == 0 else text.replace("-", "−")
+
+
+def interval_text(interval: Interval | None, scale: float = 100.0) -> str:
+    """``+2.1 [−0.5, +4.7]`` in points; just the mean with one pair; an em dash for none."""
+    if interval is None:
+        return "—"
+    mean = signed(scale * interval.mean)
+    if interval.low is None or interval.high is None:
+        return mean
+    return f"{mean} [{signed(scale * interval.low)}, {signed(scale * interval.high)}]"
+
+
+def pairs_text(p: Paired) -> str:
+    """How many seeds are paired, and of how many when a run is missing on either side."""
+    most = max(p.cell_seeds, p.baseline_seeds)
+    return str(len(p.seeds)) if len(p.seeds) == most else f"{len(p.seeds)} of {most}"
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def to_target(cell: CellStats) -> tuple[str, str]:
+    """Mean rounds and uplink MB to the target over the seeds that reached it, with ``k/n`` reached."""
+    rounds = cell.values("rounds_to_target")
+    megabytes = cell.values("uplink_mb_to_target")
+    if not rounds:
+        return "not reached", "—"
+    reached = f" ({len(rounds)}/{len(cell.runs)})" if len(rounds) < len(cell.runs) else ""
+    return f"{_mean(rounds):.1f}{reached}", f"{_mean(megabytes):.2f}" if megabytes else "—"
+
+
+def table(cells: list[CellStats], baseline: CellStats, target: float) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paired table: the baseline first (its own means), then every other cell."""
+    header = ["cell", "pairs"]
+    for _, title in metrics(cells):
+        header += [f"Δ {title} (pp) [95% CI]", f"{title}: verdict"]
+    header += [f"rounds to {100 * target:g}%", f"uplink MB to {100 * target:g}%"]
+    base_row = [f"{baseline.label} (baseline)", str(len(baseline.runs))]
+    for name, _ in metrics(cells):
+        found = baseline.mean_std(name)
+        base_row += [f"{100 * found[0]:.1f}% (mean)" if found else "—", ""]
+    rows = [base_row + list(to_target(baseline))]
+    for cell, results in zip((c for c in cells if c is not baseline), compare(cells, baseline), strict=True):
+        row = [cell.label, pairs_text(results[0])]
+        for p in results:
+            row += [interval_text(p.interval), p.verdict]
+        rows.append(row + list(to_target(cell)))
+    return header, rows
+
+
+def legend(baseline: CellStats, seeds: int) -> str:
+    """What the paired table's numbers mean."""
+    return (
+        f"Differences against {baseline.label} on the same seeds, in percentage points of test accuracy: "
+        f"mean over the paired seeds and its {100 * CONFIDENCE:g}% confidence interval (Student t on the "
+        "per-seed differences). better / worse: the interval excludes zero; otherwise no difference is "
+        f"detectable with this many seeds ({seeds} at most here). Pairs: seeds where both runs finished. "
+        "Rounds and uplink MB to the target: mean over the seeds that reached it ((k/n): only k did)."
+        + (
+            " Client acc.: mean over clients of their own validation accuracy (personalised for FedSA-LoRA)."
+            if baseline.values(CLIENT_METRIC[0])
+            else ""
+        )
+    )
+
+
+def markdown(cells: list[CellStats], baseline: CellStats, target: float) -> str:
+    """The paired table as GitHub Markdown with its legend."""
+    header, rows = table(cells, baseline, target)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *["---:"] * (len(header) - 1)]) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    seeds = max(len(c.runs) for c in cells)
+    return "\n".join(lines) + "\n\n" + legend(baseline, seeds) + "\n"
+
+
+CSV_COLUMNS = ("cell", "baseline", "metric", "pairs", "seeds", "mean_diff", "ci_low", "ci_high", "verdict")
+
+
+def write_csv(cells: list[CellStats], baseline: CellStats, path: Path) -> None:
+    """One row per (cell, metric): the paired seeds, the mean difference and interval (fractions)."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(CSV_COLUMNS)
+        for results in compare(cells, baseline):
+            for p in results:
+                i = p.interval
+                low = "" if i is None or i.low is None else repr(i.low)
+                high = "" if i is None or i.high is None else repr(i.high)
+                mean = "" if i is None else repr(i.mean)
+                seeds = " ".join(map(str, p.seeds))
+                writer.writerow(
+                    [p.cell, p.baseline, p.metric, len(p.seeds), seeds, mean, low, high, p.verdict]
+                )

@@ -1,0 +1,83 @@
+"""The comparison's own Ray head: it starts, answers on its address, and never outlives the comparison,
+whether stopped in order or when `fedlora compare` is killed with SIGKILL. No simulation runs here."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedlora.compare.ray_head import RayHead
+
+HOLDER = """
+import json, sys, time
+from pathlib import Path
+from fedlora.compare.ray_head import RayHead
+head = RayHead(Path(sys.argv[1]))
+head.start()
+print(json.dumps({"address": head.address, "pids": head.pids(), "temp": str(head._temp)}), flush=True)
+time.sleep(600)
+"""
+
+
+def answers(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.mark.e2e
+def test_a_head_stops_with_its_processes(tmp_path: Path) -> None:
+    head = RayHead(tmp_path / "head.log")
+    with head:
+        assert answers(head.address)
+        processes = [psutil.Process(p) for p in head.pids()]
+        assert len(processes) > 3  # ray start, the GCS, the raylet and more
+        temp = head._temp
+        assert temp is not None and temp.is_dir()
+    _, alive = psutil.wait_procs(processes, timeout=5)
+    assert not alive, [p.pid for p in alive]
+    assert not answers(head.address) and not temp.exists()
+    assert not (tmp_path / "head.log.tmpdir").exists()
+
+
+@pytest.mark.e2e
+def test_a_head_dies_with_a_comparison_killed_by_sigkill(tmp_path: Path, repo_root: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path / "head.log")],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=repo_root,
+        start_new_session=True,
+    )
+    line = ""
+    try:
+        line = holder.stdout.readline()  # type: ignore[union-attr]
+        assert line, f"the head did not start: {(tmp_path / 'head.log').read_text()[-2000:]}"
+        started = json.loads(line)
+        tree = [psutil.Process(p) for p in started["pids"]]
+        tree += [p for p in psutil.Process(holder.pid).children(recursive=True) if p not in tree]
+        assert answers(started["address"])
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        _, alive = psutil.wait_procs(tree, timeout=60)
+        assert not alive, f"Ray processes left after the comparison was killed: {[p.pid for p in alive]}"
+        assert not answers(started["address"])
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(timeout=10)
+        if line:
+            temp = Path(json.loads(line)["temp"])
+            assert temp.is_dir()  # a killed head leaves its temporary directory ...
+            RayHead(tmp_path / "head.log")._remove_stale()  # ... until the next head with that log starts
+            assert not temp.exists()
