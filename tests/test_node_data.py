@@ -4,6 +4,7 @@ small file train a federation whose server evaluates on its own test file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -96,6 +98,14 @@ class TracedDeployment(LocalDeployment):
             str(self.directory / f"opens-{i}.txt"),
             *super().supernode_args(i, port, **kwargs),
         ]
+
+    def stop(self) -> list[int]:
+        """SIGTERM the SuperNodes under strace first (strace does not pass a SIGTERM on to them)."""
+        for proc in self.processes.values():
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children():
+                    child.terminate()
+        return super().stop()
 
     def opens(self, i: int) -> str:
         return (self.directory / f"opens-{i}.txt").read_text(errors="replace")
