@@ -1,10 +1,12 @@
 """FedSA-LoRA (Guo et al., ICLR 2025): share A, keep B personal.
 
-Clients train A and B; only A (and the head, unless ``local_head``) travels and is averaged. Each
-client's B (and head, with ``local_head``) stays in its node's persistent state across rounds, which
-outlives the worker process. The server never sees or changes a client's B. The global model the
-server evaluates therefore has B at its initial value (zero) and shows the shared part only; the
-personalised accuracy comes from client-side evaluation (``federation.fraction_evaluate`` > 0).
+Clients train A, B and the classification head; only A travels and is averaged. Each client's B and
+head stay in its node's persistent state across rounds, which outlives the worker process, as in the
+official code (``local_head = false`` shares and averages the head too). The server never sees or
+changes a client's B. The global model the server evaluates therefore has B at its initial value
+(zero), and with a local head the initial head too: it shows the shared part only. FedSA-LoRA is
+judged by personalised accuracy: global A with the client's own B and head on its own validation split
+(client-side evaluation, ``federation.fraction_evaluate`` > 0).
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ from strategies.registry import register
 
 @dataclass
 class FedSaOptions:
-    """local_head: keep the classification head on each client too (default: the head is shared)."""
+    """local_head: keep the classification head on each client with its B (default True, as the
+    official code; False shares and averages the head like A)."""
 
-    local_head: bool = False
+    local_head: bool = True
 
 
 @register("fedsa-lora")
 class FedSaLora(LoraStrategy):
-    """Average A (and the head); every client keeps its own B."""
+    """Average A (and the head with ``local_head = false``); every client keeps its own B and head."""
 
-    description = "share and average A (+head); each client keeps its own B in its node state"
+    description = "share and average A; each client keeps its own B and head in its node state"
     Options = FedSaOptions
 
     def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:

@@ -20,8 +20,11 @@ from strategies.lora_fair import (
 Layer = tuple[Tensor, Tensor, Tensor]  # (Ā, B̄, ΔW)
 
 # Client drift per round, as (relative noise on A, row mixing of A, share of the drift common to all clients,
-# scale of the shared starting B). "slight" is a short homogeneous round, "hetero" a skewed one from B0 = 0.
+# scale of the shared starting B). "tiny" and "slight" are short homogeneous rounds (FedIT's cosine is within
+# 1e-5 and 3e-4 of the best: the low-drift rounds where a solve started at ΔB = 0 stalled and changed
+# nothing), "hetero" a skewed one from B0 = 0.
 DRIFTS = {
+    "tiny": (0.01, 0.01, 0.5, 1e-3),
     "slight": (0.1, 0.05, 0.5, 1e-3),
     "mild": (0.3, 0.3, 0.5, 1e-3),
     "strong": (0.5, 0.5, 0.2, 1e-3),
@@ -138,19 +141,26 @@ def test_zero_b_bar_still_reaches_the_best_cosine() -> None:
 @pytest.mark.parametrize("drift", sorted(DRIFTS))
 @pytest.mark.parametrize("k", [2, 5, 10])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_round_shaped_inputs_reach_best_cosine_and_keep_the_magnitude(seed: int, k: int, drift: str) -> None:
+def test_round_shaped_inputs_reach_the_least_squares_cosine_within_1e_4(
+    seed: int, k: int, drift: str
+) -> None:
+    """Low drift (tiny, slight) and high drift (strong, hetero), the paper's objective (no rescaling):
+    the cosine reaches that of the least-squares B* = ΔW·Ā⁺, the best any B reaches with this Ā."""
     layer = _layer(seed, k, drift)
     res = fair_correct(*layer)
     best = best_cosine(layer[0], layer[2])
-    assert res.cos_after >= best - 0.005
-    assert res.cos_after > res.cos_before  # the correction does something
-    assert 0.9 <= _product_ratio(layer, res) <= 1.1
+    assert res.cos_after >= best - 1e-4
+    assert res.cos_after > res.cos_before  # the correction does something, even on the tiny rounds
+    rescaled = fair_correct(*layer, FairSettings(match_norm=True))  # the named extension
+    assert rescaled.cos_after == pytest.approx(res.cos_after, abs=1e-9)
+    assert _product_ratio(layer, rescaled) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_solver_alone_reaches_best_cosine_without_rescaling() -> None:
+def test_the_default_is_the_papers_objective_without_rescaling() -> None:
+    assert FairSettings().match_norm is False
     layer = _layer(3, 10, "hetero")
-    res = fair_correct(*layer, FairSettings(match_norm=False))
-    assert res.cos_after >= best_cosine(layer[0], layer[2]) - 0.005
+    res = fair_correct(*layer)
+    assert res.cos_after >= best_cosine(layer[0], layer[2]) - 1e-4
 
 
 def test_lambda_zero_works_and_larger_lambda_shrinks_delta_b() -> None:

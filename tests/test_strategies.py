@@ -120,7 +120,7 @@ def test_flora_merges_mixed_ranks_exactly_and_averages_the_head() -> None:
 
 
 def test_fedsa_lora_never_sends_or_changes_b() -> None:
-    strategy = make("fedsa-lora")
+    strategy = make("fedsa-lora", local_head=False)
     sent = strategy.outgoing(strategy.global_state)
     assert not any(".lora_B." in k for k in sent) and HEAD in sent
     b_before = {k: v.clone() for k, v in strategy.global_state.items() if ".lora_B." in k}
@@ -129,10 +129,10 @@ def test_fedsa_lora_never_sends_or_changes_b() -> None:
     assert not any(".lora_B." in k for k in new)
     strategy.global_state = {**strategy.global_state, **new}
     assert all(torch.equal(strategy.global_state[k], v) for k, v in b_before.items())
-    plan = strategy.client_plan(0, 1)
-    assert plan.keep_local == frozenset({"lora_B"})
-    local_head = make("fedsa-lora", local_head=True)
-    assert HEAD not in local_head.outgoing(local_head.global_state)
+    assert strategy.client_plan(0, 1).keep_local == frozenset({"lora_B"})
+    default = make("fedsa-lora")  # the official code's default: the head stays local too
+    assert HEAD not in default.outgoing(default.global_state)
+    assert default.client_plan(0, 1).keep_local == frozenset({"lora_B", "head"})
 
 
 def test_fedsa_lora_keeps_b_in_the_node_state() -> None:
