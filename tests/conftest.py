@@ -219,26 +219,16 @@ def run_cli() -> Callable[..., subprocess.CompletedProcess[str]]:
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local Ray head for this pytest worker's in-process runs (started on first use, stopped at the
-    end of the session by PID); yields its address for ``--ray-address``."""
-    from fedlora.compare.ray_head import RayHead
-
-    with RayHead(tmp_path_factory.mktemp("ray-head") / "ray-head.log", num_cpus=2) as head:
-        yield head.address
-
-
-@pytest.fixture(scope="session")
-def run_in_process(ray_head: str) -> Callable[..., subprocess.CompletedProcess[str]]:
+def run_in_process() -> Callable[..., subprocess.CompletedProcess[str]]:
     """``run_in_process(*args)``: run the CLI command ``fedlora *args`` in this test process (typer's
     CliRunner); returns a CompletedProcess like :func:`run_cli` (stdout, stderr with the traceback of
     any exception).
 
     For end-to-end tests about what a run computes, not about its process: the imports (torch,
     transformers, peft, flwr, Ray) are paid once per pytest worker instead of once per run, about a third
-    of a short run's CPU time, and ``fedlora run`` attaches to the worker's Ray head
-    (:func:`ray_head`) instead of starting and stopping Ray (the ``--ray-address`` path, which gives the
-    same results as a private Ray). Each run still starts its own client actors.
+    of a short run's CPU time. Ray is still started and stopped by each run, as in ``fedlora run``.
+    (One Ray head per pytest worker, attached with ``--ray-address``, was tried and dropped: heads of
+    several workers starting at once can pick the same free ports, and it saved no measurable time.)
     """
     import traceback
 
@@ -247,8 +237,6 @@ def run_in_process(ray_head: str) -> Callable[..., subprocess.CompletedProcess[s
     from fedlora.cli import app
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        if args and args[0] == "run":
-            args = (*args, "--ray-address", ray_head)
         result = CliRunner().invoke(app, list(args))
         stderr = result.stderr
         if result.exception is not None and not isinstance(result.exception, SystemExit):
