@@ -50,16 +50,12 @@ def plain_round(sets: list[str], server_round: int, threads: int) -> tuple[int, 
     """The clients of round ``server_round`` trained one after the other in this process, from the
     initial adapter, then averaged and evaluated; returns (clients, seconds)."""
     import torch
+    from overhead import train_client  # the plain loop's client update, shared with overhead.py
 
-    from clients.runtime import client_seed, data_for, start_state
     from fedlora.core.adapters import (
-        adapter_state,
         get_model,
         initial_state,
-        load_adapter_state,
-        set_trainable,
     )
-    from fedlora.core.training import train_local
     from fedlora.privacy.mechanisms import mechanism_for
     from fedlora.run.evaluation import Evaluator
     from fedlora.run.experiment import load_experiment, preflight
@@ -86,16 +82,9 @@ def plain_round(sets: list[str], server_round: int, threads: int) -> tuple[int, 
     sent = strategy.outgoing(strategy.global_state)
     updates, counts = [], []
     for pid in clients:
-        plan = strategy.client_plan(pid, server_round)
-        state = start_state(cfg, plan)
-        state.update(sent)
-        load_adapter_state(model, state)
-        set_trainable(model, plan.freeze)
-        data = data_for(text, pid)
-        train_local(model, data.train, cfg.train, seed=client_seed(cfg, server_round, pid))
-        trained = adapter_state(model)
-        updates.append({k: trained[k] for k in sent})
-        counts.append(float(len(data.train)))
+        update, count = train_client(model, strategy, text, pid, server_round, sent)
+        updates.append(update)
+        counts.append(count)
     aggregate = strategy.aggregate(strategy.global_state, updates, normalised_weights(counts))
     evaluate({**strategy.global_state, **aggregate}, {})
     return len(clients), time.perf_counter() - start

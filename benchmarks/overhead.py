@@ -41,19 +41,31 @@ def overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def train_client(model, strategy, text: str, pid: int, server_round: int, sent):  # type: ignore[no-untyped-def]
+    """Client ``pid``'s update in round ``server_round`` as the ClientApp makes it (its plan, the start
+    state plus what was ``sent``, its split of the experiment ``text``, its seed), on ``model``;
+    returns the arrays it would send back and its number of training examples."""
+    from clients.runtime import client_seed, data_for, start_state
+    from fedlora.core.adapters import adapter_state, load_adapter_state, set_trainable
+    from fedlora.core.training import train_local
+
+    cfg = strategy.cfg
+    plan = strategy.client_plan(pid, server_round)
+    state = start_state(cfg, plan)
+    state.update(sent)
+    load_adapter_state(model, state)
+    set_trainable(model, plan.freeze)
+    data = data_for(text, pid)
+    train_local(model, data.train, cfg.train, seed=client_seed(cfg, server_round, pid))
+    trained = adapter_state(model)
+    return {k: trained[k] for k in sent}, float(len(data.train))
+
+
 def plain_loop(sets: list[str], threads: int) -> float:
     """The federation's work in one process, no Flower or Ray; returns the final eval accuracy."""
     import torch
 
-    from clients.runtime import client_seed, data_for, start_state
-    from fedlora.core.adapters import (
-        adapter_state,
-        get_model,
-        initial_state,
-        load_adapter_state,
-        set_trainable,
-    )
-    from fedlora.core.training import train_local
+    from fedlora.core.adapters import get_model, initial_state
     from fedlora.run.evaluation import Evaluator
     from fedlora.run.experiment import load_experiment
     from strategies import registry
@@ -75,16 +87,9 @@ def plain_loop(sets: list[str], threads: int) -> float:
         sent = strategy.outgoing(strategy.global_state)
         updates, counts = [], []
         for pid in clients:
-            plan = strategy.client_plan(pid, server_round)
-            state = start_state(cfg, plan)
-            state.update(sent)
-            load_adapter_state(model, state)
-            set_trainable(model, plan.freeze)
-            data = data_for(text, pid)
-            train_local(model, data.train, cfg.train, seed=client_seed(cfg, server_round, pid))
-            trained = adapter_state(model)
-            updates.append({k: trained[k] for k in sent})
-            counts.append(float(len(data.train)))
+            update, count = train_client(model, strategy, text, pid, server_round, sent)
+            updates.append(update)
+            counts.append(count)
         weights = normalised_weights(counts)
         strategy.global_state = {
             **strategy.global_state,

@@ -154,7 +154,7 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def _readable_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``rounds.jsonl`` that parse (a crash may have cut the last one short)."""
+    """The rows of a JSON Lines file that parse (a crash may have cut the last one short)."""
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
         try:
@@ -162,6 +162,11 @@ def _readable_rows(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def read_clients(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of a run's ``clients.jsonl`` that parse (none for runs made before it existed)."""
+    return _readable_rows(Path(run_dir) / "clients.jsonl")
 
 
 def read_rounds(run_dir: Path) -> list[dict[str, Any]]:

@@ -10,10 +10,8 @@ replies, are left out.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 PERSONALISED = frozenset({"fedsa-lora"})
@@ -37,18 +35,6 @@ class ClientRound:
     @property
     def iqr(self) -> float:
         return self.q75 - self.q25
-
-
-def read_clients(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``clients.jsonl`` that parse (none for runs made before it existed)."""
-    path = Path(run_dir) / "clients.jsonl"
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def evaluation_rounds(rows: list[dict[str, Any]]) -> list[ClientRound]:

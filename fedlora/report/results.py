@@ -16,13 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.core.records import atomic_write, read_rounds, read_summary
+from fedlora.core.records import atomic_write, read_clients, read_rounds, read_summary
 from fedlora.report.clients import (
     PERSONALISED,
     ClientRound,
     accuracy_kind,
     evaluation_rounds,
-    read_clients,
 )
 
 DEFAULT_TARGET = 0.6
