@@ -27,8 +27,8 @@ from fedlora.server.replies import RoundFailedError
 
 def virtual_nodes(cfg: ExperimentConfig, mechanism: Mechanism) -> int:
     """Flower virtual SuperNodes a simulation needs: the most partitions a training or evaluation round
-    can sample (at least ``federation.min_clients``, at most ``federation.num_clients``). A rare larger
-    Poisson sample still works: a worker then plays two partitions, one after the other."""
+    can sample (at least ``federation.min_clients``, at most ``federation.num_clients``). A rarer larger
+    Poisson sample is still sent, some workers then getting two messages in that round (not tested)."""
     fed = cfg.federation
     train = mechanism.most_sampled(fed.num_clients, fed.clients_per_round())
     evaluate = fed.clients_per_round(fed.fraction_evaluate) if fed.fraction_evaluate > 0 else 0
