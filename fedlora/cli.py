@@ -198,10 +198,11 @@ def compare(
         bool,
         typer.Option(
             "--shared-ray/--ray-per-run",
-            help="start one local Ray head per job slot for the whole grid and attach every run to it "
-            "(default), or let every run start and stop its own Ray",
+            help="start one local Ray head per job slot for the whole grid and attach every run to it, "
+            "or let every run start and stop its own Ray (default: a head left behind when the "
+            "comparison is SIGKILLed was seen once)",
         ),
-    ] = True,
+    ] = False,
     seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, replacing the grid's")] = None,
     overwrite: Annotated[bool, typer.Option(help="delete the comparison directory and start again")] = False,
     dry_run: Annotated[bool, typer.Option(help="list the runs and exit")] = False,
