@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.core import protocol
-from fedlora.core.arrays import State, from_arrays, is_lora_a, is_lora_b, kind_of, payload_bytes, to_arrays
+from fedlora.core.arrays import State, from_arrays, is_lora_a, is_lora_b, payload_bytes, to_arrays
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.plan import ClientPlan
 from fedlora.core.validation import Spec
@@ -106,14 +106,13 @@ class LoraStrategy(Strategy):
 
     def expected_reply(self, partition_id: int, server_round: int) -> Spec:
         """Keys, shapes and dtypes client ``partition_id`` must reply with, from its plan: what was sent
-        (``reply = 'received'``) or the whole adapter at the client's rank (``'adapter'``), minus the
-        kinds it keeps local."""
+        (``reply = 'received'``; ``'trained'`` without the frozen kinds) or the whole adapter at the
+        client's rank (``'adapter'``), minus the kinds it keeps local (:meth:`ClientPlan.reply_keys`)."""
         plan = self.client_plan(partition_id, server_round)
-        source = self._sent if plan.reply == "received" else self.global_state
+        source = self.global_state if plan.reply == "adapter" else self._sent
         spec: Spec = {}
-        for key, value in source.items():
-            if kind_of(key) in plan.keep_local:
-                continue
+        for key in plan.reply_keys(self._sent, self.global_state):
+            value = source[key]
             shape = tuple(value.shape)
             if is_lora_a(key):
                 shape = (plan.rank, *shape[1:])
