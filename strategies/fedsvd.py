@@ -75,10 +75,7 @@ def refactorise(b_bar: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor]:
 class FedSvd(LoraStrategy):
     """FFA-LoRA's exact average of B, then B̄·A re-factorised by SVD into an orthonormal A and B."""
 
-    description = (
-        "train and send only B over a broadcast A; the server re-factorises B_bar·A by SVD into an "
-        "orthonormal A and B (A travels down only)"
-    )
+    description = "mean B over frozen A, SVD of B̄·A into orthonormal A + B; up: B+head, down: A, B, head"
     Options = FedSvdOptions
     linear_aggregate = True  # a function of sum_k p_k x_k alone: the SVD post-processes the (noised) mean
 

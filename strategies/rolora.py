@@ -59,10 +59,7 @@ class AlternatingOptions:
 class RoLora(LoraStrategy):
     """Rounds alternate between training and sending only B and only A; the moved factor is averaged."""
 
-    description = (
-        "alternating freezing: each round trains and sends only B or only A (exact average, "
-        "FFA-LoRA's uplink; both factors travel down)"
-    )
+    description = "rounds alternate training B or A, exact mean; up: trained factor+head, down: A, B, head"
     Options = AlternatingOptions
     linear_aggregate = True  # the weighted mean of what moved; the frozen factor is copied
 
