@@ -59,6 +59,7 @@ def client_reply(strategy: LoraStrategy, pid: int, server_round: int, received: 
 
 def play_round(strategy: LoraStrategy, server_round: int, clients: list[int], step: float = 1e-2) -> Round:
     """Send, reply and measure one round (aggregation is left to the caller, see :func:`aggregate`)."""
+    strategy.server_round = server_round  # what configure_train records in a run
     outgoing = strategy.outgoing(strategy.global_state)
     records = [to_arrays(outgoing)]
     if strategy.base_offsets:

@@ -86,6 +86,8 @@ class LoraStrategy(Strategy):
         self.client_rows: list[dict[str, Any]] = []
         """This round's ``clients.jsonl`` lines (:func:`fedlora.server.replies.client_row`)."""
         self._sent: State = {}
+        self.server_round = 1
+        """The round being played: set by :meth:`configure_train`, read by hooks that depend on it."""
 
     # ----- hooks (override these) -----------------------------------------------------------
     def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
@@ -131,6 +133,7 @@ class LoraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One TRAIN message per sampled client: the arrays that travel, its plan, the config."""
+        self.server_round = server_round
         self.global_state = from_arrays(arrays)
         chosen = self.sampler.sample(grid, training=True)
         self._sent = self.outgoing(self.global_state)

@@ -23,16 +23,14 @@ and noises only B and the head. The aggregate is a function of the weighted mean
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
 from torch import Tensor
 
 from fedlora.core.arrays import State, is_lora_a
-from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.core.config import ConfigError
 from fedlora.core.plan import ClientPlan
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
@@ -79,19 +77,8 @@ class FedSvd(LoraStrategy):
     Options = FedSvdOptions
     linear_aggregate = True  # a function of sum_k p_k x_k alone: the SVD post-processes the (noised) mean
 
-    def __init__(self, cfg: ExperimentConfig, global_state: State) -> None:
-        super().__init__(cfg, global_state)
-        self.server_round = 1
-        """The round being aggregated (set by :meth:`configure_train`), for ``period``."""
-
     def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
         return ClientPlan(rank=self.cfg.lora.rank, freeze=frozenset({"lora_A"}), reply="trained")
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.server_round = server_round
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
         """B̄ and the head averaged; every layer's (A, B) re-factorised from (A_prev, B̄) on a period round.

@@ -21,14 +21,11 @@ secure aggregation apply.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, ConfigRecord, Message
-from flwr.serverapp import Grid
-
 from fedlora.core.arrays import State, kind_of
-from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.core.config import ConfigError
 from fedlora.core.plan import ClientPlan
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
@@ -63,11 +60,6 @@ class RoLora(LoraStrategy):
     Options = AlternatingOptions
     linear_aggregate = True  # the weighted mean of what moved; the frozen factor is copied
 
-    def __init__(self, cfg: ExperimentConfig, global_state: State) -> None:
-        super().__init__(cfg, global_state)
-        self.server_round = 1
-        """The round being aggregated (set by :meth:`configure_train`): it fixes the phase."""
-
     def phase(self, server_round: int) -> str:
         """'B' or 'A': the factor trained in ``server_round`` (from 1)."""
         schedule = self.options.schedule
@@ -76,12 +68,6 @@ class RoLora(LoraStrategy):
     def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
         frozen = frozenset({_FROZEN[self.phase(server_round)]})
         return ClientPlan(rank=self.cfg.lora.rank, freeze=frozen, reply="trained")
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.server_round = server_round
-        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
         """The weighted mean of the trained factor and the head; the frozen factor as it was sent (any
