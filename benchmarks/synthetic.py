@@ -54,12 +54,12 @@ def client_reply(strategy: LoraStrategy, pid: int, server_round: int, received: 
     for key, value in state.items():
         if kind_of(key) not in plan.freeze:
             state[key] = value + step * torch.randn(value.shape, generator=generator)
-    keys = list(received) if plan.reply == "received" else list(state)
-    return {k: state[k] for k in keys if kind_of(k) not in plan.keep_local}
+    return {k: state[k] for k in plan.reply_keys(received, state)}
 
 
 def play_round(strategy: LoraStrategy, server_round: int, clients: list[int], step: float = 1e-2) -> Round:
     """Send, reply and measure one round (aggregation is left to the caller, see :func:`aggregate`)."""
+    strategy.server_round = server_round  # what configure_train records in a run
     outgoing = strategy.outgoing(strategy.global_state)
     records = [to_arrays(outgoing)]
     if strategy.base_offsets:

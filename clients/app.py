@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from clients import runtime
 from fedlora.core import faults, protocol
 from fedlora.core.adapters import adapter_state, load_adapter_state, set_base_offsets, set_trainable
-from fedlora.core.arrays import from_arrays, kind_of, to_arrays
+from fedlora.core.arrays import from_arrays, to_arrays
 from fedlora.core.plan import ClientPlan
 from fedlora.core.store import ClientStore
 from fedlora.core.training import evaluate as evaluate_model
@@ -98,8 +98,7 @@ def train(message: Message, context: Context) -> Message:
         return _declined(message, pid, trained.declined, trained.metrics)
     state = adapter_state(model)
     runtime.save_local(store, plan, state)
-    keys = list(received) if plan.reply == "received" else list(state)
-    reply = {k: state[k] for k in keys if kind_of(k) not in plan.keep_local}
+    reply = {k: state[k] for k in plan.reply_keys(received, state)}
     reply = faults.spoil(privacy.privatise(received, reply, seed=seed), fault)
     metrics = MetricRecord(
         {

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.core import protocol
-from fedlora.core.arrays import State, from_arrays, is_lora_a, is_lora_b, kind_of, payload_bytes, to_arrays
+from fedlora.core.arrays import State, from_arrays, is_lora_a, is_lora_b, payload_bytes, to_arrays
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.plan import ClientPlan
 from fedlora.core.validation import Spec
@@ -86,6 +86,8 @@ class LoraStrategy(Strategy):
         self.client_rows: list[dict[str, Any]] = []
         """This round's ``clients.jsonl`` lines (:func:`fedlora.server.replies.client_row`)."""
         self._sent: State = {}
+        self.server_round = 1
+        """The round being played: set by :meth:`configure_train`, read by hooks that depend on it."""
 
     # ----- hooks (override these) -----------------------------------------------------------
     def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
@@ -106,14 +108,13 @@ class LoraStrategy(Strategy):
 
     def expected_reply(self, partition_id: int, server_round: int) -> Spec:
         """Keys, shapes and dtypes client ``partition_id`` must reply with, from its plan: what was sent
-        (``reply = 'received'``) or the whole adapter at the client's rank (``'adapter'``), minus the
-        kinds it keeps local."""
+        (``reply = 'received'``; ``'trained'`` without the frozen kinds) or the whole adapter at the
+        client's rank (``'adapter'``), minus the kinds it keeps local (:meth:`ClientPlan.reply_keys`)."""
         plan = self.client_plan(partition_id, server_round)
-        source = self._sent if plan.reply == "received" else self.global_state
+        source = self.global_state if plan.reply == "adapter" else self._sent
         spec: Spec = {}
-        for key, value in source.items():
-            if kind_of(key) in plan.keep_local:
-                continue
+        for key in plan.reply_keys(self._sent, self.global_state):
+            value = source[key]
             shape = tuple(value.shape)
             if is_lora_a(key):
                 shape = (plan.rank, *shape[1:])
@@ -132,6 +133,7 @@ class LoraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One TRAIN message per sampled client: the arrays that travel, its plan, the config."""
+        self.server_round = server_round
         self.global_state = from_arrays(arrays)
         chosen = self.sampler.sample(grid, training=True)
         self._sent = self.outgoing(self.global_state)

@@ -86,8 +86,7 @@ def client_reply(message: Message, start: State, pid: int) -> State:
         k: v + (0.0 if kind_of(k) in plan.freeze else 0.01) * torch.randn(v.shape, generator=g)
         for k, v in state.items()
     }
-    keys = list(received) if plan.reply == "received" else list(trained)
-    return {k: trained[k] for k in keys if kind_of(k) not in plan.keep_local}
+    return {k: trained[k] for k in plan.reply_keys(received, trained)}
 
 
 def replies_to(messages: list[Message], start: State) -> list[Message]:

@@ -20,7 +20,7 @@ EXTRA = {
     "fedsa-lora": ["--set", "federation.fraction_evaluate=1.0"],  # its personalised accuracy
 }
 """Settings that exercise what is particular to a strategy; every other one runs with the defaults."""
-BUILT_IN = {"fedit", "ffa-lora", "lora-fair", "fedex-lora", "flora", "fedsa-lora"}
+BUILT_IN = {"fedit", "ffa-lora", "lora-fair", "fedex-lora", "flora", "fedsa-lora", "fedsvd", "rolora"}
 """Strategies whose runs the classes below share with strategy-specific checks."""
 SMALL = [
     "--clients",
@@ -116,6 +116,53 @@ class TestFeditAndFfaLora:
 class TestFlora:
     def test_strategy_completes_and_is_reproducible(self, results) -> None:  # type: ignore[no-untyped-def]
         check_completes_and_is_reproducible(results, "flora")
+
+
+def _payload(kinds: set[str]) -> int:
+    """Bytes of the default adapter's arrays of ``kinds`` ('lora_A', 'lora_B', 'head') on the wire."""
+    from fedlora.core.adapters import initial_state
+    from fedlora.core.arrays import kind_of, payload_bytes, to_arrays
+    from fedlora.core.config import from_dict
+
+    state = initial_state(from_dict({}))
+    return payload_bytes(to_arrays({k: v for k, v in state.items() if kind_of(k) in kinds}))
+
+
+@pytest.mark.e2e
+class TestFedSvdAndRolora:
+    @pytest.mark.parametrize("name", ["fedsvd", "rolora"])
+    def test_strategy_completes_and_is_reproducible(self, results, name: str) -> None:  # type: ignore[no-untyped-def]
+        check_completes_and_is_reproducible(results, name)
+
+    @pytest.mark.parametrize("name", ["fedsvd", "rolora"])
+    def test_a_travels_down_and_one_factor_up(self, results, name: str) -> None:  # type: ignore[no-untyped-def]
+        rows = results(name)[0]
+        down = 2 * _payload({"lora_A", "lora_B", "head"})  # two clients a round, both factors and the head
+        up = 2 * _payload({"lora_B", "head"})  # square q/v projections: one A is as large as one B
+        assert all(r["downlink_bytes"] == down and r["uplink_bytes"] == up for r in rows)
+        if name == "rolora":
+            assert [r["trained_b"] for r in rows] == [1.0, 0.0]
+
+    @pytest.mark.parametrize("name", ["fedsvd", "rolora"])
+    def test_completes_under_dp_sgd(self, run_in_process, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+        import torch
+        from safetensors.torch import load_file
+
+        out = tmp_path / name
+        dp = ["--set", "privacy.mode=dp-sgd", "--set", "privacy.noise_multiplier=1.0"]
+        proc = run_in_process("run", "--strategy", name, *SMALL, *dp, "--out", str(out))
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2] and all(r["num_clients"] == 2 for r in rows)
+        assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] < float("inf")
+        if name == "fedsvd":  # the DP noise lands on B only: the saved A still has orthonormal rows
+            saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+            a_keys = [k for k in saved if ".lora_A." in k]
+            assert a_keys
+            for key in a_keys:
+                a = saved[key].double()
+                eye = torch.eye(a.shape[0], dtype=torch.float64)
+                torch.testing.assert_close(a @ a.T, eye, atol=1e-5, rtol=0)
 
 
 @pytest.mark.e2e

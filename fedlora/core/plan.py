@@ -6,13 +6,15 @@ The client never looks up the strategy: everything strategy-specific it must do 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
 
+from fedlora.core.arrays import kind_of
+
 KINDS = ("lora_A", "lora_B", "head")
-REPLIES = ("received", "adapter")
+REPLIES = ("received", "trained", "adapter")
 A_INITS = ("kaiming", "orthogonal")
 
 
@@ -24,8 +26,9 @@ class ClientPlan:
     freeze: kinds ('lora_A', 'lora_B', 'head') that are not trained this round.
     keep_local: kinds kept in the node's persistent state between rounds and never sent.
     reinit_seed: if set, LoRA is re-initialised (A random from this seed, B zero) before training.
-    reply: 'received' (reply with the keys received, minus keep_local) or 'adapter' (every adapter and
-        head key, minus keep_local).
+    reply: 'received' (reply with the keys received), 'trained' (the keys received whose kind is not
+        frozen: a factor sent only to be used, as FedSVD's A, does not travel back) or 'adapter' (every
+        adapter and head key); always minus keep_local.
     a_init: 'kaiming' (peft's initialisation from the experiment seed) or 'orthogonal' (orthonormal rows
         from the experiment seed, scaled like Kaiming-uniform); used by FFA-LoRA's frozen A.
     """
@@ -44,6 +47,13 @@ class ClientPlan:
                 f"invalid client plan: rank {self.rank}, kinds {bad} (valid: {', '.join(KINDS)}), "
                 f"reply {self.reply!r} (valid: {', '.join(REPLIES)}), a_init {self.a_init!r}"
             )
+
+    def reply_keys(self, received: Iterable[str], adapter: Iterable[str]) -> list[str]:
+        """The keys a client replies with, from the keys it ``received`` and those of its whole
+        ``adapter`` (see ``reply``); the server expects the same (``LoraStrategy.expected_reply``)."""
+        keys = list(adapter) if self.reply == "adapter" else list(received)
+        dropped = self.keep_local | (self.freeze if self.reply == "trained" else frozenset())
+        return [k for k in keys if kind_of(k) not in dropped]
 
     def to_config(self) -> ConfigRecord:
         """The plan as a ConfigRecord (lists of kinds, -1 for no re-initialisation)."""
