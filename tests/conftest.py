@@ -334,3 +334,64 @@ def task_identity() -> Iterator[None]:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+# ----- a federation in this process: Flower's Grid contract served by calling the ClientApp -------------
+
+
+class InProcessGrid:
+    """Flower's Grid contract answered by calling the real ClientApp in this process, one node at a time:
+    no Ray, no SuperLink. The server side (round loop, strategy, privacy, run directory) and the client
+    side (``clients/app.py``) are the product's own code; only the transport is left out. A client that
+    raises answers with an error reply, as Flower's would."""
+
+    def __init__(self, num_nodes: int) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+            for node in range(1, num_nodes + 1)
+        }
+        self.replies: dict[str, Any] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Any) -> list[str]:
+        import uuid
+
+        from flwr.app import Error, Message
+
+        from clients.app import app
+
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            try:
+                reply = app(message, self.contexts[message.metadata.dst_node_id])
+            except Exception as exc:  # a failing client is an error reply, as in Flower
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
+            self.replies[message.metadata.message_id] = reply
+            ids.append(message.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Any]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+
+@pytest.fixture
+def run_in_memory(tmp_path: Path, task_identity: None) -> Callable[..., Path]:
+    """``run_in_memory(cfg, name)``: run the experiment ``cfg`` (an ExperimentConfig that passed
+    ``preflight``) through :class:`InProcessGrid` into ``tmp_path / name``; returns the run directory."""
+    from fedlora.core.records import RunDirectory
+    from fedlora.run.federation import run_federation
+
+    def run(cfg: Any, name: str) -> Path:
+        out = tmp_path / name
+        run_dir = RunDirectory(out)
+        run_dir.create(cfg)
+        grid = InProcessGrid(cfg.federation.num_clients)
+        run_federation(grid, cfg, run_dir, client_state_dir=tmp_path / f"{name}-state")  # type: ignore[arg-type]
+        return out
+
+    return run
