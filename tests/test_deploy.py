@@ -1,12 +1,15 @@
 """Deployment: the docker-compose topology as local processes (TLS, authenticated SuperNodes).
 
-One module-scoped topology (a SuperLink and three SuperNodes on loopback) runs a 2-round FFA-LoRA job
-submitted with ``flwr run``; intruders (an unregistered key, a client without a key, a plaintext
-client) must be refused; the last test stops it and checks that every PID it started is gone.
+One module-scoped topology (a SuperLink and three SuperNodes on loopback, each node given its own data
+file and traced with strace) runs a 2-round FFA-LoRA job submitted with ``flwr run``: it completes,
+each client reports its own file's counts and labels, and no node opens another node's file, the
+server's file or the packaged corpus. Intruders (an unregistered key, a client without a key, a
+plaintext client) must be refused; the last test stops it and checks that every PID it started is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,8 +19,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import psutil
@@ -31,18 +36,14 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
+from fedlora.core.sources import Origin, read_table, write_table
+from fedlora.core.tweets import TOPICS, corpus_path, topics_frame
 from fedlora.run.deploy import LocalDeployment, free_ports, make_credentials, running, write_flwr_home
+from tests.helpers import node_files
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = 3
-JOB = [
-    f"federation.num_clients={NODES}",
-    "federation.rounds=2",
-    "train.local_steps=2",
-    "data.max_examples=1500",
-    "data.test_size=100",
-    'strategy.name="ffa-lora"',
-]
+TOPIC_NAMES = sorted(TOPICS)
 
 
 # -- credentials and configuration (no processes) ------------------------------------------------
@@ -266,24 +267,84 @@ def test_deploy_ci_script_rejects_bad_input_before_any_work(env: dict[str, str],
 
 
 # -- the live topology ---------------------------------------------------------------------------
+class TracedDeployment(LocalDeployment):
+    """A deployment whose SuperNodes run under strace (where it is installed): ``opens(i)`` is every
+    path that SuperNode ``i`` and the ClientApp processes it starts tried to open (seccomp-bpf keeps
+    the slowdown small). ``plain_args`` starts a SuperNode without the trace (the intruders)."""
+
+    traced = shutil.which("strace") is not None
+
+    def supernode_args(self, i: int, port: int, **kwargs: Any) -> list[str]:
+        if not self.traced:
+            return super().supernode_args(i, port, **kwargs)
+        trace = ["strace", "-f", "-qq", "--seccomp-bpf", "-e", "trace=open,openat,openat2"]
+        return [
+            *trace,
+            "-o",
+            str(self.directory / f"opens-{i}.txt"),
+            *super().supernode_args(i, port, **kwargs),
+        ]
+
+    def plain_args(self, i: int, port: int, **kwargs: Any) -> list[str]:
+        return super().supernode_args(i, port, **kwargs)
+
+    def stop(self) -> list[int]:
+        """SIGTERM the SuperNodes under strace first (strace does not pass a SIGTERM on to them)."""
+        for proc in self.processes.values():
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children():
+                    child.terminate()
+        return super().stop()
+
+    def opens(self, i: int) -> str:
+        return (self.directory / f"opens-{i}.txt").read_text(errors="replace")
+
+
+@dataclass(frozen=True)
+class OwnData:
+    """The node files (one per SuperNode), the coordinator's file (label set and test set), the corpus."""
+
+    files: list[Path]
+    server: Path
+    corpus: Path
+
+
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDeployment]:
-    with LocalDeployment(tmp_path_factory.mktemp("deploy"), NODES, app_dir=ROOT) as dep:
+def own_data(tmp_path_factory: pytest.TempPathFactory) -> OwnData:
+    root = tmp_path_factory.mktemp("own-data")
+    files = [p.resolve() for p in node_files(root, topics_frame(per_topic=30, users=6, seed=0))]
+    server = write_table(topics_frame(per_topic=12, users=1, seed=1), root / "server" / "server.csv")
+    return OwnData(files, server.resolve(), corpus_path())
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, own_data: OwnData) -> Iterator[TracedDeployment]:
+    directory = tmp_path_factory.mktemp("deploy")
+    with TracedDeployment(directory, NODES, app_dir=ROOT, data_paths=tuple(own_data.files)) as dep:
         yield dep
 
 
 @pytest.fixture(scope="module")
-def finished_run(deployment: LocalDeployment) -> Path:
+def finished_run(deployment: TracedDeployment, own_data: OwnData) -> Path:
+    """Two FFA-LoRA rounds on the three nodes, every client evaluated too; returns the run directory."""
     out = deployment.directory / "runs"
+    job = [
+        f"federation.num_clients={NODES}",
+        "federation.rounds=2",
+        "federation.fraction_evaluate=1.0",
+        "train.local_steps=2",
+        'strategy.name="ffa-lora"',
+        f"data.source={own_data.server}",  # the coordinator's labelled sample: the label set
+        f"data.test_path={own_data.server}",  # and its own test file; no node reads either
+        "data.label=topic",
+        "data.partitioner=iid",
+        "data.max_length=32",
+    ]
     proc = deployment.flwr(
-        "run",
-        ".",
-        deployment.federation,
-        "--stream",
-        "--run-config",
-        f"overrides='{';'.join(JOB)}' out-dir='{out}'",
+        "run", ".", deployment.federation, "--stream",
+        "--run-config", f"overrides='{';'.join(job)}' out-dir='{out}'",
         timeout=400,
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = list(out.iterdir())
     assert len(runs) == 1, proc.stdout[-3000:]
@@ -291,7 +352,7 @@ def finished_run(deployment: LocalDeployment) -> Path:
 
 
 @pytest.fixture(scope="module")
-def intruders(deployment: LocalDeployment) -> dict[str, tuple[int, str]]:
+def intruders(deployment: TracedDeployment) -> dict[str, tuple[int, str]]:
     """Start, side by side, three SuperNodes the SuperLink must refuse; their exit codes and logs.
 
     ``stranger``: TLS and a key that was never registered; ``anonymous``: TLS, no key;
@@ -300,9 +361,9 @@ def intruders(deployment: LocalDeployment) -> dict[str, tuple[int, str]]:
     stranger = make_credentials(deployment.directory / "stranger", 1)
     ports = free_ports(3)
     args = {
-        "stranger": deployment.supernode_args(0, ports[0], key=stranger.node_key(0)),
-        "anonymous": deployment.supernode_args(0, ports[1], auth=False),
-        "plaintext": deployment.supernode_args(0, ports[2], tls=False, auth=False),
+        "stranger": deployment.plain_args(0, ports[0], key=stranger.node_key(0)),
+        "anonymous": deployment.plain_args(0, ports[1], auth=False),
+        "plaintext": deployment.plain_args(0, ports[2], tls=False, auth=False),
     }
     procs = {name: deployment.spawn(name, [*a, "--max-retries", "2"]) for name, a in args.items()}
     deadline = time.monotonic() + 90
@@ -317,23 +378,67 @@ def intruders(deployment: LocalDeployment) -> dict[str, tuple[int, str]]:
 
 @pytest.mark.e2e
 def test_ffa_lora_job_completes_on_three_authenticated_nodes(
-    deployment: LocalDeployment, finished_run: Path
+    deployment: TracedDeployment, finished_run: Path
 ) -> None:
     rows = [json.loads(line) for line in (finished_run / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["strategy"] == "ffa-lora" and r["num_clients"] == NODES for r in rows)
+    assert all(
+        r["strategy"] == "ffa-lora" and r["num_clients"] == NODES and r["num_failed"] == 0 for r in rows
+    )
     # The same arrays (for FFA-LoRA: B and the head) travel each way, every round.
-    assert rows[0]["uplink_bytes"] == rows[1]["uplink_bytes"] == rows[0]["downlink_bytes"] > 0
+    assert rows[0]["uplink_bytes"] == rows[1]["uplink_bytes"] > 0
+    assert all(0.0 <= r["eval_macro_f1"] <= 1.0 for r in rows)
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["final_eval_accuracy"] == rows[-1]["eval_accuracy"]
+    assert summary["labels"] == TOPIC_NAMES
+    assert summary["majority_accuracy"] == pytest.approx(0.2)  # the server's own test file: 12 per topic
     assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()
     for i in range(NODES):  # every SuperNode started ClientApp processes for its messages
         assert "Start `flwr-clientapp` process" in (deployment.logs / f"supernode-{i}.log").read_text()
 
 
 @pytest.mark.e2e
+def test_each_client_reports_the_counts_and_labels_of_its_own_file(
+    own_data: OwnData, finished_run: Path
+) -> None:
+    """clients.jsonl: a node's train and validation examples together are its file's rows, and their
+    label histograms add up to the file's, in every round."""
+    replies = [json.loads(line) for line in (finished_run / "clients.jsonl").read_text().splitlines()]
+    for server_round in (1, 2):
+        for i, path in enumerate(own_data.files):
+            mine = {
+                r["phase"]: r
+                for r in replies
+                if r["round"] == server_round and r["partition_id"] == i and r["status"] == "ok"
+            }
+            assert set(mine) == {"train", "evaluate"}, replies
+            topics = read_table(Origin("data-path", str(path))).to_pandas()["topic"]
+            assert mine["train"]["num_examples"] + mine["evaluate"]["num_examples"] == len(topics)
+            train, val = mine["train"]["label_counts"], mine["evaluate"]["label_counts"]
+            assert [a + b for a, b in zip(train, val, strict=True)] == [
+                int((topics == name).sum()) for name in TOPIC_NAMES
+            ]
+
+
+@pytest.mark.e2e
+def test_no_supernode_opens_the_corpus_or_another_nodes_file(
+    deployment: TracedDeployment, own_data: OwnData, finished_run: Path
+) -> None:
+    """What the kernel saw (strace) while the nodes trained and evaluated: each opened its own file,
+    and none opened another node's file, the server's file or the packaged corpus."""
+    if not deployment.traced:
+        pytest.skip("needs strace (.ci/run installs it)")
+    for i in range(NODES):
+        opened = deployment.opens(i)
+        assert str(own_data.files[i]) in opened  # the trace does see the node read its file
+        others = [p for j, p in enumerate(own_data.files) if j != i] + [own_data.server, own_data.corpus]
+        assert [str(p) for p in others if str(p) in opened] == []
+        assert own_data.corpus.name not in opened
+
+
+@pytest.mark.e2e
 def test_unregistered_key_is_refused(
-    deployment: LocalDeployment, intruders: dict[str, tuple[int, str]]
+    deployment: TracedDeployment, intruders: dict[str, tuple[int, str]]
 ) -> None:
     code, log = intruders["stranger"]
     assert code != 0 and "Failed to activate SuperNode" in log, log
@@ -348,7 +453,7 @@ def test_supernode_without_a_key_is_refused(intruders: dict[str, tuple[int, str]
 
 @pytest.mark.e2e
 def test_plaintext_client_is_refused(
-    deployment: LocalDeployment, intruders: dict[str, tuple[int, str]]
+    deployment: TracedDeployment, intruders: dict[str, tuple[int, str]]
 ) -> None:
     code, log = intruders["plaintext"]
     assert code != 0 and "could not establish a connection" in log, log
@@ -357,7 +462,7 @@ def test_plaintext_client_is_refused(
 
 
 @pytest.mark.e2e
-def test_health_command_answers_for_the_superlink(deployment: LocalDeployment, run_cli) -> None:  # type: ignore[no-untyped-def]
+def test_health_command_answers_for_the_superlink(deployment: TracedDeployment, run_cli) -> None:  # type: ignore[no-untyped-def]
     def health(address: str) -> subprocess.CompletedProcess[str]:
         return run_cli("deploy", "health", "--address", address, timeout=60)
 
@@ -369,7 +474,7 @@ def test_health_command_answers_for_the_superlink(deployment: LocalDeployment, r
 
 
 @pytest.mark.e2e
-def test_stop_leaves_nothing_running(deployment: LocalDeployment) -> None:
+def test_stop_leaves_nothing_running(deployment: TracedDeployment) -> None:
     pids = deployment.pids()
     assert len(pids) > NODES + 1  # the SuperLink, the SuperNodes and what they started
     deployment.stop()
