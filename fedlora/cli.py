@@ -472,6 +472,48 @@ def strategies() -> None:
         typer.echo(f"{name:<12} {cls.description}  [{', '.join(modes)}]")
 
 
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a finished causal-lm run directory")],
+    prompt: Annotated[str, typer.Argument(help="the text to answer (filled into the run's data.template)")],
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 16,
+    raw: Annotated[bool, typer.Option(help="send PROMPT as it is, without the run's data.template")] = False,
+) -> None:
+    """Print the fine-tuned model's answer to PROMPT (greedy decoding; causal-lm runs)."""
+    if max_new_tokens < 1:
+        _fail(f"--max-new-tokens {max_new_tokens} is invalid: expected an integer >= 1")
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.run.generate import generate as answer
+
+    try:
+        typer.echo(answer(run_dir, prompt, max_new_tokens=max_new_tokens, raw=raw))
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+models_app = typer.Typer(help="Prepare offline base models (see docs/llm.md).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("convert-smollm2")
+def convert_smollm2(
+    out: Annotated[
+        Path | None,
+        typer.Option(help="folder to write (default: where model.path = 'smollm2' looks)"),
+    ] = None,
+) -> None:
+    """Convert the packaged SmolLM2-135M-Instruct GGUF (4-bit) into a safetensors folder, once."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.core.convert import convert_smollm2 as convert
+
+    try:
+        folder, done = convert(out)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    what = "converted (weights dequantised from 4-bit) into" if done else "already converted:"
+    typer.echo(f"{what} {folder}")
+
+
 deploy_app = typer.Typer(
     help="Run the same ClientApp on real SuperNodes (TLS, authenticated nodes); see docs/deploy.md.",
     no_args_is_help=True,

@@ -1,4 +1,8 @@
-"""Server-side evaluation of the global adapter on the test set (held out, or ``data.test_path``)."""
+"""Server-side evaluation of the global adapter on the test set (held out, or ``data.test_path``).
+
+For ``task = "causal-lm"`` the scores are the response loss, perplexity and likelihood-ranking accuracy
+of :mod:`fedlora.core.likelihood`; with free-text responses accuracy and the majority baseline are nan.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from fedlora.core.arrays import State
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data import get_splits, majority_accuracy
 from fedlora.core.models import load_tokenizer
-from fedlora.core.training import Scores, encode, macro_f1, score
+from fedlora.core.prompts import encode_split
+from fedlora.core.training import Scores, macro_f1, score
 
 
 @dataclass
@@ -27,9 +32,12 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         test = get_splits(self.cfg.data, self.cfg.federation.num_clients, self.cfg.seed).test
-        self.majority_accuracy = majority_accuracy(test)
-        self.test = encode(test, load_tokenizer(self.cfg.model.path), self.cfg.data.max_length)
+        self.test = encode_split(self.cfg, test, load_tokenizer(self.cfg.model.path))
         labels = self.test.labels
+        if self.cfg.causal and self.cfg.data.response:  # free-text responses: no classes to count
+            self.majority_accuracy = self.majority_macro_f1 = float("nan")
+            return
+        self.majority_accuracy = majority_accuracy(test)
         majority = torch.full_like(labels, int(torch.bincount(labels).argmax())) if len(labels) else labels
         self.majority_macro_f1 = macro_f1(labels, majority) if len(labels) else float("nan")
 
