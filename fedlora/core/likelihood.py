@@ -39,7 +39,8 @@ def candidate_logprobs(
     if width == 0:
         return scores
     k = len(candidates)
-    cache = out.past_key_values
+    name = "cache" if hasattr(out, "cache") else "past_key_values"  # transformers 5.x renamed it
+    cache = getattr(out, name)
     cache.batch_repeat_interleave(k)
     ids = torch.zeros((k, width), dtype=torch.long)
     mask = torch.zeros((k, len(prompt) + width), dtype=torch.long)
@@ -48,7 +49,7 @@ def candidate_logprobs(
         ids[j, : len(c) - 1] = torch.tensor(list(c[:-1]))
         mask[j, len(prompt) : len(prompt) + len(c) - 1] = 1
     logits = model(
-        input_ids=ids.to(device), attention_mask=mask.to(device), past_key_values=cache, use_cache=True
+        input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, **{name: cache}
     ).logits.float()
     logp = logits.log_softmax(-1).cpu()
     for j, c in enumerate(candidates):
