@@ -205,3 +205,19 @@ def test_free_text_responses_from_two_columns(tiny_llama, tmp_path: Path) -> Non
     assert isinstance(data, LmEncoded) and not data.candidates
     scores = score(get_model(cfg), data)
     assert math.isnan(scores.accuracy) and scores.perplexity == pytest.approx(math.exp(scores.loss))
+
+
+def test_token_cache_keeps_prompt_lengths_and_candidates(encoded: LmEncoded, tmp_path: Path) -> None:
+    from fedlora.core import token_cache
+
+    token_cache.save(tmp_path, "k", encoded, encoded)
+    loaded = token_cache.load(tmp_path, "k")
+    assert loaded is not None
+    train, _ = loaded
+    assert isinstance(train, LmEncoded)
+    assert (train.ids, train.prompt_lens, train.candidates) == (
+        encoded.ids,
+        encoded.prompt_lens,
+        encoded.candidates,
+    )
+    assert torch.equal(train.labels, encoded.labels)
