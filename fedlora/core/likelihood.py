@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -22,7 +22,25 @@ from fedlora.core.training import IGNORE, Scores, macro_f1, mixed_precision
 if TYPE_CHECKING:
     from torch import nn
 
-    from fedlora.core.prompts import LmEncoded
+
+class LmEncoded(Protocol):
+    """What evaluation reads of a split of :class:`fedlora.core.prompts.LmEncoded` (declared here, not
+    imported: that module calls this one)."""
+
+    @property
+    def ids(self) -> tuple[tuple[int, ...], ...]: ...
+
+    @property
+    def labels(self) -> torch.Tensor: ...
+
+    @property
+    def candidates(self) -> tuple[tuple[int, ...], ...]: ...
+
+    def __len__(self) -> int: ...
+
+    def batch(self, index: list[int] | torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def prompt(self, i: int) -> tuple[int, ...]: ...
 
 
 @torch.no_grad()
