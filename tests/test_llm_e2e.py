@@ -44,16 +44,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama, synthetic_tweets,
         *("--set", "federation.fraction=0.67", "--set", "train.local_steps=2", "--set", "train.batch_size=4"),
         *("--set", "federation.client_cpus=2", "--set", "lora.rank=2", "--set", "lora.targets=qkvo"),
     ]
-    done: dict[tuple[str, str], Path] = {}
+    done: dict[tuple[str, ...], Path] = {}
 
-    def get(name: str, privacy: str = "none") -> Path:
-        if (name, privacy) not in done:
-            out = base / f"{name}-{privacy}"
+    def get(name: str, privacy: str = "none", *more: str) -> Path:
+        if (name, privacy, *more) not in done:
+            out = base / "-".join([name, privacy, *more]).replace("=", "_")
             extra = PRIVACY[privacy][1] if privacy != "none" else EXTRA.get(name, [])
-            proc = run_in_process("run", *common, "--strategy", name, *extra, "--out", str(out))
+            args = [*common, "--strategy", name, *extra, *(a for m in more for a in ("--set", m))]
+            proc = run_in_process("run", *args, "--out", str(out))
             assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-            done[name, privacy] = out
-        return done[name, privacy]
+            done[name, privacy, *more] = out
+        return done[name, privacy, *more]
 
     return get
 
@@ -113,3 +114,21 @@ def test_adapter_loads_on_auto_model_for_causal_lm_and_generates(runs, tiny_llam
     proc = run_in_process("generate", str(out), "good flight")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == proc.stdout.strip().splitlines()[-1]  # one line: the answer
+
+
+@pytest.mark.e2e
+def test_resume_continues_a_causal_lm_run_as_if_never_stopped(runs, run_in_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A run stopped after round 1 (its checkpoint, no summary) and resumed gives the rounds of the run
+    that never stopped."""
+    import shutil
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(runs("fedit", "none", "federation.rounds=1"), stopped)
+    (stopped / "summary.json").unlink()
+    config = stopped / "config.toml"
+    config.write_text(config.read_text().replace("rounds = 1", "rounds = 2"))
+    proc = run_in_process("run", "--resume", str(stopped))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    timing = ("wall_s", "aggregate_s", "attempts")
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in _rows(stopped)]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in _rows(runs("fedit"))]
