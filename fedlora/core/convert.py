@@ -54,7 +54,7 @@ def convert_smollm2(out: Path | None = None, *, dtype: str = "bfloat16") -> tupl
     """Convert the packaged GGUF into a safetensors folder ``out`` (default :func:`default_smollm2_dir`);
     returns ``(folder, converted)``, ``converted`` False when the folder was already complete (nothing
     is done: the step is idempotent). ``dtype``: the saved weights' dtype ("bfloat16", 260 MB, or
-    "float32"); fedlora trains in float32 whatever the folder holds. Takes about 15 s on one core.
+    "float32"); fedlora trains in float32 whatever the folder holds. Takes 45-90 s on a busy 2-core machine.
     """
     out = Path(out) if out is not None else default_smollm2_dir()
     if is_converted(out):

@@ -34,7 +34,7 @@ def model_dir(path: str) -> Path:
         if not is_converted(folder):
             raise FileNotFoundError(
                 f"model.path = 'smollm2': the converted model is not in '{folder}' yet; run "
-                "`fedlora models convert-smollm2` once (about 15 s)"
+                "`fedlora models convert-smollm2` once (under a minute)"
             )
         return folder
     if path:
