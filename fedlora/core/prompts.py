@@ -13,7 +13,7 @@ cue just before the response is kept).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -155,7 +155,7 @@ def encode_lm(
     )
 
 
-def _cached_responses(tokenizer: PreTrainedTokenizerBase):  # type: ignore[no-untyped-def]
+def _cached_responses(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], list[int]]:
     """:func:`response_ids` memoised for one encoding (label names repeat)."""
 
     @functools.cache
