@@ -221,3 +221,19 @@ def test_token_cache_keeps_prompt_lengths_and_candidates(encoded: LmEncoded, tmp
         encoded.candidates,
     )
     assert torch.equal(train.labels, encoded.labels)
+
+
+def test_generate_refuses_what_is_not_a_finished_causal_lm_run(tmp_path: Path) -> None:
+    from fedlora.core.records import RunDirectory
+    from fedlora.run.generate import run_config
+
+    with pytest.raises(ConfigError, match="not a run directory"):
+        run_config(tmp_path / "nothing")
+    classification = tmp_path / "cls"
+    RunDirectory(classification).create(ExperimentConfig())
+    with pytest.raises(ConfigError, match="needs a causal-lm run"):
+        run_config(classification)
+    unfinished = tmp_path / "lm"
+    RunDirectory(unfinished).create(from_dict({"task": "causal-lm"}))
+    with pytest.raises(ConfigError, match="no adapter"):
+        run_config(unfinished)
