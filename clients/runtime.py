@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedlora.core import protocol, token_cache
-from fedlora.core.adapters import get_model, initial_state
+from fedlora.core.adapters import get_model, initial_state, set_checkpointing
 from fedlora.core.arrays import State, fresh_lora, kind_of, orthogonal_a
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.plan import ClientPlan
@@ -57,6 +57,7 @@ def model_for(cfg: ExperimentConfig) -> PeftModel:
     model = get_model(cfg)
     if torch.cuda.is_available() and cfg.federation.client_gpus > 0:
         model.to("cuda")
+    set_checkpointing(model, cfg.train.gradient_checkpointing)
     return model
 
 

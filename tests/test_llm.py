@@ -237,3 +237,36 @@ def test_generate_refuses_what_is_not_a_finished_causal_lm_run(tmp_path: Path) -
     RunDirectory(unfinished).create(from_dict({"task": "causal-lm"}))
     with pytest.raises(ConfigError, match="no adapter"):
         run_config(unfinished)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, encoded: LmEncoded) -> None:  # type: ignore[no-untyped-def]
+    from fedlora.core.adapters import set_checkpointing
+
+    model = get_model(_cfg(tiny_llama.path))
+    model.eval()  # no LoRA dropout: both passes see the same function
+    batch = encoded.batch(list(range(8)))
+    grads = []
+    for enabled in (False, True):
+        set_checkpointing(model, enabled)
+        assert model.get_base_model().is_gradient_checkpointing == enabled
+        model.zero_grad(set_to_none=True)
+        model.train()
+        for module in model.modules():  # training mode for checkpointing, without dropout
+            if isinstance(module, torch.nn.Dropout):
+                module.eval()
+        encoded.loss(model, batch).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    set_checkpointing(model, False)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_gradient_checkpointing_with_dp_sgd_is_refused() -> None:
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        from_dict(
+            {
+                "train": {"gradient_checkpointing": True},
+                "privacy": {"mode": "dp-sgd", "noise_multiplier": 1.0},
+            }
+        )

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from fedlora.core.arrays import State, base_weight_name, kind_of
 from fedlora.core.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
@@ -132,6 +132,21 @@ def set_trainable(model: nn.Module, frozen: frozenset[str] = frozenset()) -> Non
     for name, param in model.named_parameters():
         if ".lora_A." in name or ".lora_B." in name or "modules_to_save" in name:
             param.requires_grad_(kind_of(name) not in frozen)
+
+
+def set_checkpointing(model: PeftModel, enabled: bool) -> None:
+    """Turn gradient checkpointing of the base model on or off (``train.gradient_checkpointing``):
+    activations are recomputed in the backward pass instead of kept, which saves memory on larger
+    models and costs about one more forward pass per step. Non-reentrant, so the frozen embeddings need
+    no gradient."""
+    base: PreTrainedModel = model.get_base_model()  # type: ignore[assignment]
+    supported = getattr(base, "supports_gradient_checkpointing", False)
+    if not supported or base.is_gradient_checkpointing == enabled:
+        return
+    if enabled:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
 
 
 def set_base_offsets(model: nn.Module, offsets: Mapping[str, torch.Tensor]) -> None:

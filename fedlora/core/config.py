@@ -192,6 +192,9 @@ class TrainConfig:
     lr: float = _help("learning rate", 5e-3)
     optimizer: str = _help("adamw or sgd", "adamw")
     weight_decay: float = _help("decoupled weight decay (adamw) or L2 (sgd)", 0.0)
+    gradient_checkpointing: bool = _help(
+        "recompute activations in the backward pass: less memory for larger models, more time", False
+    )
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "an integer >= 1")
@@ -578,6 +581,11 @@ def _check_privacy(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"privacy.placement = {p.placement!r} only applies to privacy.mode = 'dp-updates' "
             f"(mode is {p.mode!r}); remove privacy.placement or set privacy.mode = 'dp-updates'"
+        )
+    if config.train.gradient_checkpointing and p.mode == "dp-sgd":
+        raise ConfigError(
+            "train.gradient_checkpointing = true does not work with privacy.mode = 'dp-sgd' (Opacus records "
+            "each layer's activations once); turn one of them off"
         )
     if p.max_physical_batch > 0 and p.mode != "dp-sgd":
         raise ConfigError(
