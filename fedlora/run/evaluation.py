@@ -2,6 +2,10 @@
 
 For ``task = "causal-lm"`` the scores are the response loss, perplexity and likelihood-ranking accuracy
 of :mod:`fedlora.core.likelihood`; with free-text responses accuracy and the majority baseline are nan.
+The server process then uses ``federation.client_cpus`` torch threads, like a client: with torch's
+default (every core) a CPU shared with the client actors or other work spends most of the time spinning
+(with two threads on the busy 2-core machine the quickstart's zero-shot evaluation of 100 examples was
+not done after 5 CPU-minutes, where one thread scores an example in about 0.6 CPU-s).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         test = get_splits(self.cfg.data, self.cfg.federation.num_clients, self.cfg.seed).test
+        if self.cfg.causal:  # LLM evaluation is long: torch's default threads oversubscribe a shared CPU
+            torch.set_num_threads(max(1, int(self.cfg.federation.client_cpus)))
         self.test = encode_split(self.cfg, test, load_tokenizer(self.cfg.model.path))
         labels = self.test.labels
         if self.cfg.causal and self.cfg.data.response:  # free-text responses: no classes to count
