@@ -21,11 +21,13 @@ def smollm2() -> str:
     return str(folder)
 
 
-def test_conversion_is_idempotent_and_unquantised(smollm2: str) -> None:
+def test_conversion_is_idempotent_and_unquantised(smollm2: str, run_in_process) -> None:  # type: ignore[no-untyped-def]
     from fedlora.core.convert import convert_smollm2, is_converted
 
     folder, converted = convert_smollm2()
     assert not converted and str(folder) == smollm2 and is_converted(folder)
+    again = run_in_process("models", "convert-smollm2")
+    assert again.returncode == 0 and again.stdout.strip() == f"already converted: {smollm2}"
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
 
