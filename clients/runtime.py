@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedlora.core import protocol, token_cache
-from fedlora.core.adapters import get_model, initial_state
+from fedlora.core.adapters import get_model, initial_state, set_checkpointing
 from fedlora.core.arrays import State, fresh_lora, kind_of, orthogonal_a
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.plan import ClientPlan
+from fedlora.core.prompts import encode_split
 from fedlora.core.store import ClientStore
-from fedlora.core.training import Encoded, encode
+from fedlora.core.training import Encoded
 from fedlora.core.weights import model_dir
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def model_for(cfg: ExperimentConfig) -> PeftModel:
     model = get_model(cfg)
     if torch.cuda.is_available() and cfg.federation.client_gpus > 0:
         model.to("cuda")
+    set_checkpointing(model, cfg.train.gradient_checkpointing)
     return model
 
 
@@ -89,8 +91,8 @@ def _tokenise(cfg: ExperimentConfig, partition_id: int, data_path: str) -> Clien
         train, val = splits.client_train(partition_id), splits.client_val(partition_id)
     tokenizer = load_tokenizer(cfg.model.path)
     return ClientData(
-        train=encode(train, tokenizer, cfg.data.max_length),
-        val=encode(val, tokenizer, cfg.data.max_length),
+        train=encode_split(cfg, train, tokenizer),
+        val=encode_split(cfg, val, tokenizer),
     )
 
 

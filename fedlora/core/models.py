@@ -1,4 +1,9 @@
-"""Base model loading from local directories (offline), with a per-process cache."""
+"""Base model loading from local directories (offline), with a per-process cache.
+
+Models are loaded in float32 whatever dtype their folder holds (most published LLM checkpoints are
+bfloat16): the LoRA adapters then train and travel in float32, and on a CUDA GPU the forward passes run
+under bf16 autocast (:func:`fedlora.core.training.mixed_precision`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import transformers
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
@@ -45,7 +51,23 @@ def load_classifier(
         names = {"num_labels": num_labels}
     else:
         raise ValueError("load_classifier needs labels or num_labels")
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir(path)), **names)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir(path)), dtype=torch.float32, **names
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    model.train()
+    return model
+
+
+def load_causal_lm(path: str, seed: int = 0) -> PreTrainedModel:
+    """A pretrained causal language model (``task = "causal-lm"``) in float32 and train mode; nothing new
+    is initialised (``seed`` only fixes torch's generator, as for :func:`load_classifier`). Its LM head
+    stays frozen under LoRA. A pad token id is set from the tokenizer when the config has none."""
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir(path)), dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(path).pad_token_id
     model.train()

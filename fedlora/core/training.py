@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
+IGNORE = -100
+"""Token label that no loss covers (prompt and padding of a causal-LM example; torch's ignore_index)."""
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -44,6 +47,27 @@ class Encoded:
             input_ids[j, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[j, : len(row)] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[index]}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of ``model`` on ``batch`` (cross-entropy of the class; a causal-LM split
+        overrides it)."""
+        return model(**batch).loss  # type: ignore[no-any-return]
+
+    def scores(self, model: nn.Module, *, batch_size: int) -> Scores:
+        """Loss, accuracy and macro-F1 of ``model`` on this split (see :func:`score`)."""
+        return _classification_scores(model, self, batch_size=batch_size)
+
+
+def sequence_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Causal-LM loss: each sequence's mean cross-entropy over its response tokens (``labels`` not
+    IGNORE; the logits at t predict the token at t + 1), averaged over the sequences. A per-sequence
+    mean, so that DP-SGD clips one example's gradient (Opacus's mean-reduction contract)."""
+    logits, target = logits[:, :-1].float(), labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE, reduction="none"
+    ).view(target.shape)
+    counts = (target != IGNORE).sum(1).clamp(min=1)
+    return (nll.sum(1) / counts).mean()
 
 
 def encode(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> Encoded:
@@ -103,7 +127,7 @@ def train_local(model: nn.Module, data: Encoded, train: TrainConfig, *, seed: in
         batch = {k: v.to(device) for k, v in data.batch(next(batches)).items()}
         optimizer.zero_grad(set_to_none=True)
         with mixed_precision(device):
-            loss = model(**batch).loss
+            loss = data.loss(model, batch)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(batch["labels"])
@@ -116,18 +140,25 @@ class Scores:
     """Evaluation of a model on a split; every field is nan for an empty split."""
 
     loss: float
-    """Mean cross-entropy."""
+    """Mean cross-entropy (causal-LM: per response token, over all response tokens of the split)."""
     accuracy: float
     """Fraction of examples predicted right, in [0, 1]."""
     macro_f1: float
     """Unweighted mean over classes of F1, in [0, 1] (scikit-learn's ``f1_score(average="macro")``: the
     classes that occur in the labels or the predictions; a class with no true or predicted example
     scores 0)."""
+    perplexity: float = math.nan
+    """exp(loss) for a causal LM (nan for classification)."""
+
+
+def score(model: nn.Module, data: Encoded, *, batch_size: int = 128) -> Scores:
+    """Loss, accuracy and macro-F1 of ``model`` over ``data`` (and perplexity for a causal-LM split,
+    whose accuracy ranks the label names by likelihood: :mod:`fedlora.core.likelihood`)."""
+    return data.scores(model, batch_size=batch_size)
 
 
 @torch.no_grad()
-def score(model: nn.Module, data: Encoded, *, batch_size: int = 128) -> Scores:
-    """Loss, accuracy and macro-F1 of ``model`` over ``data``."""
+def _classification_scores(model: nn.Module, data: Encoded, *, batch_size: int) -> Scores:
     if len(data) == 0:
         return Scores(math.nan, math.nan, math.nan)
     device = next(model.parameters()).device

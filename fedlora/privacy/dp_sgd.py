@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.core.config import PrivacyConfig, TrainConfig
-from fedlora.core.training import Encoded, make_optimizer, num_steps
+from fedlora.core.training import Encoded, make_optimizer, num_steps, sequence_loss
 
 if TYPE_CHECKING:
     from fedlora.privacy.accounting import Entry
@@ -121,7 +121,9 @@ class PrivateTrainer:
         for i, chunk in enumerate(chunks):
             self.optimizer.zero_grad(set_to_none=True)
             labels = chunk.pop("labels")
-            loss = self.criterion(self.module(**chunk).logits, labels)
+            logits = self.module(**chunk).logits
+            # a causal LM's token labels (batch x length): each sequence's mean loss over its response
+            loss = sequence_loss(logits, labels) if labels.dim() == 2 else self.criterion(logits, labels)
             loss.backward()
             if i < len(chunks) - 1:  # virtual batch: clip and accumulate now, noise and step at the end
                 self.optimizer.signal_skip_step(do_skip=True)

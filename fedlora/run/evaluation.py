@@ -1,4 +1,12 @@
-"""Server-side evaluation of the global adapter on the test set (held out, or ``data.test_path``)."""
+"""Server-side evaluation of the global adapter on the test set (held out, or ``data.test_path``).
+
+For ``task = "causal-lm"`` the scores are the response loss, perplexity and likelihood-ranking accuracy
+of :mod:`fedlora.core.likelihood`; with free-text responses accuracy and the majority baseline are nan.
+The server process then uses ``federation.client_cpus`` torch threads, like a client: with torch's
+default (every core) a CPU shared with the client actors or other work spends most of the time spinning
+(with two threads on the busy 2-core machine the quickstart's zero-shot evaluation of 100 examples was
+not done after 5 CPU-minutes, where one thread scores an example in about 0.6 CPU-s).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,8 @@ from fedlora.core.arrays import State
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data import get_splits, majority_accuracy
 from fedlora.core.models import load_tokenizer
-from fedlora.core.training import Scores, encode, macro_f1, score
+from fedlora.core.prompts import encode_split
+from fedlora.core.training import Scores, macro_f1, score
 
 
 @dataclass
@@ -27,9 +36,14 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         test = get_splits(self.cfg.data, self.cfg.federation.num_clients, self.cfg.seed).test
-        self.majority_accuracy = majority_accuracy(test)
-        self.test = encode(test, load_tokenizer(self.cfg.model.path), self.cfg.data.max_length)
+        if self.cfg.causal:  # LLM evaluation is long: torch's default threads oversubscribe a shared CPU
+            torch.set_num_threads(max(1, int(self.cfg.federation.client_cpus)))
+        self.test = encode_split(self.cfg, test, load_tokenizer(self.cfg.model.path))
         labels = self.test.labels
+        if self.cfg.causal and self.cfg.data.response:  # free-text responses: no classes to count
+            self.majority_accuracy = self.majority_macro_f1 = float("nan")
+            return
+        self.majority_accuracy = majority_accuracy(test)
         majority = torch.full_like(labels, int(torch.bincount(labels).argmax())) if len(labels) else labels
         self.majority_macro_f1 = macro_f1(labels, majority) if len(labels) else float("nan")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,10 +109,29 @@ def check_model(cfg: ExperimentConfig) -> None:
     names is a linear layer in them. Only the weights' headers are read, and the model's code is not
     imported (that alone takes seconds), so a wrong target fails fast."""
     try:
-        shapes = weight_shapes(model_dir(cfg.model.path))
+        directory = model_dir(cfg.model.path)
+        shapes = weight_shapes(directory)
         check_targets(cfg.lora.targets, cfg.model.path, linear_weight_names(shapes))
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.causal:
+        check_causal(directory, cfg.model.path)
+
+
+def check_causal(directory: Path, model_path: str) -> None:
+    """``task = "causal-lm"`` needs a model whose config names a causal-LM architecture."""
+    try:
+        architectures = json.loads((directory / "config.json").read_text(encoding="utf-8")).get(
+            "architectures"
+        )
+    except (OSError, ValueError, AttributeError):
+        architectures = None
+    if not any(str(a).endswith("ForCausalLM") for a in architectures or []):
+        raise ConfigError(
+            f"task = 'causal-lm' needs a decoder language model, but {model_label(model_path)} is "
+            f"{', '.join(map(str, architectures or ['of no known architecture']))}; set model.path to a "
+            "Llama, Qwen or Mistral-style folder (e.g. model.path = 'smollm2') or task = 'classification'"
+        )
 
 
 def check_targets(targets: list[str], model_path: str, names: list[str]) -> None:

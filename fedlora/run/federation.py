@@ -59,6 +59,7 @@ def run_federation(
         config[protocol.STATE_DIR] = str(Path(client_state_dir).resolve())
     loop = RoundLoop(grid, cfg, strategy, evaluate, ConfigRecord(config))
     rows: list[dict[str, Any]] = []
+    zero_shot = _zero_shot(cfg, evaluate)
     before_s = 0.0
     if resume:
         saved = checkpoint.load(run_dir.checkpoint_path)
@@ -84,8 +85,26 @@ def run_federation(
         offsets = {k: v.contiguous() for k, v in strategy.base_offsets.items()}
         save_file(offsets, str(run_dir.base_offsets_path))
     summary = _summary(cfg, rows, evaluate, before_s + time.monotonic() - started)
+    summary.update({"zero_shot": zero_shot} if zero_shot else {})
     run_dir.write_summary(summary)
     return summary
+
+
+def _zero_shot(cfg: ExperimentConfig, evaluate: Evaluator) -> dict[str, Any]:
+    """Round 0 of a causal-LM run: the untouched model (B = 0) on the test set (nothing otherwise: a
+    fresh classifier head has no zero-shot meaning). Logged, and kept in ``summary.json``."""
+    if not cfg.causal:
+        return {}
+    scores = evaluate(initial_state(cfg), {})
+    row = {
+        "round": 0,
+        "eval_loss": scores.loss,
+        "eval_accuracy": scores.accuracy,
+        "eval_macro_f1": scores.macro_f1,
+        "eval_perplexity": scores.perplexity,
+    }
+    log.warning("fedlora: round 0 (zero-shot): %s", {k: round(v, 4) for k, v in row.items()})
+    return row
 
 
 def _summary(
@@ -105,6 +124,7 @@ def _summary(
         "best_round": rows[best]["round"],
         "final_eval_macro_f1": f1[-1],
         "best_eval_macro_f1": max((v for v in f1 if not math.isnan(v)), default=math.nan),
+        **({"final_eval_perplexity": rows[-1].get("eval_perplexity")} if cfg.causal else {}),
         "majority_accuracy": evaluate.majority_accuracy,
         "majority_macro_f1": evaluate.majority_macro_f1,
         "labels": list(cfg.data.labels),

@@ -101,6 +101,7 @@ class RoundLoop:
             "eval_loss": scores.loss,
             "eval_accuracy": scores.accuracy,
             "eval_macro_f1": scores.macro_f1,
+            **({"eval_perplexity": scores.perplexity} if self.cfg.causal else {}),
             "uplink_bytes": strategy.traffic.uplink,
             "downlink_bytes": strategy.traffic.downlink,
             "aggregate_s": aggregate_s,
