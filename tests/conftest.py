@@ -381,19 +381,40 @@ class InProcessGrid:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
-@pytest.fixture
-def run_in_memory(tmp_path: Path, task_identity: None) -> Callable[..., Path]:
-    """``run_in_memory(cfg, name)``: run the experiment ``cfg`` (an ExperimentConfig that passed
-    ``preflight``) through :class:`InProcessGrid` into ``tmp_path / name``; returns the run directory."""
+def federate_in_process(cfg: Any, out: Path, *, resume: bool = False) -> Path:
+    """Run the experiment ``cfg`` (an ExperimentConfig that passed ``preflight``) through
+    :class:`InProcessGrid` into the run directory ``out`` (created; with ``resume``, continued from its
+    checkpoint); clients keep their state in it, where a simulation keeps it. Returns ``out``."""
+    from flwr.supercore.task_identity import TaskIdentity
+
     from fedlora.core.records import RunDirectory
     from fedlora.run.federation import run_federation
 
-    def run(cfg: Any, name: str) -> Path:
-        out = tmp_path / name
-        run_dir = RunDirectory(out)
+    run_dir = RunDirectory(out)
+    if not resume:
         run_dir.create(cfg)
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # Flower stamps messages
+    try:
         grid = InProcessGrid(cfg.federation.num_clients)
-        run_federation(grid, cfg, run_dir, client_state_dir=tmp_path / f"{name}-state")  # type: ignore[arg-type]
-        return out
+        state = run_dir.client_state_path
+        run_federation(grid, cfg, run_dir, resume=resume, client_state_dir=state)  # type: ignore[arg-type]
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    return out
+
+
+@pytest.fixture
+def run_in_memory(tmp_path: Path) -> Callable[..., Path]:
+    """``run_in_memory(cfg, name)``: :func:`federate_in_process` into ``tmp_path / name``."""
+
+    def run(cfg: Any, name: str) -> Path:
+        return federate_in_process(cfg, tmp_path / name)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def federate() -> Callable[..., Path]:
+    """:func:`federate_in_process` for fixtures of any scope: ``federate(cfg, out, resume=False)``."""
+    return federate_in_process

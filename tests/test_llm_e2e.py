@@ -1,8 +1,10 @@
 """Every strategy and both DP modes complete a 2-round causal-LM run on the tiny random Llama, and what
 the run leaves behind works: the adapter reloads on AutoModelForCausalLM, `fedlora generate` answers,
-FFA-LoRA's A never moved.
+FFA-LoRA's A never moved, a stopped run resumes as if never stopped.
 
-Each run: 3 clients (2 sampled), 2 rounds of 2 local steps, one Ray actor, in the test process.
+Each run: 3 clients (2 sampled), 2 rounds of 2 local steps, federated in the test process (``federate``:
+the product's server and ClientApp code, without Ray); the run whose adapter is reloaded and asked to
+generate is a real `fedlora run` on Ray (one actor), so the causal-LM client also runs in a Ray worker.
 """
 
 from __future__ import annotations
@@ -17,46 +19,65 @@ from safetensors.torch import load_file
 from strategies import registry
 
 TEMPLATE = "tweet: {text} sentiment:"
+
+
 PRIVACY = {
-    "dp-sgd": ("ffa-lora", ["--set", "privacy.mode=dp-sgd", "--set", "privacy.noise_multiplier=0.5"]),
-    "dp-updates": ("fedit", ["--set", "privacy.mode=dp-updates", "--set", "privacy.noise_multiplier=0.1"]),
+    "dp-sgd": ("ffa-lora", ["privacy.mode=dp-sgd", "privacy.noise_multiplier=0.5"]),
+    "dp-updates": ("fedit", ["privacy.mode=dp-updates", "privacy.noise_multiplier=0.1"]),
 }
-EXTRA = {"flora": ["--set", "strategy.options.ranks=[2,4]"], "fedsa-lora": []}
+EXTRA = {"flora": ["strategy.options.ranks=[2,4]"]}
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama, synthetic_tweets, run_in_process):  # type: ignore[no-untyped-def]
-    """``runs(strategy, privacy)``: the directory of that run, made on first use."""
+def source(tmp_path_factory: pytest.TempPathFactory, synthetic_tweets) -> Path:  # type: ignore[no-untyped-def]
+    """The synthetic tweets as a CSV with label names and three sources."""
     import pandas as pd
 
     from fedlora.core.sources import write_table
 
-    base = tmp_path_factory.mktemp("llm-runs")
     frame = pd.DataFrame({"text": synthetic_tweets["text"], "sentiment": synthetic_tweets["label"]})
     frame["sentiment"] = frame["sentiment"].map(dict(enumerate(["negative", "neutral", "positive"])))
     frame["source"] = [f"s{i % 3}" for i in range(len(frame))]
-    source = write_table(frame, base / "tweets.csv")
-    common = [
-        *("--clients", "3", "--rounds", "2"),
-        *("--set", "task=causal-lm", "--set", f"model.path={tiny_llama.path}"),
-        *("--set", f"data.source={source}", "--set", "data.label=sentiment"),
-        *("--set", f'data.template="{TEMPLATE}"', "--set", "data.test_size=12"),
-        *("--set", "federation.fraction=0.67", "--set", "train.local_steps=2", "--set", "train.batch_size=4"),
-        *("--set", "federation.client_cpus=2", "--set", "lora.rank=2", "--set", "lora.targets=qkvo"),
+    return write_table(frame, tmp_path_factory.mktemp("llm-data") / "tweets.csv")
+
+
+def settings(model: str, source: Path) -> list[str]:
+    """The overrides of every run here (``--set`` values)."""
+    return [
+        *("federation.num_clients=3", "federation.rounds=2", "task=causal-lm", f"model.path={model}"),
+        *(f"data.source={source}", "data.label=sentiment", f'data.template="{TEMPLATE}"'),
+        *("data.test_size=12", "federation.fraction=0.67", "train.local_steps=2", "train.batch_size=4"),
+        *("federation.client_cpus=2", "lora.rank=2", "lora.targets=qkvo"),
     ]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, tiny_llama, source, federate):  # type: ignore[no-untyped-def]
+    """``runs(strategy, privacy, *overrides)``: the directory of that run, made in process on first use."""
+    from fedlora.run.experiment import load_experiment, preflight
+
+    base = tmp_path_factory.mktemp("llm-runs")
     done: dict[tuple[str, ...], Path] = {}
 
     def get(name: str, privacy: str = "none", *more: str) -> Path:
         if (name, privacy, *more) not in done:
             out = base / "-".join([name, privacy, *more]).replace("=", "_")
             extra = PRIVACY[privacy][1] if privacy != "none" else EXTRA.get(name, [])
-            args = [*common, "--strategy", name, *extra, *(a for m in more for a in ("--set", m))]
-            proc = run_in_process("run", *args, "--out", str(out))
-            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-            done[name, privacy, *more] = out
+            overrides = [*settings(tiny_llama.path, source), f"strategy.name={name}", *extra, *more]
+            done[name, privacy, *more] = federate(preflight(load_experiment(None, overrides)), out)
         return done[name, privacy, *more]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def ray_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama, source, run_in_process) -> Path:  # type: ignore[no-untyped-def]
+    """A FedIT causal-LM run through `fedlora run` on Ray (one client actor)."""
+    out = tmp_path_factory.mktemp("llm-ray") / "fedit"
+    sets = [a for s in [*settings(tiny_llama.path, source), "strategy.name=fedit"] for a in ("--set", s)]
+    proc = run_in_process("run", *sets, "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out
 
 
 def _rows(out: Path) -> list[dict]:  # type: ignore[type-arg]
@@ -101,11 +122,13 @@ def test_ffa_lora_a_is_bit_identical_after_the_run(runs, tiny_llama) -> None:  #
 
 
 @pytest.mark.e2e
-def test_adapter_loads_on_auto_model_for_causal_lm_and_generates(runs, tiny_llama, run_in_process) -> None:  # type: ignore[no-untyped-def]
+def test_adapter_loads_on_auto_model_for_causal_lm_and_generates(ray_run, tiny_llama, run_in_process) -> None:  # type: ignore[no-untyped-def]
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = runs("fedit")
+    out = ray_run
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2] and all(r["num_clients"] == 2 for r in rows)
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_llama.path), str(out / "adapter")
     )
@@ -117,7 +140,7 @@ def test_adapter_loads_on_auto_model_for_causal_lm_and_generates(runs, tiny_llam
 
 
 @pytest.mark.e2e
-def test_resume_continues_a_causal_lm_run_as_if_never_stopped(runs, run_in_process, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_resume_continues_a_causal_lm_run_as_if_never_stopped(runs, federate, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A run stopped after round 1 (its checkpoint, no summary) and resumed gives the rounds of the run
     that never stopped."""
     import shutil
@@ -127,8 +150,10 @@ def test_resume_continues_a_causal_lm_run_as_if_never_stopped(runs, run_in_proce
     (stopped / "summary.json").unlink()
     config = stopped / "config.toml"
     config.write_text(config.read_text().replace("rounds = 1", "rounds = 2"))
-    proc = run_in_process("run", "--resume", str(stopped))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    from fedlora.core.records import RunDirectory
+    from fedlora.run.experiment import preflight
+
+    federate(preflight(RunDirectory(stopped).resumable_config()), stopped, resume=True)
     timing = ("wall_s", "aggregate_s", "attempts")
     strip = [{k: v for k, v in r.items() if k not in timing} for r in _rows(stopped)]
     assert strip == [{k: v for k, v in r.items() if k not in timing} for r in _rows(runs("fedit"))]
