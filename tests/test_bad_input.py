@@ -149,6 +149,7 @@ def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.cli  # a new Python process
 def test_a_bad_file_through_a_real_process(tmp_path: Path) -> None:
     experiment = tmp_path / "bad.toml"
     experiment.write_text(BAD_FILES["fault fractions above 1"][0])

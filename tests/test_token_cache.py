@@ -89,6 +89,7 @@ def test_unset_means_no_cache_and_a_missing_or_corrupt_entry_is_a_miss(
     assert token_cache.load(tmp_path, "bad") is None
 
 
+@pytest.mark.cli  # a new Python process
 def test_a_cached_client_process_does_not_import_datasets(
     tmp_path: Path,
     node_file: Path,
