@@ -139,3 +139,19 @@ def test_the_report_keeps_only_the_setting_chosen_on_validation(tmp_path: Path) 
     assert "| fedit | lr=0.0001 | 70.5 (2) | 60.5 (2) |" in text
     html = files["html"].read_text()
     assert "<h2>Tuning (chosen on validation)</h2>" in html and "(tuned: lr=0.001)" in html
+
+
+def test_the_paper_suites_resolve_with_five_seeds_and_tune_lr_for_ffa() -> None:
+    from fedlora.compare.grid import load_grid
+
+    ffa = load_grid(SIMS / "paper_ffa_dp.toml")
+    assert len(ffa.seeds) >= 5 and [s.overrides[0].split("=")[0] for s in ffa.settings] == ["train.lr"] * 2
+    labels = [c.label for c in ffa.cells]
+    assert {"fedit · no DP", "ffa-lora · ε=1", "ffa-lora · ε=3", "ffa-lora · ε=6"} <= set(labels)
+    assert all(t.config.train.batch_size == 64 for t in ffa.tasks())
+    fair = load_grid(SIMS / "paper_fair_skew.toml")
+    assert len(fair.seeds) >= 5
+    tasks = fair.tasks()
+    assert {t.config.strategy.name for t in tasks} == {"fedit", "lora-fair", "fedex-lora"}
+    assert {(t.config.data.partitioner, t.config.data.alpha) for t in tasks} >= {("dirichlet", 0.1)}
+    assert "natural" in {t.config.data.partitioner for t in tasks}
