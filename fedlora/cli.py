@@ -218,7 +218,7 @@ def compare(
     estimate: Annotated[
         bool,
         typer.Option(
-            help="time a 2-round calibration run per (strategy, privacy mode), print the grid's expected "
+            help="time a 3-round calibration run per (strategy, privacy mode), print the grid's expected "
             "wall time and exit (writes nothing but temporary files)"
         ),
     ] = False,
@@ -284,12 +284,18 @@ def _print_estimate(grid: Any, todo: list[Any], done: int, jobs: int) -> None:
 
     def announce(task: Any) -> None:
         typer.echo(
-            f"calibrating {cost_key(task.config)[0]} / privacy {cost_key(task.config)[1]}: 2 rounds of "
+            f"calibrating {cost_key(task.config)[0]} / privacy {cost_key(task.config)[1]}: 3 rounds of "
             f"'{task.label}' seed {task.seed}..."
         )
 
+    def measured(task: Any, cal: Any) -> None:
+        typer.echo(
+            f"  start-up {cal.overhead_s:.1f} s, training {cal.train_s:.1f} s per round, "
+            f"evaluation {cal.eval_s:.1f} s per evaluated round (load average now {os.getloadavg()[0]:.2f})"
+        )
+
     try:
-        result = estimate_grid(todo, jobs, on_calibration=announce)
+        result = estimate_grid(todo, jobs, on_calibration=announce, on_measured=measured)
     except CalibrationError as exc:
         _fail(str(exc), code=1)
         return

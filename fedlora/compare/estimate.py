@@ -2,13 +2,14 @@
 
 Per distinct (strategy, privacy mode) among the runs still to do, one calibration run of the first such
 run's config is made in a temporary directory (deleted afterwards: nothing permanent is written) with
-``federation.rounds = 2`` and ``federation.evaluate_every = 2``, so that its first round only trains and
-its second trains and evaluates. From its ``rounds.jsonl`` and its process's wall time:
+``federation.rounds = 3`` and ``federation.evaluate_every = 3``: its first round warms up (client actors
+load the model and data) and trains, its second only trains, its third trains and evaluates. From its
+``rounds.jsonl`` and its process's wall time:
 
-- ``train_s``: round 1's wall time (sampling, local training, aggregation);
-- ``eval_s``: round 2's wall time minus round 1's (server test set and client evaluation);
-- ``overhead_s``: the process's wall time minus both rounds (Python, Ray and client start-up, the
-  initial model, writing the run directory).
+- ``train_s``: round 2's wall time (sampling, local training, aggregation);
+- ``eval_s``: round 3's wall time minus round 2's (server test set and client evaluation);
+- ``overhead_s``: the process's wall time minus three rounds of training and one evaluation (Python,
+  Ray and client start-up, the first round's warm-up, the initial model, writing the run directory).
 
 A run of R rounds evaluating every E rounds is then expected to take
 ``overhead_s + R * train_s + n_eval * eval_s`` with ``n_eval = ceil(R / E)`` evaluated rounds (the last
@@ -59,14 +60,14 @@ def cost_key(cfg: ExperimentConfig) -> tuple[str, str]:
 
 
 def measure(task: Task, workdir: Path) -> Calibration:
-    """Run ``task``'s config for 2 rounds (evaluating in the second) in ``workdir``; raises
+    """Run ``task``'s config for 3 rounds (evaluating in the third) in ``workdir``; raises
     CalibrationError when the run fails."""
     config = workdir / "calibration.toml"
     config.write_text(task.config.to_toml(), encoding="utf-8")
     run_dir = workdir / "run"
     command = [
         sys.executable, "-m", "fedlora.cli", "run", str(config), "--out", str(run_dir), "--overwrite",
-        "--set", "federation.rounds=2", "--set", "federation.evaluate_every=2",
+        "--set", "federation.rounds=3", "--set", "federation.evaluate_every=3",
     ]  # fmt: skip
     log = workdir / "calibration.log"
     started = time.monotonic()
@@ -79,17 +80,15 @@ def measure(task: Task, workdir: Path) -> Calibration:
         )
     wall = time.monotonic() - started
     rows = read_rounds(run_dir) if (run_dir / "rounds.jsonl").is_file() else []
-    if code != 0 or len(rows) != 2:
+    if code != 0 or len(rows) != 3:
         lines = [x for x in log.read_text(encoding="utf-8", errors="replace").splitlines() if x.strip()]
         raise CalibrationError(
             f"the calibration run of '{task.label}' failed (exit {code}): "
             f"{(lines or ['no output'])[-1][:300]}"
         )
-    train = float(rows[0]["wall_s"])
-    evaluation = max(0.0, float(rows[1]["wall_s"]) - train)
-    return Calibration(
-        overhead_s=max(0.0, wall - train - float(rows[1]["wall_s"])), train_s=train, eval_s=evaluation
-    )
+    train = float(rows[1]["wall_s"])
+    evaluation = max(0.0, float(rows[2]["wall_s"]) - train)
+    return Calibration(overhead_s=max(0.0, wall - 3 * train - evaluation), train_s=train, eval_s=evaluation)
 
 
 @dataclass(frozen=True)
@@ -112,6 +111,7 @@ def estimate(
     jobs: int = 1,
     *,
     on_calibration: Callable[[Task], None] | None = None,
+    on_measured: Callable[[Task, Calibration], None] | None = None,
     measure_with: Callable[[Task, Path], Calibration] | None = None,
 ) -> Estimate:
     """Calibrate one run per cost key of ``tasks`` (in a temporary directory; ``measure_with`` defaults
@@ -125,5 +125,7 @@ def estimate(
             on_calibration(task)
         with tempfile.TemporaryDirectory(prefix="fedlora-estimate-") as workdir:
             calibrations[key] = (measure_with or measure)(task, Path(workdir))
+        if on_measured is not None:
+            on_measured(task, calibrations[key])
     seconds = {t.key: calibrations[cost_key(t.config)].run_seconds(t.config) for t in tasks}
     return Estimate(calibrations, seconds, max(1, jobs))
