@@ -155,3 +155,43 @@ def test_the_paper_suites_resolve_with_five_seeds_and_tune_lr_for_ffa() -> None:
     assert {t.config.strategy.name for t in tasks} == {"fedit", "lora-fair", "fedex-lora"}
     assert {(t.config.data.partitioner, t.config.data.alpha) for t in tasks} >= {("dirichlet", 0.1)}
     assert "natural" in {t.config.data.partitioner for t in tasks}
+
+
+TUNED_GRID = """
+[compare]
+name = "tuned"
+experiment = "{base}"
+seeds = [0]
+set = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2", "data.max_examples=2000",
+       "data.test_size=100", "federation.fraction_evaluate=1.0", "data.max_length=32",
+       "federation.client_cpus=2", "federation.evaluate_every=2"]
+tune = {{ "train.lr" = [1e-4, 1e-2] }}
+
+[[compare.axes]]
+key = "strategy.name"
+values = ["fedit"]
+"""
+
+
+@pytest.mark.e2e
+def test_a_tuned_comparison_runs_every_setting_and_reports_the_one_chosen_on_validation(
+    tmp_path: Path,
+    repo_root: Path,
+    run_cli,  # type: ignore[no-untyped-def]
+) -> None:
+    from fedlora.core.records import read_rounds
+
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(TUNED_GRID.format(base=repo_root / "sims" / "quickstart.toml"))
+    out = tmp_path / "cmp"
+    done = run_cli("compare", str(grid_file), "--out", str(out), timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    validation = {}
+    for setting in ("lr-0.0001", "lr-0.01"):
+        rows = read_rounds(out / "runs" / "fedit" / setting / "seed-0")
+        assert rows[0]["eval_accuracy"] is None and rows[1]["eval_accuracy"] is not None  # evaluate_every
+        validation[setting] = rows[1]["client_eval_accuracy"]
+    expected = "lr=0.0001" if validation["lr-0.0001"] >= validation["lr-0.01"] else "lr=0.01"  # ties: first
+    row = next(csv.DictReader((out / "comparison.csv").open()))
+    assert row["tuned"] == expected
+    assert "## Tuning (chosen on validation)" in (out / "comparison.md").read_text()
