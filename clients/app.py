@@ -62,10 +62,9 @@ def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
     plan = ClientPlan.from_config(message.content[protocol.PLAN])  # type: ignore[arg-type]
     local_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=plan.rank))
     model = runtime.model_for(local_cfg)
-    offsets = message.content.array_records.get(protocol.BASE_OFFSETS)
-    set_base_offsets(model, from_arrays(offsets) if offsets is not None else {})
-    received = from_arrays(message.content[protocol.ARRAYS])
     store = _store(context, config, pid, server_round)
+    set_base_offsets(model, runtime.base_offsets(message.content, config, store))
+    received = from_arrays(message.content[protocol.ARRAYS])
     evaluating = message.metadata.message_type == MessageType.EVALUATE
     state = runtime.start_state(local_cfg, plan)
     state.update(runtime.load_local(store, plan, include_current=evaluating))

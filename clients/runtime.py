@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedlora.core import protocol, token_cache
+from fedlora.core import offsets, protocol, token_cache
 from fedlora.core.adapters import get_model, initial_state, set_checkpointing
-from fedlora.core.arrays import State, fresh_lora, kind_of, orthogonal_a
+from fedlora.core.arrays import State, fresh_lora, from_arrays, kind_of, orthogonal_a
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.plan import ClientPlan
 from fedlora.core.prompts import encode_split
@@ -26,7 +26,7 @@ from fedlora.core.training import Encoded
 from fedlora.core.weights import model_dir
 
 if TYPE_CHECKING:
-    from flwr.app import Message
+    from flwr.app import ConfigRecord, Message, RecordDict
     from peft import PeftModel
 
 
@@ -147,6 +147,38 @@ def save_local(store: ClientStore, plan: ClientPlan, state: State) -> None:
     if plan.keep_local:
         kept = {k: v for k, v in state.items() if kind_of(k) in plan.keep_local}
         store.save_arrays(protocol.LOCAL_ADAPTER, kept)
+
+
+def base_offsets(content: RecordDict, config: ConfigRecord, store: ClientStore) -> State:
+    """The offsets to this client's frozen base weights for this message.
+
+    Without an offsets version in the config (FedEx-LoRA, FLoRA with ``downlink = 'merged'``) they are the
+    full offsets the message carries (none: W0). With one (FLoRA's stacked downlink), the client holds
+    its offsets in its store: full offsets replace them; stacked factors are merged on top
+    (:func:`fedlora.core.offsets.apply_stacks`), skipping versions it already holds. The result is kept
+    with its version. Raises ValueError when the stored offsets are older than the stacks apply to.
+    """
+    full = content.array_records.get(protocol.BASE_OFFSETS)
+    version = config.get(protocol.OFFSETS_VERSION)
+    if version is None:
+        return from_arrays(full) if full is not None else {}
+    version = int(version)  # type: ignore[arg-type]
+    if full is not None:
+        current = from_arrays(full)
+    else:
+        current, have = offsets.unpack(store.load_arrays(protocol.OFFSETS_STATE, include_current=True))
+        stacks = content.array_records.get(protocol.BASE_STACKS)
+        since = int(config.get(protocol.OFFSETS_SINCE, version))  # type: ignore[arg-type]
+        if have < since or have > version:
+            raise ValueError(
+                f"this client's base offsets are at version {have}, but the server's stacked factors take "
+                f"version {since} to {version}: its state store is out of step with the server"
+            )
+        if have == version:
+            return current
+        current = offsets.apply_stacks(current, from_arrays(stacks) if stacks is not None else {}, after=have)
+    store.save_arrays(protocol.OFFSETS_STATE, offsets.pack(current, version))
+    return current
 
 
 STARTUP_LOG = "FEDLORA_STARTUP_LOG"

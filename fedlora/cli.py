@@ -117,10 +117,8 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
     def on_round(row: dict[str, Any]) -> None:
         console.print(
             f"round {row['round']:>3}/{fed.rounds}  clients {row['num_clients']:>3}  "
-            f"train_loss {row['train_loss']:.4f}  eval_loss {row['eval_loss']:.4f}  "
-            f"eval_acc [bold]{_pct(row['eval_accuracy'])}[/]  "
-            f"macro_f1 {_pct(row['eval_macro_f1'])}  "
-            + (f"ppl {row['eval_perplexity']:.3f}  " if "eval_perplexity" in row else "")
+            f"train_loss {row['train_loss']:.4f}  "
+            + _eval_progress(row)
             + f"up {row['uplink_bytes'] / 1e6:.2f} MB  down {row['downlink_bytes'] / 1e6:.2f} MB  "
             f"{row['wall_s']:.1f} s" + _privacy_progress(row) + _fault_progress(row),
             soft_wrap=True,
@@ -188,6 +186,18 @@ def _fault_progress(row: dict[str, Any]) -> str:
     return f"  [yellow]{', '.join(parts)}[/]" if parts else ""
 
 
+def _eval_progress(row: dict[str, Any]) -> str:
+    """The test-set part of a round's progress line ("not evaluated" between evaluation rounds; "n/a"
+    for an accuracy a causal-LM task with free-text responses does not have)."""
+    if row.get("eval_loss") is None:
+        return "[dim]not evaluated (federation.evaluate_every)[/]  "
+    return (
+        f"eval_loss {row['eval_loss']:.4f}  eval_acc [bold]{_pct(row['eval_accuracy'])}[/]  "
+        f"macro_f1 {_pct(row['eval_macro_f1'])}  "
+        + (f"ppl {row['eval_perplexity']:.3f}  " if row.get("eval_perplexity") is not None else "")
+    )
+
+
 def _privacy_progress(row: dict[str, Any]) -> str:
     """The privacy part of a progress line (empty when DP is off)."""
     if "epsilon" not in row:
@@ -218,6 +228,13 @@ def compare(
     seeds: Annotated[str | None, typer.Option(help="comma-separated seeds, replacing the grid's")] = None,
     overwrite: Annotated[bool, typer.Option(help="delete the comparison directory and start again")] = False,
     dry_run: Annotated[bool, typer.Option(help="list the runs and exit")] = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            help="time a 3-round calibration run per (strategy, privacy mode), print the grid's expected "
+            "wall time and exit (writes nothing but temporary files)"
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option(help="pass --verbose to every run (logs in DIR/logs/)")] = False,
 ) -> None:
     """Run every cell of a grid at every seed, then write tables, plots and report.html.
@@ -255,12 +272,62 @@ def compare(
         return
     if dry_run:
         for task in tasks:
-            typer.echo(f"{'done' if task in done else 'todo'}  {task.cell.label:<40} seed {task.seed}")
+            typer.echo(f"{'done' if task in done else 'todo'}  {task.label:<40} seed {task.seed}")
+        return
+    if estimate:
+        _print_estimate(grid, todo, len(done), jobs)
         return
     prepare(grid, tasks, root)
     # a grid (or --set) that names a Ray cluster runs there; otherwise the comparison brings its own
     shared = shared_ray and not any(t.config.federation.ray_address for t in tasks)
     _compare_with_progress(grid, todo, done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
+
+
+def _print_estimate(grid: Any, todo: list[Any], done: int, jobs: int) -> None:
+    """Calibrate, then print the expected wall time of the runs still to do (``compare --estimate``)."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.compare.estimate import CalibrationError, cost_key
+    from fedlora.compare.estimate import estimate as estimate_grid
+
+    if not todo:
+        typer.echo(f"{grid.name}: all {done} runs are finished; nothing to estimate")
+        return
+    started = time.monotonic()
+    load = os.getloadavg()[0]
+
+    def announce(task: Any) -> None:
+        typer.echo(
+            f"calibrating {cost_key(task.config)[0]} / privacy {cost_key(task.config)[1]}: 3 rounds of "
+            f"'{task.label}' seed {task.seed}..."
+        )
+
+    def measured(task: Any, cal: Any) -> None:
+        typer.echo(
+            f"  start-up {cal.overhead_s:.1f} s, training {cal.train_s:.1f} s per round, "
+            f"evaluation {cal.eval_s:.1f} s per evaluated round (load average now {os.getloadavg()[0]:.2f})"
+        )
+
+    try:
+        result = estimate_grid(todo, jobs, on_calibration=announce, on_measured=measured)
+    except CalibrationError as exc:
+        _fail(str(exc), code=1)
+        return
+    typer.echo(
+        f"\n{'strategy / privacy':<28} {'runs':>5} {'start-up s':>11} {'train s/round':>14} "
+        f"{'eval s/eval':>12} {'expected min':>13}"
+    )
+    for key, cal in result.calibrations.items():
+        keys = [t.key for t in todo if cost_key(t.config) == key]
+        minutes = sum(result.seconds[k] for k in keys) / 60
+        typer.echo(
+            f"{' / '.join(key):<28} {len(keys):>5} {cal.overhead_s:>11.1f} {cal.train_s:>14.1f} "
+            f"{cal.eval_s:>12.1f} {minutes:>13.1f}"
+        )
+    typer.echo(
+        f"\n{grid.name}: {len(todo)} runs to do ({done} finished), {jobs} at a time: expected about "
+        f"{result.total_s / 60:.0f} min of wall time (calibration took {time.monotonic() - started:.0f} s; "
+        f"load average {load:.2f} before it, {os.getloadavg()[0]:.2f} after; {os.cpu_count()} CPUs)"
+    )
 
 
 def _seed_list(text: str) -> list[int]:
@@ -288,7 +355,9 @@ def _compare_with_progress(
     console = Console()
     total = len(todo) + len(done)
     console.print(
-        f"[bold]fedlora compare[/] {grid.name}: {len(grid.cells)} cells x {len(grid.seeds)} seeds = "
+        f"[bold]fedlora compare[/] {grid.name}: {len(grid.cells)} cells x "
+        + (f"{len(grid.settings)} tuning settings x " if grid.settings else "")
+        + f"{len(grid.seeds)} seeds = "
         f"{total} runs, {len(done)} already finished, {jobs} at a time -> {root}",
         soft_wrap=True,
     )
@@ -299,7 +368,7 @@ def _compare_with_progress(
         bar = progress.add_task("runs", total=total, completed=len(done), left="")
 
         def on_event(event: Event) -> None:
-            name = f"{event.task.cell.label} (seed {event.task.seed})"
+            name = f"{event.task.label} (seed {event.task.seed})"
             if event.kind == "started":
                 progress.update(bar, description=f"running {name}")
                 return

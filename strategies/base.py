@@ -11,7 +11,7 @@ only what differs from FedAvg on LoRA:
   travels in the message, so the client never looks the strategy up;
 * :meth:`LoraStrategy.diagnostics` - strategy-specific numbers for ``rounds.jsonl``;
 * ``base_offsets`` - full-rank offsets folded into the frozen base weights (FedEx-LoRA, FLoRA), sent
-  with every message and counted in the downlink;
+  with every message and counted in the downlink (:meth:`LoraStrategy.offsets_message` decides how);
 * ``Options`` - a dataclass of the strategy's options (``[strategy.options]``), checked at load.
 
 Sampling (:mod:`fedlora.server.sampling`), reply bookkeeping (:mod:`fedlora.server.replies`), traffic
@@ -51,6 +51,11 @@ __all__ = ["LoraStrategy", "NoOptions", "RoundFailedError"]
 @dataclass
 class NoOptions:
     """A strategy without options."""
+
+
+def _with(config: ConfigRecord, extra: dict[str, int]) -> ConfigRecord:
+    """``config`` plus ``extra`` (the same record when there is nothing to add)."""
+    return ConfigRecord({**dict(config), **extra}) if extra else config
 
 
 class LoraStrategy(Strategy):
@@ -123,6 +128,13 @@ class LoraStrategy(Strategy):
             spec[key] = (shape, value.dtype)
         return spec
 
+    def offsets_message(
+        self, partition_id: int, full: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, int]]:
+        """The base-offset records and config entries of one client's message (default: ``full``, the
+        full offsets shared by every message, and no config; FLoRA sends stacked factors instead)."""
+        return full, {}
+
     # ----- Flower's Strategy contract ---------------------------------------------------------
     def summary(self) -> None:
         """Log the strategy's settings in one line."""
@@ -150,15 +162,18 @@ class LoraStrategy(Strategy):
             protocol.ARRAYS: to_arrays(self.outgoing(self.global_state)),
             protocol.CONFIG: ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round}),
         }
+        offsets: dict[str, Any] = {}
         if self.base_offsets:
-            shared[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets)
+            offsets[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets)
         config = shared[protocol.CONFIG]
+        per_client = {pid: self.offsets_message(pid, offsets) for pid in chosen}
         return [
             Message(
                 RecordDict(
                     {
                         **shared,
-                        protocol.CONFIG: self._assigned(config, pid),
+                        **per_client[pid][0],
+                        protocol.CONFIG: self._assigned(_with(config, per_client[pid][1]), pid),
                         protocol.PLAN: self.client_plan(pid, server_round).to_config(),
                     }
                 ),

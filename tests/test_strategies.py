@@ -192,7 +192,7 @@ def test_strategy_options_are_checked() -> None:
         make("flora", ranks=[0])
     with pytest.raises(ConfigError, match="unknown for strategy 'fedex-lora'"):
         make("fedex-lora", steps=3)
-    assert dataclasses.asdict(make("flora").options) == {"ranks": []}
+    assert dataclasses.asdict(make("flora").options) == {"ranks": [], "downlink": "stacked"}
 
 
 # ----- FedSVD ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ A grid file has one ``[compare]`` table::
     target_accuracy = 0.6                # for "rounds to target" (a fraction, 0-1)
     baseline = "fedit"                   # the cell every other is compared with, seed by seed
     set = ["federation.rounds=6"]        # overrides applied to every cell
+    tune = { "train.lr" = [1e-4, 1e-3] } # optional: every cell runs each setting, chosen on validation
 
     [[compare.axes]]                     # one config key, one level per value
     key = "strategy.name"
@@ -37,7 +38,7 @@ from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.report.results import DEFAULT_TARGET
 from fedlora.run.experiment import load_experiment
 
-GRID_KEYS = {"name", "experiment", "seeds", "target_accuracy", "set", "axes", "baseline"}
+GRID_KEYS = {"name", "experiment", "seeds", "target_accuracy", "set", "axes", "baseline", "tune"}
 AXIS_KEYS = {"key", "values", "name", "levels"}
 
 
@@ -72,17 +73,38 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Setting:
+    """One combination of the tuned keys' values (``compare.tune``), e.g. ``lr=0.001``."""
+
+    label: str
+    overrides: list[str]
+
+    @property
+    def slug(self) -> str:
+        """Directory-safe name, e.g. ``lr-0.001``."""
+        return _slug(self.label)
+
+
+@dataclass(frozen=True)
 class Task:
-    """One run: a cell at one seed, with its fully resolved config."""
+    """One run: a cell at one seed (and one tuning setting, with ``compare.tune``), its config resolved."""
 
     cell: Cell
     seed: int
     config: ExperimentConfig
+    setting: Setting | None = None
 
     @property
     def key(self) -> str:
-        """Path of the run below the comparison's ``runs/`` folder."""
+        """Path of the run below ``runs/``: ``<cell>/seed-N``, or ``<cell>/<setting>/seed-N`` when tuned."""
+        if self.setting is not None:
+            return f"{self.cell.slug}/{self.setting.slug}/seed-{self.seed}"
         return f"{self.cell.slug}/seed-{self.seed}"
+
+    @property
+    def label(self) -> str:
+        """The cell's label, with the setting when tuned (``fedit [lr=0.001]``)."""
+        return f"{self.cell.label} [{self.setting.label}]" if self.setting else self.cell.label
 
 
 @dataclass(frozen=True)
@@ -98,6 +120,8 @@ class Grid:
     source: Path | None = None
     baseline: str = ""
     """Label of the cell the others are compared with per seed ("" = the first cell)."""
+    settings: list[Setting] = field(default_factory=list)
+    """``compare.tune``'s settings (empty: no tuning)."""
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -114,13 +138,18 @@ class Grid:
         """Every (cell, seed) with its config resolved and validated; ``extra`` overrides apply last."""
         tasks = []
         for cell in self.cells:
-            for seed in self.seeds:
-                overrides = [*self.overrides, *cell.overrides, *(extra or []), f"seed={seed}"]
-                try:
-                    config = load_experiment(self.experiment, overrides)
-                except ConfigError as exc:
-                    raise ConfigError(f"grid cell '{cell.label}': {exc}") from None
-                tasks.append(Task(cell, seed, config))
+            settings: list[Setting | None] = [*self.settings] or [None]
+            for setting in settings:
+                for seed in self.seeds:
+                    tuned = setting.overrides if setting else []
+                    overrides = [*self.overrides, *cell.overrides, *tuned, *(extra or []), f"seed={seed}"]
+                    try:
+                        config = load_experiment(self.experiment, overrides)
+                    except ConfigError as exc:
+                        raise ConfigError(f"grid cell '{cell.label}': {exc}") from None
+                    if setting is not None:
+                        _check_tunable(cell, config)
+                    tasks.append(Task(cell, seed, config, setting))
         return tasks
 
     def manifest(self) -> dict[str, Any]:
@@ -134,7 +163,27 @@ class Grid:
             "axes": [{"name": a.name, "levels": list(a.levels)} for a in self.axes],
             "privacy_axes": [a.name for a in self.axes if a.touches("privacy.")],
             "cells": [{"label": c.label, "slug": c.slug, "levels": c.levels} for c in self.cells],
+            **(
+                {
+                    "tune": [
+                        {"label": s.label, "slug": s.slug, "overrides": s.overrides} for s in self.settings
+                    ]
+                }
+                if self.settings
+                else {}
+            ),
         }
+
+
+def _check_tunable(cell: Cell, config: ExperimentConfig) -> None:
+    """Tuning selects on the clients' validation splits: they must exist and be evaluated."""
+    fed, data = config.federation, config.data
+    if fed.fraction_evaluate <= 0 or data.val_fraction <= 0:
+        raise ConfigError(
+            f"grid cell '{cell.label}': compare.tune chooses on the clients' validation accuracy, but "
+            f"federation.fraction_evaluate = {fed.fraction_evaluate:g} and data.val_fraction = "
+            f"{data.val_fraction:g}; set both > 0 (e.g. in compare.set)"
+        )
 
 
 def load_grid(path: Path) -> Grid:
@@ -185,7 +234,43 @@ def parse_grid(table: dict[str, Any], *, base_dir: Path, source: Path | None = N
     baseline = table.get("baseline", "")
     if not isinstance(baseline, str):
         raise ConfigError(f'compare.baseline = {baseline!r} is invalid: expected a cell label, e.g. "fedit"')
-    return Grid(name, base_dir / experiment, list(seeds), float(target), overrides, axes, source, baseline)
+    settings = _parse_tune(table.get("tune", {}))
+    return Grid(
+        name, base_dir / experiment, list(seeds), float(target), overrides, axes, source, baseline, settings
+    )
+
+
+def _parse_tune(data: Any) -> list[Setting]:
+    """``compare.tune``: a table of config key -> list of values; the settings are their product."""
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f'compare.tune = {data!r} is invalid: expected a table, e.g. {{ "train.lr" = [1e-4, 1e-3] }}'
+        )
+    per_key = []
+    for key, values in data.items():
+        if key == "seed":
+            raise ConfigError("compare.tune varies 'seed'; list seeds in compare.seeds instead")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(
+                f"compare.tune.{key} = {values!r} is invalid: expected a non-empty list of values"
+            )
+        labels = [_level_label(_axis_name(key), v) for v in values]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"compare.tune.{key} repeats a value; list each once")
+        per_key.append([(label, f"{key}={toml_literal(v)}") for label, v in zip(labels, values, strict=True)])
+    settings = (
+        [
+            Setting(", ".join(label for label, _ in combo), [o for _, o in combo])
+            for combo in itertools.product(*per_key)
+        ]
+        if per_key
+        else []
+    )
+    if len({s.slug for s in settings}) != len(settings):
+        raise ConfigError(
+            "compare.tune: two settings map to the same directory name; use more distinct values"
+        )
+    return settings
 
 
 def _parse_axis(data: Any, index: int) -> Axis:

@@ -218,6 +218,9 @@ class FederationConfig:
     fraction_evaluate: float = _help(
         "fraction of clients that evaluate on their validation split each round; 0 = off", 0.0
     )
+    evaluate_every: int = _help(
+        "evaluate (test set, and clients with fraction_evaluate > 0) every N rounds; the last round always", 1
+    )
     client_cpus: float = _help(
         "CPUs reserved per simulated client (Ray actor); torch uses this many threads", 1.0
     )
@@ -245,6 +248,7 @@ class FederationConfig:
             self.fraction_evaluate,
             "a number in [0, 1]",
         )
+        _check(self.evaluate_every >= 1, "federation.evaluate_every", self.evaluate_every, "an integer >= 1")
         _check(self.client_cpus > 0, "federation.client_cpus", self.client_cpus, "a number > 0")
         _check(self.client_gpus >= 0, "federation.client_gpus", self.client_gpus, "a number >= 0")
         _check(

@@ -80,6 +80,13 @@ def _series(cell: CellStats, key: str) -> list[list[float]]:
     return [[float(r[key]) for r in run.history if r.get(key) is not None] for run in cell.runs]
 
 
+def _rounds(cell: CellStats, key: str, length: int) -> list[int]:
+    """The round numbers of the first ``length`` rows with a ``key`` value (rounds between evaluations,
+    ``federation.evaluate_every``, have none); 1..length when the history lacks them."""
+    rounds = [int(r["round"]) for r in cell.runs[0].history if r.get(key) is not None] if cell.runs else []
+    return rounds[:length] if len(rounds) >= length else list(range(1, length + 1))
+
+
 def _mean_min_max(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
     """Per round over the curves: mean, minimum and maximum (the shortest curve decides the length)."""
     curves = [c for c in curves if c]
@@ -98,10 +105,15 @@ def accuracy_per_round(
     majority = 100 * statistics.fmean(r.majority_accuracy for c in cells for r in c.runs)
     for ax, cell, colour in zip(axes, cells, _colours(len(cells)), strict=True):
         mean, low, high = _mean_min_max([[100 * a for a in r.accuracy] for r in cell.runs])
-        rounds = list(range(1, len(mean) + 1))
+        rounds = _rounds(cell, "eval_accuracy", len(mean))
         if baseline is not None and cell is not baseline and base:
             ax.plot(
-                range(1, len(base) + 1), base, color="grey", linestyle="--", linewidth=1, label=baseline.label
+                _rounds(baseline, "eval_accuracy", len(base)),
+                base,
+                color="grey",
+                linestyle="--",
+                linewidth=1,
+                label=baseline.label,
             )
         ax.fill_between(rounds, low, high, color=colour, alpha=0.2, linewidth=0)
         seeds = f", {len(cell.runs)} seeds" if len(cell.runs) > 1 else ""
@@ -125,7 +137,7 @@ def loss_per_round(cells: list[CellStats], path: Path, title: str) -> Path | Non
     for ax, cell in zip(axes, cells, strict=True):
         for key, name, style in (("train_loss", "train (clients)", "-"), ("eval_loss", "test", "--")):
             mean, low, high = _mean_min_max(_series(cell, key))
-            rounds = list(range(1, len(mean) + 1))
+            rounds = _rounds(cell, key, len(mean))
             ax.plot(
                 rounds, mean, linestyle=style, color="black" if key == "eval_loss" else "tab:blue", label=name
             )

@@ -75,6 +75,8 @@ class RunResult:
     total_rejected: int = 0
     client_eval: tuple[ClientRound, ...] = ()
     """Client-side evaluation per round (from ``clients.jsonl``), in round order."""
+    tuned: str = ""
+    """The tuning setting this run used, chosen on validation (``compare.tune``; "" without tuning)."""
 
     @property
     def last_client_eval(self) -> ClientRound | None:
@@ -225,13 +227,17 @@ def write_csv(results: list[RunResult], path: Path) -> None:
     axes = _axis_names(results)
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        fixed = {"cell", "seed", "strategy", "rounds", *CSV_COLUMNS, "run_dir"}
+        fixed = {"cell", "seed", "strategy", "rounds", "tuned", *CSV_COLUMNS, "run_dir"}
         names = [f"axis.{a}" if a in fixed else a for a in axes]
-        writer.writerow(["cell", *names, "seed", "strategy", "rounds", *CSV_COLUMNS, "run_dir"])
+        tuned = ["tuned"] if any(r.tuned for r in results) else []  # compare.tune: the chosen setting
+        writer.writerow(["cell", *names, "seed", "strategy", *tuned, "rounds", *CSV_COLUMNS, "run_dir"])
         for r in results:
             metrics = [_csv_value(getattr(r, c)) for c in CSV_COLUMNS]
             levels = [r.levels.get(a, "") for a in axes]
-            writer.writerow([r.cell, *levels, r.seed, r.strategy, r.rounds, *metrics, str(r.run_dir)])
+            setting = [r.tuned] if tuned else []
+            writer.writerow(
+                [r.cell, *levels, r.seed, r.strategy, *setting, r.rounds, *metrics, str(r.run_dir)]
+            )
 
 
 def _csv_value(value: Any) -> str:

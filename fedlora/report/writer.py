@@ -7,6 +7,7 @@ their resolved config without ``seed`` and ``name``; a cell's label names the ke
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import tomllib
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError
-from fedlora.report import html, paired, plots
+from fedlora.report import html, paired, plots, tuning
 from fedlora.report.results import (
     DEFAULT_TARGET,
     CellStats,
@@ -46,6 +47,8 @@ class Collected:
     privacy_axes: set[str] = field(default_factory=set)
     baseline: str | None = None
     """Label of the cell the others are paired with (None: the first cell)."""
+    tunings: list[tuning.Tuning] = field(default_factory=list)
+    """Per tuned cell (``compare.tune``): every setting's validation scores and the chosen one."""
 
     def series(self, cell: CellStats) -> str:
         """A cell's line in the ε plot: its levels on the non-privacy axes (the strategy by default)."""
@@ -101,6 +104,9 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
     if found.baseline is None and manifest.get("baseline"):
         found.baseline = str(manifest["baseline"])
     for cell in manifest["cells"]:
+        if manifest.get("tune"):
+            _add_tuned(found, path, cell, manifest)
+            continue
         for seed in manifest["seeds"]:
             run_dir = path / "runs" / cell["slug"] / f"seed-{seed}"
             if is_finished(run_dir):
@@ -110,6 +116,28 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
             else:
                 found.unfinished.append(run_dir)
     return str(manifest["name"])
+
+
+def _add_tuned(found: Collected, path: Path, cell: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """A tuned cell: every setting's finished runs scored on validation; only the chosen setting's kept."""
+    runs: dict[str, list[RunResult]] = {}
+    for setting in manifest["tune"]:
+        runs[setting["label"]] = []
+        for seed in manifest["seeds"]:
+            run_dir = path / "runs" / cell["slug"] / setting["slug"] / f"seed-{seed}"
+            if is_finished(run_dir):
+                result = load_run(run_dir, cell=cell["label"], levels=cell["levels"], target=found.target)
+                runs[setting["label"]].append(dataclasses.replace(result, tuned=setting["label"]))
+            else:
+                found.unfinished.append(run_dir)
+    scores = {
+        label: [v for v in (tuning.validation_accuracy(r.history) for r in results) if v is not None]
+        for label, results in runs.items()
+    }
+    chosen = tuning.choose(scores)
+    found.tunings.append(tuning.Tuning(cell["label"], scores, chosen))
+    if chosen is not None:
+        found.results.extend(runs[chosen])
 
 
 def _add_plain(found: Collected, runs: list[Path]) -> None:
@@ -161,6 +189,15 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
             ""
             if clients is None
             else "\n## Per client\n\n" + _markdown_table(*clients) + "\n" + client_legend() + "\n"
+        )
+        + (
+            "\n## Tuning (chosen on validation)\n\n"
+            + _markdown_table(*tuning.table(found.tunings))
+            + "\n"
+            + tuning.legend()
+            + "\n"
+            if found.tunings
+            else ""
         ),
         encoding="utf-8",
     )
@@ -229,6 +266,16 @@ def _html(
             + figures("final"),
         ),
         ("Per cell", html.table(*table(cells, found.target)) + html.legend(legend(cells, found.target))),
+        *(
+            [
+                (
+                    "Tuning (chosen on validation)",
+                    html.table(*tuning.table(found.tunings)) + html.legend(tuning.legend()),
+                )
+            ]
+            if found.tunings
+            else []
+        ),
         (
             "Cells: strategy and what differs from the baseline",
             html.table(*_cells_table(cells, baseline), text_columns=(1, 2)),
@@ -287,6 +334,8 @@ def _cells_table(cells: list[CellStats], baseline: CellStats) -> tuple[list[str]
         keys = sorted((set(mine) | set(reference)) - PLACEMENT_KEYS)
         changed = [f"{k} = {mine.get(k, '(unset)')}" for k in keys if mine.get(k) != reference.get(k)]
         what = "(baseline)" if cell is baseline else "; ".join(changed) or "nothing"
+        if cell.runs[0].tuned:
+            what += f" (tuned: {cell.runs[0].tuned})"
         rows.append([cell.label, cell.runs[0].strategy, what, ", ".join(str(r.seed) for r in cell.runs)])
     return ["cell", "strategy", "changed keys (against the baseline)", "seeds"], rows
 

@@ -110,18 +110,19 @@ def _zero_shot(cfg: ExperimentConfig, evaluate: Evaluator) -> dict[str, Any]:
 def _summary(
     cfg: ExperimentConfig, rows: list[dict[str, Any]], evaluate: Evaluator, wall_s: float
 ) -> dict[str, Any]:
-    accuracies = [r["eval_accuracy"] for r in rows]
-    best = max(range(len(rows)), key=lambda i: accuracies[i])
-    f1 = [r.get("eval_macro_f1", math.nan) for r in rows]  # rows of a run resumed from before F1
+    scored = [r for r in rows if r.get("eval_accuracy") is not None] or rows  # federation.evaluate_every
+    accuracies = [r["eval_accuracy"] for r in scored]
+    best = max(range(len(scored)), key=lambda i: accuracies[i])
+    f1 = [r.get("eval_macro_f1", math.nan) for r in scored]  # rows of a run resumed from before F1
     return {
         "name": cfg.name,
         "strategy": cfg.strategy.name,
         "rounds": len(rows),
         "num_clients": cfg.federation.num_clients,
         "final_eval_accuracy": accuracies[-1],
-        "final_eval_loss": rows[-1]["eval_loss"],
+        "final_eval_loss": scored[-1]["eval_loss"],
         "best_eval_accuracy": accuracies[best],
-        "best_round": rows[best]["round"],
+        "best_round": scored[best]["round"],
         "final_eval_macro_f1": f1[-1],
         "best_eval_macro_f1": max((v for v in f1 if not math.isnan(v)), default=math.nan),
         **({"final_eval_perplexity": rows[-1].get("eval_perplexity")} if cfg.causal else {}),

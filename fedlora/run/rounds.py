@@ -73,8 +73,14 @@ class RoundLoop:
             return row
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether ``server_round`` evaluates: every ``federation.evaluate_every`` rounds, and the last."""
+        fed = self.cfg.federation
+        return server_round % fed.evaluate_every == 0 or server_round >= fed.rounds
+
     def one_round(self, server_round: int) -> dict[str, Any]:
-        """Train, aggregate, evaluate; returns the round's row (without ``attempts``)."""
+        """Train, aggregate, evaluate (on evaluation rounds; other rounds' rows have ``eval_loss``,
+        ``eval_accuracy`` and ``eval_macro_f1`` null); returns the round's row (without ``attempts``)."""
         t0 = time.monotonic()
         timeout = self.cfg.federation.round_timeout
         strategy = self.strategy
@@ -86,11 +92,14 @@ class RoundLoop:
         if arrays is not None:
             self.arrays = arrays
         client_eval = None
-        asked = list(strategy.configure_evaluate(server_round, self.arrays, self.config, self.grid))
+        evaluating = self.evaluates(server_round)
+        asked = []
+        if evaluating:
+            asked = list(strategy.configure_evaluate(server_round, self.arrays, self.config, self.grid))
         if asked:
             client_eval = strategy.aggregate_evaluate(server_round, exchange(self.grid, asked, timeout))
         STOP.check()
-        scores = self.evaluate(self.global_state, strategy.base_offsets)
+        scores = self.evaluate(self.global_state, strategy.base_offsets) if evaluating else None
         metrics: dict[str, Any] = dict(train_metrics or {})
         row: dict[str, Any] = {
             "round": server_round,
@@ -98,10 +107,10 @@ class RoundLoop:
             "num_clients": int(metrics.pop("num_clients", 0)),
             **strategy.counts.as_row(),
             "train_loss": metrics.pop("train_loss", math.nan),
-            "eval_loss": scores.loss,
-            "eval_accuracy": scores.accuracy,
-            "eval_macro_f1": scores.macro_f1,
-            **({"eval_perplexity": scores.perplexity} if self.cfg.causal else {}),
+            "eval_loss": scores.loss if scores else None,
+            "eval_accuracy": scores.accuracy if scores else None,
+            "eval_macro_f1": scores.macro_f1 if scores else None,
+            **({"eval_perplexity": scores.perplexity if scores else None} if self.cfg.causal else {}),
             "uplink_bytes": strategy.traffic.uplink,
             "downlink_bytes": strategy.traffic.downlink,
             "aggregate_s": aggregate_s,

@@ -1,0 +1,197 @@
+"""Tune, then compare: each cell's value is chosen on the clients' validation accuracy, never the test set."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlora.compare.grid import parse_grid
+from fedlora.core.config import ConfigError, load_config
+from fedlora.core.records import RunDirectory
+from fedlora.report import tuning
+from fedlora.report.writer import collect, write_report
+
+SIMS = Path(__file__).resolve().parents[1] / "sims"
+
+
+def test_validation_accuracy_reads_client_evaluation_only() -> None:
+    history = [
+        {"round": 1, "eval_accuracy": 0.9, "client_eval_accuracy": 0.5},
+        {"round": 2, "eval_accuracy": 0.95, "client_eval_accuracy": 0.6},
+        {"round": 3, "eval_accuracy": 0.99},  # no client evaluation this round
+    ]
+    assert tuning.validation_accuracy(history) == 0.6
+    assert tuning.validation_accuracy([{"round": 1, "eval_accuracy": 0.9}]) is None
+
+
+def test_choose_takes_the_best_mean_ties_to_the_first_and_skips_empty() -> None:
+    assert tuning.choose({"a": [0.5, 0.7], "b": [0.65, 0.6], "c": []}) == "b"
+    assert tuning.choose({"a": [0.6], "b": [0.6]}) == "a"
+    assert tuning.choose({"a": [], "b": []}) is None
+
+
+def grid(**extra: object):  # type: ignore[no-untyped-def]
+    table: dict[str, object] = {
+        "experiment": "quickstart.toml",
+        "seeds": [0, 1],
+        "set": ["federation.fraction_evaluate=0.5", "data.val_fraction=0.1"],
+        "tune": {"train.lr": [1e-4, 1e-3]},
+        "axes": [{"key": "strategy.name", "values": ["fedit", "ffa-lora"]}],
+    }
+    table.update(extra)
+    return parse_grid(table, base_dir=SIMS)
+
+
+def test_every_cell_runs_every_setting_at_every_seed() -> None:
+    g = grid()
+    assert [s.label for s in g.settings] == ["lr=0.0001", "lr=0.001"]
+    tasks = g.tasks()
+    assert len(tasks) == 2 * 2 * 2
+    assert {t.config.train.lr for t in tasks if t.cell.label == "fedit"} == {1e-4, 1e-3}
+    assert tasks[0].key == "fedit/lr-0.0001/seed-0" and tasks[0].label == "fedit [lr=0.0001]"
+    assert g.manifest()["tune"][1] == {
+        "label": "lr=0.001",
+        "slug": "lr-0.001",
+        "overrides": ["train.lr=0.001"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"set": []}, "compare.tune chooses on the clients' validation accuracy"),
+        ({"tune": {"train.lr": []}}, "compare.tune.train.lr"),
+        ({"tune": {"seed": [1, 2]}}, "compare.seeds"),
+        ({"tune": ["train.lr"]}, "expected a table"),
+    ],
+)
+def test_bad_tuning_is_refused_before_anything_runs(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        grid(**change).tasks()
+
+
+def tuned_run(path: Path, *, strategy: str, seed: int, lr: float, test: float, validation: float) -> None:
+    cfg = load_config(
+        SIMS / "quickstart.toml", [f'strategy.name="{strategy}"', f"seed={seed}", f"train.lr={lr}"]
+    )
+    run = RunDirectory(path)
+    run.create(cfg)
+    for r in (1, 2):
+        run.append_round(
+            {
+                "round": r,
+                "eval_accuracy": test - 0.05 * (2 - r),
+                "client_eval_accuracy": validation - 0.05 * (2 - r),
+                "uplink_bytes": 1000,
+            }
+        )
+    run.write_summary(
+        {
+            "name": cfg.name,
+            "strategy": strategy,
+            "rounds": 2,
+            "final_eval_accuracy": test,
+            "best_eval_accuracy": test,
+            "majority_accuracy": 0.424,
+            "total_uplink_bytes": 2000,
+            "total_downlink_bytes": 2000,
+            "wall_s": 1.0,
+            "versions": {"fedlora": "test"},
+        }
+    )
+
+
+def test_the_report_keeps_only_the_setting_chosen_on_validation(tmp_path: Path) -> None:
+    g = grid()
+    root = tmp_path / "cmp"
+    root.mkdir()
+    (root / "comparison.json").write_text(json.dumps(g.manifest()))
+    # lr=0.001 has the better TEST accuracy for fedit but the worse validation accuracy: 1e-4 must win
+    scores = {
+        ("fedit", 1e-4): (0.55, 0.70),
+        ("fedit", 1e-3): (0.80, 0.60),
+        ("ffa-lora", 1e-4): (0.50, 0.50),
+        ("ffa-lora", 1e-3): (0.65, 0.66),
+    }
+    for task in g.tasks():
+        test, validation = scores[(task.cell.label, task.config.train.lr)]
+        tuned_run(
+            root / "runs" / task.key,
+            strategy=task.cell.label,
+            seed=task.seed,
+            lr=task.config.train.lr,
+            test=test + 0.01 * task.seed,
+            validation=validation + 0.01 * task.seed,
+        )
+    found = collect([root])
+    assert {t.cell: t.chosen for t in found.tunings} == {"fedit": "lr=0.0001", "ffa-lora": "lr=0.001"}
+    fedit = [r for r in found.results if r.cell == "fedit"]
+    assert [r.final_accuracy for r in fedit] == [0.55, 0.56] and {r.tuned for r in fedit} == {"lr=0.0001"}
+    assert len(found.results) == 4
+    files = write_report(found, root)
+    rows = list(csv.DictReader(files["csv"].open()))
+    assert {(r["cell"], r["tuned"]) for r in rows} == {("fedit", "lr=0.0001"), ("ffa-lora", "lr=0.001")}
+    text = files["markdown"].read_text()
+    assert "## Tuning (chosen on validation)" in text
+    assert "| fedit | lr=0.0001 | 70.5 (2) | 60.5 (2) |" in text
+    html = files["html"].read_text()
+    assert "<h2>Tuning (chosen on validation)</h2>" in html and "(tuned: lr=0.001)" in html
+
+
+def test_the_paper_suites_resolve_with_five_seeds_and_tune_lr_for_ffa() -> None:
+    from fedlora.compare.grid import load_grid
+
+    ffa = load_grid(SIMS / "paper_ffa_dp.toml")
+    assert len(ffa.seeds) >= 5 and [s.overrides[0].split("=")[0] for s in ffa.settings] == ["train.lr"] * 2
+    labels = [c.label for c in ffa.cells]
+    assert {"fedit · no DP", "ffa-lora · ε=1", "ffa-lora · ε=3", "ffa-lora · ε=6"} <= set(labels)
+    assert all(t.config.train.batch_size == 64 for t in ffa.tasks())
+    fair = load_grid(SIMS / "paper_fair_skew.toml")
+    assert len(fair.seeds) >= 5
+    tasks = fair.tasks()
+    assert {t.config.strategy.name for t in tasks} == {"fedit", "lora-fair", "fedex-lora"}
+    assert {(t.config.data.partitioner, t.config.data.alpha) for t in tasks} >= {("dirichlet", 0.1)}
+    assert "natural" in {t.config.data.partitioner for t in tasks}
+
+
+TUNED_GRID = """
+[compare]
+name = "tuned"
+experiment = "{base}"
+seeds = [0]
+set = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2", "data.max_examples=2000",
+       "data.test_size=100", "federation.fraction_evaluate=1.0", "data.max_length=32",
+       "federation.client_cpus=2", "federation.evaluate_every=2"]
+tune = {{ "train.lr" = [1e-4, 1e-2] }}
+
+[[compare.axes]]
+key = "strategy.name"
+values = ["fedit"]
+"""
+
+
+@pytest.mark.e2e
+def test_a_tuned_comparison_runs_every_setting_and_reports_the_one_chosen_on_validation(
+    tmp_path: Path,
+    repo_root: Path,
+    run_cli,  # type: ignore[no-untyped-def]
+) -> None:
+    from fedlora.core.records import read_rounds
+
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(TUNED_GRID.format(base=repo_root / "sims" / "quickstart.toml"))
+    out = tmp_path / "cmp"
+    done = run_cli("compare", str(grid_file), "--out", str(out), timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    validation = {}
+    for setting in ("lr-0.0001", "lr-0.01"):
+        rows = read_rounds(out / "runs" / "fedit" / setting / "seed-0")
+        assert rows[0]["eval_accuracy"] is None and rows[1]["eval_accuracy"] is not None  # evaluate_every
+        validation[setting] = rows[1]["client_eval_accuracy"]
+    expected = "lr=0.0001" if validation["lr-0.0001"] >= validation["lr-0.01"] else "lr=0.01"  # ties: first
+    row = next(csv.DictReader((out / "comparison.csv").open()))
+    assert row["tuned"] == expected
+    assert "## Tuning (chosen on validation)" in (out / "comparison.md").read_text()
