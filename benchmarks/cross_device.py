@@ -50,7 +50,7 @@ def plain_round(sets: list[str], server_round: int, threads: int) -> tuple[int, 
     """The clients of round ``server_round`` trained one after the other in this process, from the
     initial adapter, then averaged and evaluated; returns (clients, seconds)."""
     import torch
-    from overhead import train_client  # the plain loop's client update, shared with overhead.py
+    from overhead import train_clients  # the plain loop's client updates, shared with overhead.py
 
     from fedlora.core.adapters import (
         get_model,
@@ -61,7 +61,6 @@ def plain_round(sets: list[str], server_round: int, threads: int) -> tuple[int, 
     from fedlora.run.experiment import load_experiment, preflight
     from fedlora.server.sampling import ClientSampler
     from strategies import registry
-    from strategies.aggregation import normalised_weights
 
     torch.set_num_threads(threads)
     cfg = preflight(load_experiment(ROOT / "sims" / "quickstart.toml", sets))
@@ -79,13 +78,8 @@ def plain_round(sets: list[str], server_round: int, threads: int) -> tuple[int, 
     for _ in range(server_round):
         clients = sorted(sampler.sample(Pool(), training=True))  # type: ignore[arg-type]
     start = time.perf_counter()
-    sent = strategy.outgoing(strategy.global_state)
-    updates, counts = [], []
-    for pid in clients:
-        update, count = train_client(model, strategy, text, pid, server_round, sent)
-        updates.append(update)
-        counts.append(count)
-    aggregate = strategy.aggregate(strategy.global_state, updates, normalised_weights(counts))
+    updates, weights = train_clients(model, strategy, text, clients, server_round)
+    aggregate = strategy.aggregate(strategy.global_state, updates, weights)
     evaluate({**strategy.global_state, **aggregate}, {})
     return len(clients), time.perf_counter() - start
 

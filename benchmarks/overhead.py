@@ -58,7 +58,21 @@ def train_client(model, strategy, text: str, pid: int, server_round: int, sent):
     data = data_for(text, pid)
     train_local(model, data.train, cfg.train, seed=client_seed(cfg, server_round, pid))
     trained = adapter_state(model)
-    return {k: trained[k] for k in sent}, float(len(data.train))
+    return {k: trained[k] for k in plan.reply_keys(sent, trained)}, float(len(data.train))
+
+
+def train_clients(model, strategy, text: str, clients: list[int], server_round: int):  # type: ignore[no-untyped-def]
+    """:func:`train_client` for each of ``clients`` in turn, from what the strategy sends this round;
+    returns their updates and their normalised weights (by training examples)."""
+    from strategies.aggregation import normalised_weights
+
+    sent = strategy.outgoing(strategy.global_state)
+    updates, counts = [], []
+    for pid in clients:
+        update, count = train_client(model, strategy, text, pid, server_round, sent)
+        updates.append(update)
+        counts.append(count)
+    return updates, normalised_weights(counts)
 
 
 def plain_loop(sets: list[str], threads: int) -> float:
@@ -69,7 +83,6 @@ def plain_loop(sets: list[str], threads: int) -> float:
     from fedlora.run.evaluation import Evaluator
     from fedlora.run.experiment import load_experiment
     from strategies import registry
-    from strategies.aggregation import normalised_weights
 
     torch.set_num_threads(threads)
     cfg = load_experiment(ROOT / "sims" / "quickstart.toml", sets)
@@ -84,18 +97,12 @@ def plain_loop(sets: list[str], threads: int) -> float:
         clients = list(range(fed.num_clients))
         if fed.fraction < 1.0:
             clients = sorted(rng.sample(clients, min(fed.num_clients, fed.clients_per_round())))
-        sent = strategy.outgoing(strategy.global_state)
-        updates, counts = [], []
-        for pid in clients:
-            update, count = train_client(model, strategy, text, pid, server_round, sent)
-            updates.append(update)
-            counts.append(count)
-        weights = normalised_weights(counts)
+        updates, weights = train_clients(model, strategy, text, clients, server_round)
         strategy.global_state = {
             **strategy.global_state,
             **strategy.aggregate(strategy.global_state, updates, weights),
         }
-        _, accuracy = evaluate(strategy.global_state, {})
+        accuracy = evaluate(strategy.global_state, {}).accuracy
     return accuracy
 
 
