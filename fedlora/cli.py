@@ -416,11 +416,12 @@ def _start_heads(console: Any, heads: list[Any], root: Path, count: int) -> list
     """Start ``count`` local Ray heads (one per job slot), appending each to ``heads`` as it starts, so
     that the caller stops every one, even after an interruption; returns their addresses."""
     # start-up: imported when the command runs, so `fedlora --help` stays fast
-    from fedlora.compare.ray_head import RayHead
+    from fedlora.compare.ray_head import RayHead, worker_ports
 
     started = time.monotonic()
     for i in range(count):
-        head = RayHead(root / "logs" / (f"ray-head-{i}.log" if count > 1 else "ray-head.log"))
+        log = root / "logs" / (f"ray-head-{i}.log" if count > 1 else "ray-head.log")
+        head = RayHead(log, worker_ports=worker_ports(i))
         heads.append(head)
         head.start()
     if heads:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedlora.compare.ray_head import RayHead
+from fedlora.compare.ray_head import RayHead, worker_ports
 
 HOLDER = """
 import json, sys, time
@@ -81,3 +81,16 @@ def test_a_head_dies_with_a_comparison_killed_by_sigkill(tmp_path: Path, repo_ro
             assert temp.is_dir()  # a killed head leaves its temporary directory ...
             RayHead(tmp_path / "head.log")._remove_stale()  # ... until the next head with that log starts
             assert not temp.exists()
+
+
+def test_side_by_side_heads_get_disjoint_worker_ports(tmp_path: Path) -> None:
+    """Two heads with Ray's default worker range made a run abort binding a port the other head's worker
+    held ("Address already in use"); each head of a comparison has its own range."""
+    ranges = [worker_ports(i) for i in range(4)]
+    ports = [set(range(low, high + 1)) for low, high in ranges]
+    assert all(len(p) == 1000 for p in ports)
+    assert all(not (a & b) for i, a in enumerate(ports) for b in ports[i + 1 :])
+    assert all(high < 32768 and low > 19999 for low, high in ranges)  # not Ray's default, not ephemeral
+    command = RayHead(tmp_path / "head.log", worker_ports=ranges[1]).command()
+    assert command[command.index("--min-worker-port") + 1] == "21000"
+    assert command[command.index("--max-worker-port") + 1] == "21999"

@@ -42,6 +42,13 @@ PORT_FLAGS = (
 )
 
 
+def worker_ports(index: int) -> tuple[int, int]:
+    """Head ``index``'s worker port range: 1,000 ports from 20000 + 1000 * index, below Linux's
+    ephemeral range (where :func:`free_port` picks) and above Ray's default range (a run's own Ray)."""
+    low = 20000 + 1000 * index
+    return low, low + 999
+
+
 class RayHeadError(RuntimeError):
     """The head did not start (its log's last lines are in the message)."""
 
@@ -67,9 +74,15 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 class RayHead:
     """A local Ray head process; ``address`` is HOST:PORT for ``federation.ray_address``."""
 
-    def __init__(self, log: Path, *, num_cpus: int | None = None) -> None:
+    def __init__(
+        self, log: Path, *, num_cpus: int | None = None, worker_ports: tuple[int, int] | None = None
+    ) -> None:
         self.log = log
         self.num_cpus = num_cpus
+        self.worker_ports = worker_ports
+        """Inclusive port range of this head's workers and drivers (None: Ray's default 10002-19999).
+        Heads that run side by side need disjoint ranges, or a driver can bind a port another head's
+        worker holds and abort with "Address already in use"."""
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._temp: Path | None = None
@@ -84,6 +97,9 @@ class RayHead:
         command += ["--disable-usage-stats", "--temp-dir", str(self._temp)]
         if self.num_cpus is not None:
             command += ["--num-cpus", str(self.num_cpus)]
+        if self.worker_ports is not None:
+            command += ["--min-worker-port", str(self.worker_ports[0])]
+            command += ["--max-worker-port", str(self.worker_ports[1])]
         return command + [str(x) for flag in PORT_FLAGS for x in (flag, free_port())]
 
     def start(self, timeout: float = 120.0) -> str:
