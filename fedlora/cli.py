@@ -244,21 +244,18 @@ def compare(
 
     # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.compare.grid import load_grid
-    from fedlora.compare.runner import plan, prepare
-    from fedlora.run.experiment import preflight
+    from fedlora.compare.runner import choose_settings, plan, prepare
 
     try:
         grid = load_grid(grid_file)
         if seeds is not None:
-            grid = dataclasses.replace(grid, seeds=_seed_list(seeds))
-        tasks = grid.tasks(list(set_ or []))
-        # Every distinct config checked once, as each cell's local `fedlora run` will; the runs write the
-        # resolved config (absolute paths, labels), so finished runs are compared with that.
-        resolved = {
-            text: preflight(config, simulation=True)
-            for text, config in {t.config.to_toml(): t.config for t in tasks}.items()
-        }
-        tasks = [dataclasses.replace(t, config=resolved[t.config.to_toml()]) for t in tasks]
+            chosen_seeds = _seed_list(seeds)
+            tune_seeds = [s for s in grid.tune_seeds if s in chosen_seeds] or chosen_seeds[:1]
+            grid = dataclasses.replace(
+                grid, seeds=chosen_seeds, tune_seeds=tune_seeds if grid.tune_seeds else []
+            )
+        extra = list(set_ or [])
+        tasks = _checked(grid.tasks(extra))
         root = out or Path("runs") / grid.name
         if overwrite and root.exists():
             if any(root.iterdir()) and not (root / "comparison.json").is_file():
@@ -267,20 +264,60 @@ def compare(
                 )
             shutil.rmtree(root)
         todo, done = plan(tasks, root)
+        later = _after_tuning(grid, extra, tasks, root)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
         return
     if dry_run:
         for task in tasks:
             typer.echo(f"{'done' if task in done else 'todo'}  {task.label:<40} seed {task.seed}")
+        if later:
+            typer.echo(f"then {len(later)} run(s) of each cell's chosen setting at the other seeds")
         return
     if estimate:
-        _print_estimate(grid, todo, len(done), jobs)
+        _print_estimate(grid, [*todo, *later], len(done), jobs)
         return
-    prepare(grid, tasks, root)
     # a grid (or --set) that names a Ray cluster runs there; otherwise the comparison brings its own
     shared = shared_ray and not any(t.config.federation.ray_address for t in tasks)
+    prepare(grid, tasks, root)
     _compare_with_progress(grid, todo, done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
+    if grid.tune_seeds:  # the tuning runs have finished (else the call above exits): the chosen ones next
+        chosen = choose_settings(grid, tasks, root)
+        typer.echo(
+            f"tuned on seed(s) {', '.join(map(str, grid.tune_seeds))}: "
+            + "; ".join(f"{cell} -> {setting.label}" for cell, setting in chosen.items())
+        )
+        rest = [t for t in _checked(grid.tasks(extra, chosen)) if t not in tasks]
+        todo, done = plan(rest, root)
+        prepare(grid, [*tasks, *rest], root)
+        _compare_with_progress(grid, todo, done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
+
+
+def _after_tuning(grid: Any, extra: list[str], tasks: list[Any], root: Path) -> list[Any]:
+    """With ``compare.tune_seeds``: the runs still to do after tuning (each cell's chosen setting at the
+    other seeds), all checked now; until the tuning runs finish, each cell's first setting stands in."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.compare.runner import choose_settings, plan
+
+    if not grid.tune_seeds:
+        return []
+    chosen = choose_settings(grid, tasks, root)
+    if len(chosen) == len(grid.cells):
+        return plan([t for t in _checked(grid.tasks(extra, chosen)) if t not in tasks], root)[0]
+    return [t for t in _checked(grid.all_tasks(extra)) if t not in tasks]
+
+
+def _checked(tasks: list[Any]) -> list[Any]:
+    """The tasks with every distinct config checked once, as each run's own `fedlora run` will; the runs
+    write the resolved config (absolute paths, labels), so finished runs are compared with that."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.run.experiment import preflight
+
+    resolved = {
+        text: preflight(config, simulation=True)
+        for text, config in {t.config.to_toml(): t.config for t in tasks}.items()
+    }
+    return [dataclasses.replace(t, config=resolved[t.config.to_toml()]) for t in tasks]
 
 
 def _print_estimate(grid: Any, todo: list[Any], done: int, jobs: int) -> None:

@@ -348,6 +348,11 @@ def test_a_run_made_before_new_keys_existed_still_counts_as_finished(tmp_path: P
 # ----- paired differences against a baseline ----------------------------------------------------
 
 
+def against(cells: list[CellStats], index: int) -> paired.Pairing:
+    """Every other cell paired with ``cells[index]``."""
+    return paired.pairings(cells, cells[index].label)[0]
+
+
 def paired_runs(tmp_path: Path, finals: dict[str, list[float]], seeds: list[int]) -> list[CellStats]:
     """Cells of one-round runs whose final accuracy per seed is given (None: that run is missing)."""
     results = []
@@ -366,7 +371,7 @@ def test_paired_difference_and_interval_equal_a_hand_computation(tmp_path: Path)
     cells = paired_runs(
         tmp_path, {"a": base, "b": [x + d for x, d in zip(base, diffs, strict=True)]}, [0, 1, 2, 3]
     )
-    (final, best) = paired.compare(cells, cells[0])[0]
+    (final, best) = paired.compare(cells, against(cells, 0))[0]
     # by hand: mean 0.035, sample std sqrt(sum((d - mean)^2) / 3), t_{0.975, 3} (a t table)
     mean = 0.035
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3)
@@ -377,7 +382,7 @@ def test_paired_difference_and_interval_equal_a_hand_computation(tmp_path: Path)
     assert final.interval.low == pytest.approx(mean - half, abs=1e-12)
     assert final.interval.high == pytest.approx(mean + half, abs=1e-12)
     assert final.verdict == "better" and best.verdict == "better"
-    _, rows = paired.table(cells, cells[0], 0.6)
+    _, rows = paired.table(cells, against(cells, 0), 0.6)
     assert rows[0][0] == "a (baseline)"
     assert rows[1][:4] == [
         "b",
@@ -385,7 +390,7 @@ def test_paired_difference_and_interval_equal_a_hand_computation(tmp_path: Path)
         f"+3.5 [+{100 * (mean - half):.1f}, +{100 * (mean + half):.1f}]",
         "better",
     ]
-    flipped = paired.compare(cells, cells[1])[0][0]  # the other way round: worse
+    flipped = paired.compare(cells, against(cells, 1))[0][0]  # the other way round: worse
     assert flipped.verdict == "worse" and flipped.interval.mean == pytest.approx(-mean)  # type: ignore[union-attr]
 
 
@@ -412,20 +417,20 @@ def test_the_interval_uses_students_t_quantile(df: int, quantile: float) -> None
 
 def test_no_detectable_difference_when_the_interval_contains_zero(tmp_path: Path) -> None:
     cells = paired_runs(tmp_path, {"a": [0.5, 0.6, 0.55], "b": [0.52, 0.57, 0.56]}, [0, 1, 2])
-    (final, _) = paired.compare(cells, cells[0])[0]
+    (final, _) = paired.compare(cells, against(cells, 0))[0]
     assert final.interval is not None and final.interval.low < 0 < final.interval.high  # type: ignore[operator]
     assert final.verdict == "no detectable difference at 3 seeds"
-    assert "no detectable difference at 3 seeds" in paired.markdown(cells, cells[0], 0.6)
+    assert "no detectable difference at 3 seeds" in paired.markdown(cells, against(cells, 0), 0.6)
 
 
 def test_missing_seeds_are_left_out_of_the_pairs(tmp_path: Path) -> None:
     cells = paired_runs(tmp_path, {"a": [0.5, 0.6, None, 0.55], "b": [0.52, None, 0.6, 0.58]}, [0, 1, 2, 3])
-    (final, _) = paired.compare(cells, cells[0])[0]
+    (final, _) = paired.compare(cells, against(cells, 0))[0]
     assert final.seeds == [0, 3]
     assert final.differences == pytest.approx([0.02, 0.03])
     assert paired.pairs_text(final) == "2 of 3"
     one = paired_runs(tmp_path / "one", {"a": [0.5], "b": [0.6]}, [0])
-    (single, _) = paired.compare(one, one[0])[0]
+    (single, _) = paired.compare(one, against(one, 0))[0]
     assert single.verdict == "one seed: no interval"
     assert paired.interval_text(single.interval) == "+10.0"
 
@@ -447,6 +452,12 @@ def test_baseline_is_validated_and_defaults_to_the_first_cell() -> None:
         parse_grid(grid_table(baseline="fedsa"), base_dir=SIMS)
     with pytest.raises(ConfigError, match=r"compare\.baseline = 3"):
         parse_grid(grid_table(baseline=3), base_dir=SIMS)
+    matched = parse_grid(grid_table(baseline=[{"strategy": "ffa-lora"}, "fedit · no DP"]), base_dir=SIMS)
+    assert matched.manifest()["baseline"] == [{"strategy": "ffa-lora"}, "fedit · no DP"]
+    with pytest.raises(ConfigError, match=r"names no axis level of this grid \(strategy: fedit, ffa-lora;"):
+        parse_grid(grid_table(baseline={"strategy": "fedsa"}), base_dir=SIMS)
+    with pytest.raises(ConfigError, match="one axis and its level"):
+        parse_grid(grid_table(baseline={"strategy": "fedit", "privacy": "no DP"}), base_dir=SIMS)
 
 
 def test_report_puts_the_paired_table_first(tmp_path: Path) -> None:
@@ -467,8 +478,46 @@ def test_report_puts_the_paired_table_first(tmp_path: Path) -> None:
     html = files["html"].read_text()
     assert html.index("Paired differences against ffa-lora") < html.index("Per cell")
     result = CliRunner().invoke(app, ["report", str(tmp_path / "runs"), "--baseline", "nope"])
-    assert result.exit_code == 2 and "baseline 'nope' is not a cell" in result.output
+    assert result.exit_code == 2 and "baseline 'nope' matches no cell" in result.output
     assert "cells: fedit, ffa-lora" in result.output
+
+
+def test_an_axis_level_baseline_pairs_each_cell_with_its_own_level_on_the_other_axes(tmp_path: Path) -> None:
+    """``baseline = { strategy = "fedit" }``: every strategy against FedIT at the same privacy level."""
+    finals = {
+        ("fedit", "none"): [0.50, 0.60, 0.55],
+        ("ffa", "none"): [0.52, 0.63, 0.57],
+        ("fedit", "eps1"): [0.40, 0.45, 0.42],
+        ("ffa", "eps1"): [0.38, 0.42, 0.41],
+    }
+    results = []
+    for (strategy, privacy), values in finals.items():
+        for seed, acc in enumerate(values):
+            run = fake_run(
+                tmp_path / f"{strategy}-{privacy}-{seed}", strategy="fedit", seed=seed, accuracy=[acc], up=1
+            )
+            levels = {"strategy": strategy, "privacy": privacy}
+            results.append(load_run(run, cell=f"{strategy} · {privacy}", levels=levels, target=0.6))
+    cells = group(results)
+    (by_level, single) = paired.pairings(cells, [{"strategy": "fedit"}, "fedit · none"])
+    assert by_level.title == "fedit at the same privacy"
+    assert [(c.label, b.label) for c, b in by_level.pairs()] == [
+        ("ffa · none", "fedit · none"),
+        ("ffa · eps1", "fedit · eps1"),
+    ]
+    (none, eps1) = paired.compare(cells, by_level)
+    assert none[0].differences == pytest.approx([0.02, 0.03, 0.02])
+    assert eps1[0].differences == pytest.approx([-0.02, -0.03, -0.01])
+    _, rows = paired.table(cells, by_level, 0.6)
+    assert [r[0] for r in rows] == [
+        "fedit · none (baseline)",
+        "ffa · none",
+        "fedit · eps1 (baseline)",
+        "ffa · eps1",
+    ]
+    assert len(single.pairs()) == 3
+    with pytest.raises(KeyError):
+        paired.pairings(cells, {"strategy": "fedsa"})
 
 
 # ----- per-client metrics and the full report -----------------------------------------------------
@@ -569,7 +618,7 @@ def test_the_report_shows_paired_table_curves_traffic_failures_clients_and_confi
     assert headings[0] == "Paired differences against fedit"
     assert headings[1:] == [
         "Per cell",
-        "Cells: strategy and what differs from the baseline",
+        "Cells: strategy and what differs from fedit",
         "Accuracy and loss per round",
         "Traffic",
         "Per-client metrics",

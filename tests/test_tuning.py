@@ -141,6 +141,89 @@ def test_the_report_keeps_only_the_setting_chosen_on_validation(tmp_path: Path) 
     assert "<h2>Tuning (chosen on validation)</h2>" in html and "(tuned: lr=0.001)" in html
 
 
+def test_tune_seeds_tune_on_some_seeds_then_run_the_chosen_setting_at_the_others() -> None:
+    g = grid(seeds=[0, 1, 2], tune_seeds=[0])
+    first = g.tasks()
+    assert [(t.cell.label, t.setting.label, t.seed) for t in first if t.setting] == [
+        ("fedit", "lr=0.0001", 0),
+        ("fedit", "lr=0.001", 0),
+        ("ffa-lora", "lr=0.0001", 0),
+        ("ffa-lora", "lr=0.001", 0),
+    ]
+    chosen = {"fedit": g.settings[1]}  # ffa-lora not chosen yet: none of its later runs
+    later = [t for t in g.tasks(chosen=chosen) if t not in first]
+    assert [(t.key, t.config.train.lr) for t in later] == [
+        ("fedit/lr-0.001/seed-1", 1e-3),
+        ("fedit/lr-0.001/seed-2", 1e-3),
+    ]
+    assert len(g.all_tasks()) == 4 + 2 * 2 and g.manifest()["tune_seeds"] == [0]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tune_seeds": [7]}, "not in compare.seeds"),
+        ({"tune_seeds": [0, 0]}, "distinct seeds"),
+        ({"tune_seeds": [0], "tune": {}}, "needs compare.tune"),
+    ],
+)
+def test_bad_tune_seeds_are_refused(change: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        grid(**change)
+
+
+def test_tuning_on_some_seeds_chooses_on_those_and_reports_the_chosen_at_every_seed(tmp_path: Path) -> None:
+    from fedlora.compare.runner import choose_settings
+
+    g = grid(seeds=[0, 1, 2], tune_seeds=[0])
+    root = tmp_path / "cmp"
+    root.mkdir()
+    scores = {
+        ("fedit", 1e-4): 0.70,
+        ("fedit", 1e-3): 0.60,
+        ("ffa-lora", 1e-4): 0.50,
+        ("ffa-lora", 1e-3): 0.66,
+    }
+
+    def write(tasks):  # type: ignore[no-untyped-def]
+        for task in tasks:
+            validation = scores[(task.cell.label, task.config.train.lr)]
+            # at the later seeds, the other setting would look better: they must not sway the choice
+            validation += 0.3 * (task.seed > 0)
+            tuned_run(
+                root / "runs" / task.key,
+                strategy=task.cell.label,
+                seed=task.seed,
+                lr=task.config.train.lr,
+                test=0.5 + 0.01 * task.seed,
+                validation=validation,
+            )
+
+    first = g.tasks()
+    write(first[:3])  # ffa-lora's second setting is not finished: only fedit is chosen
+    assert {c: s.label for c, s in choose_settings(g, first, root).items()} == {"fedit": "lr=0.0001"}
+    write(first[3:])
+    chosen = choose_settings(g, first, root)
+    assert {c: s.label for c, s in chosen.items()} == {"fedit": "lr=0.0001", "ffa-lora": "lr=0.001"}
+    (root / "comparison.json").write_text(json.dumps(g.manifest()))
+    later = [t for t in g.tasks(chosen=chosen) if t not in first]
+    write(later[:3])  # one run of ffa-lora's chosen setting still to do
+    found = collect([root])
+    assert {t.cell: t.chosen for t in found.tunings} == {"fedit": "lr=0.0001", "ffa-lora": "lr=0.001"}
+    assert sorted((r.cell, r.seed, r.tuned) for r in found.results) == [
+        ("fedit", 0, "lr=0.0001"),
+        ("fedit", 1, "lr=0.0001"),
+        ("fedit", 2, "lr=0.0001"),
+        ("ffa-lora", 0, "lr=0.001"),
+        ("ffa-lora", 1, "lr=0.001"),
+    ]
+    assert found.unfinished == [root / "runs" / "ffa-lora" / "lr-0.001" / "seed-2"]
+    assert next(t for t in found.tunings if t.cell == "fedit").scores == {
+        "lr=0.0001": [0.7],
+        "lr=0.001": [0.6],
+    }
+
+
 def test_the_paper_suites_resolve_with_five_seeds_and_tune_lr_for_ffa() -> None:
     from fedlora.compare.grid import load_grid
 
@@ -148,7 +231,9 @@ def test_the_paper_suites_resolve_with_five_seeds_and_tune_lr_for_ffa() -> None:
     assert len(ffa.seeds) >= 5 and [s.overrides[0].split("=")[0] for s in ffa.settings] == ["train.lr"] * 2
     labels = [c.label for c in ffa.cells]
     assert {"fedit · no DP", "ffa-lora · ε=1", "ffa-lora · ε=3", "ffa-lora · ε=6"} <= set(labels)
-    assert all(t.config.train.batch_size == 64 for t in ffa.tasks())
+    assert {"fedsvd · ε=1", "rolora · no DP"} <= set(labels) and ffa.tune_seeds == [0]
+    assert all(t.config.train.batch_size == 32 and t.seed == 0 for t in ffa.tasks())
+    assert len(ffa.all_tasks()) == 16 * 2 + 16 * 4
     fair = load_grid(SIMS / "paper_fair_skew.toml")
     assert len(fair.seeds) >= 5
     tasks = fair.tasks()
@@ -161,7 +246,8 @@ TUNED_GRID = """
 [compare]
 name = "tuned"
 experiment = "{base}"
-seeds = [0]
+seeds = [0, 1]
+tune_seeds = [0]
 set = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2", "data.max_examples=2000",
        "data.test_size=100", "federation.fraction_evaluate=1.0", "data.max_length=32",
        "federation.client_cpus=2", "federation.evaluate_every=2"]
@@ -192,6 +278,9 @@ def test_a_tuned_comparison_runs_every_setting_and_reports_the_one_chosen_on_val
         assert rows[0]["eval_accuracy"] is None and rows[1]["eval_accuracy"] is not None  # evaluate_every
         validation[setting] = rows[1]["client_eval_accuracy"]
     expected = "lr=0.0001" if validation["lr-0.0001"] >= validation["lr-0.01"] else "lr=0.01"  # ties: first
-    row = next(csv.DictReader((out / "comparison.csv").open()))
-    assert row["tuned"] == expected
+    rows = list(csv.DictReader((out / "comparison.csv").open()))
+    assert [(r["seed"], r["tuned"]) for r in rows] == [("0", expected), ("1", expected)]
+    other = "lr-0.01" if expected == "lr=0.0001" else "lr-0.0001"
+    assert not (out / "runs" / "fedit" / other / "seed-1").exists()  # seed 1 ran the chosen setting only
+    assert f"tuned on seed(s) 0: fedit -> {expected}" in done.stdout
     assert "## Tuning (chosen on validation)" in (out / "comparison.md").read_text()

@@ -7,9 +7,12 @@ A grid file has one ``[compare]`` table::
     experiment = "quickstart.toml"       # base experiment, relative to the grid file
     seeds = [0, 1, 2]                    # every cell runs once per seed
     target_accuracy = 0.6                # for "rounds to target" (a fraction, 0-1)
-    baseline = "fedit"                   # the cell every other is compared with, seed by seed
+    baseline = "fedit"                   # the cell every other is compared with, seed by seed; or
+                                         # { strategy = "fedit" }: each cell against FedIT at its own
+                                         # levels of the other axes; or a list of these (one table each)
     set = ["federation.rounds=6"]        # overrides applied to every cell
     tune = { "train.lr" = [1e-4, 1e-3] } # optional: every cell runs each setting, chosen on validation
+    tune_seeds = [0]                     # optional: tune on these seeds only; the rest run the chosen one
 
     [[compare.axes]]                     # one config key, one level per value
     key = "strategy.name"
@@ -38,7 +41,17 @@ from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.report.results import DEFAULT_TARGET
 from fedlora.run.experiment import load_experiment
 
-GRID_KEYS = {"name", "experiment", "seeds", "target_accuracy", "set", "axes", "baseline", "tune"}
+GRID_KEYS = {
+    "name",
+    "experiment",
+    "seeds",
+    "target_accuracy",
+    "set",
+    "axes",
+    "baseline",
+    "tune",
+    "tune_seeds",
+}
 AXIS_KEYS = {"key", "values", "name", "levels"}
 
 
@@ -118,39 +131,82 @@ class Grid:
     overrides: list[str]
     axes: list[Axis]
     source: Path | None = None
-    baseline: str = ""
-    """Label of the cell the others are compared with per seed ("" = the first cell)."""
+    baseline: Any = ""
+    """Who is compared with whom per seed: a cell label ("" = the first cell), ``{axis: level}`` (each
+    cell against the cell with that level and its own levels on the other axes), or a list of these."""
     settings: list[Setting] = field(default_factory=list)
     """``compare.tune``'s settings (empty: no tuning)."""
+    tune_seeds: list[int] = field(default_factory=list)
+    """``compare.tune_seeds``: the seeds every setting runs at (empty: all seeds). The other seeds run
+    only each cell's chosen setting, after the tuning runs have finished."""
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cells", _product(self.axes))
-        labels = [c.label for c in self.cells]
         if not self.baseline:
-            object.__setattr__(self, "baseline", labels[0])
-        elif self.baseline not in labels:
+            object.__setattr__(self, "baseline", self.cells[0].label)
+        for spec in self.baseline if isinstance(self.baseline, list) else [self.baseline]:
+            self._check_baseline(spec)
+
+    def _check_baseline(self, spec: Any) -> None:
+        labels = [c.label for c in self.cells]
+        if isinstance(spec, str):
+            if spec not in labels:
+                raise ConfigError(
+                    f"compare.baseline = {spec!r} is not a cell of this grid; cells: {', '.join(labels)}"
+                )
+            return
+        axes = {a.name: a for a in self.axes}
+        if not isinstance(spec, dict) or len(spec) != 1:
             raise ConfigError(
-                f"compare.baseline = {self.baseline!r} is not a cell of this grid; cells: {', '.join(labels)}"
+                f"compare.baseline = {spec!r} is invalid: expected a cell label or one axis and its level, "
+                f'e.g. {{ {next(iter(axes), "strategy")} = "fedit" }}'
+            )
+        ((axis, level),) = spec.items()
+        if axis not in axes or level not in axes[axis].levels:
+            choices = "; ".join(f"{a.name}: {', '.join(a.levels)}" for a in self.axes)
+            raise ConfigError(
+                f"compare.baseline = {{ {axis} = {level!r} }} names no axis level of this grid ({choices})"
             )
 
-    def tasks(self, extra: list[str] | None = None) -> list[Task]:
-        """Every (cell, seed) with its config resolved and validated; ``extra`` overrides apply last."""
+    @property
+    def after_tuning_seeds(self) -> list[int]:
+        """The seeds that run only each cell's chosen setting (none unless ``tune_seeds`` is set)."""
+        return [s for s in self.seeds if s not in self.tune_seeds] if self.tune_seeds else []
+
+    def tasks(self, extra: list[str] | None = None, chosen: dict[str, Setting] | None = None) -> list[Task]:
+        """Every run with its config resolved and validated; ``extra`` overrides apply last.
+
+        Without ``tune_seeds``: every (cell, setting, seed). With it: every (cell, setting) at the tuning
+        seeds, then, for each cell in ``chosen`` (cell label -> its chosen setting), that setting at the
+        other seeds.
+        """
         tasks = []
         for cell in self.cells:
             settings: list[Setting | None] = [*self.settings] or [None]
             for setting in settings:
-                for seed in self.seeds:
-                    tuned = setting.overrides if setting else []
-                    overrides = [*self.overrides, *cell.overrides, *tuned, *(extra or []), f"seed={seed}"]
-                    try:
-                        config = load_experiment(self.experiment, overrides)
-                    except ConfigError as exc:
-                        raise ConfigError(f"grid cell '{cell.label}': {exc}") from None
-                    if setting is not None:
-                        _check_tunable(cell, config)
-                    tasks.append(Task(cell, seed, config, setting))
+                for seed in self.tune_seeds or self.seeds:
+                    tasks.append(self._task(cell, seed, setting, extra))
+            if chosen and cell.label in chosen:
+                tasks += [self._task(cell, s, chosen[cell.label], extra) for s in self.after_tuning_seeds]
         return tasks
+
+    def all_tasks(self, extra: list[str] | None = None) -> list[Task]:
+        """:meth:`tasks` with every cell's first setting standing in for the choice not yet made: the runs
+        a whole comparison makes (to check and count them before anything runs)."""
+        stand_in = {c.label: self.settings[0] for c in self.cells} if self.tune_seeds else None
+        return self.tasks(extra, stand_in)
+
+    def _task(self, cell: Cell, seed: int, setting: Setting | None, extra: list[str] | None) -> Task:
+        tuned = setting.overrides if setting else []
+        overrides = [*self.overrides, *cell.overrides, *tuned, *(extra or []), f"seed={seed}"]
+        try:
+            config = load_experiment(self.experiment, overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"grid cell '{cell.label}': {exc}") from None
+        if setting is not None:
+            _check_tunable(cell, config)
+        return Task(cell, seed, config, setting)
 
     def manifest(self) -> dict[str, Any]:
         """What ``fedlora report`` needs to rebuild tables and plots (written as comparison.json)."""
@@ -172,6 +228,7 @@ class Grid:
                 if self.settings
                 else {}
             ),
+            **({"tune_seeds": self.tune_seeds} if self.tune_seeds else {}),
         }
 
 
@@ -232,12 +289,38 @@ def parse_grid(table: dict[str, Any], *, base_dir: Path, source: Path | None = N
     if not isinstance(name, str) or not name:
         raise ConfigError(f"compare.name = {name!r} is invalid: expected a non-empty string")
     baseline = table.get("baseline", "")
-    if not isinstance(baseline, str):
+    if not isinstance(baseline, (str, dict, list)) or baseline == []:
         raise ConfigError(f'compare.baseline = {baseline!r} is invalid: expected a cell label, e.g. "fedit"')
     settings = _parse_tune(table.get("tune", {}))
+    tune_seeds = _parse_tune_seeds(table.get("tune_seeds", []), seeds, settings)
     return Grid(
-        name, base_dir / experiment, list(seeds), float(target), overrides, axes, source, baseline, settings
+        name,
+        base_dir / experiment,
+        list(seeds),
+        float(target),
+        overrides,
+        axes,
+        source,
+        baseline,
+        settings,
+        tune_seeds,
     )
+
+
+def _parse_tune_seeds(data: Any, seeds: list[int], settings: list[Setting]) -> list[int]:
+    """``compare.tune_seeds``: a non-empty subset of ``compare.seeds``, only with ``compare.tune``."""
+    if data == []:
+        return []
+    if not settings:
+        raise ConfigError("compare.tune_seeds needs compare.tune (the settings to choose between); add it")
+    if not isinstance(data, list) or not all(_is_int(s) for s in data) or len(set(data)) != len(data):
+        raise ConfigError(f"compare.tune_seeds = {data!r} is invalid: expected a list of distinct seeds")
+    if missing := [s for s in data if s not in seeds]:
+        raise ConfigError(
+            f"compare.tune_seeds lists {missing}, not in compare.seeds {seeds}; "
+            "tune on seeds that are compared"
+        )
+    return list(data)
 
 
 def _parse_tune(data: Any) -> list[Setting]:

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.compare.grid import Grid, Task
+from fedlora.compare.grid import Grid, Setting, Task
 from fedlora.core.config import ConfigError, ExperimentConfig
-from fedlora.core.records import RunDirectory, RunDirError, atomic_write
+from fedlora.core.records import RunDirectory, RunDirError, atomic_write, read_rounds
+from fedlora.report import tuning
 from fedlora.report.results import is_finished, write_json
 from fedlora.run.processes import ProcessTracker
 
@@ -101,6 +102,26 @@ def _same_config(run_dir: Path, task: Task) -> bool:
     except (ConfigError, OSError):
         return False
     return comparable(written) == comparable(task.config)
+
+
+def choose_settings(grid: Grid, tasks: list[Task], root: Path) -> dict[str, Setting]:
+    """Per cell whose tuning runs (``tasks`` with a setting) have all finished, the setting with the best
+    mean validation accuracy over them (:func:`fedlora.report.tuning.choose`, as the report chooses)."""
+    where = Comparison(root)
+    chosen = {}
+    for cell in grid.cells:
+        mine = [t for t in tasks if t.cell == cell and t.setting is not None]
+        if not mine or not all(is_finished(where.run_dir(t)) for t in mine):
+            continue
+        scores: dict[str, list[float]] = {s.label: [] for s in grid.settings}
+        for task in mine:
+            score = tuning.validation_accuracy(read_rounds(where.run_dir(task)))
+            if score is not None and task.setting is not None:
+                scores[task.setting.label].append(score)
+        label = tuning.choose(scores)
+        if label is not None:
+            chosen[cell.label] = next(s for s in grid.settings if s.label == label)
+    return chosen
 
 
 def prepare(grid: Grid, tasks: list[Task], root: Path) -> None:

@@ -1,5 +1,9 @@
 """Paired differences against a baseline cell: per seed, cell minus baseline on the same seed.
 
+Who is paired with whom is a :class:`Pairing`: every cell against one baseline cell (``baseline =
+"fedit · no DP"``), or each cell against the cell that differs from it only on one axis
+(``baseline = { strategy = "fedit" }``: every strategy against FedIT at the same privacy level).
+
 A seed fixes the data split, the clients sampled in every round and the initial adapter for every
 cell, so the seed-to-seed spread (which is often larger than the gap between two methods) cancels
 in the per-seed difference. For each metric this module reports the mean paired difference, a 95%
@@ -15,6 +19,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scipy import stats
 
@@ -134,9 +139,52 @@ def find_baseline(cells: list[CellStats], label: str | None) -> CellStats:
     raise KeyError(label)
 
 
-def compare(cells: list[CellStats], baseline: CellStats) -> list[list[Paired]]:
-    """For every cell but the baseline, its :class:`Paired` results, one per metric of :func:`metrics`."""
-    return [[pair(c, baseline, m) for m, _ in metrics(cells)] for c in cells if c is not baseline]
+@dataclass(frozen=True)
+class Pairing:
+    """Which cells are compared with which: each baseline cell with the cells paired against it."""
+
+    title: str
+    """Says what the baseline is: a cell's label, or e.g. ``fedit at the same privacy``."""
+    groups: list[tuple[CellStats, list[CellStats]]]
+
+    @property
+    def baselines(self) -> list[CellStats]:
+        return [base for base, _ in self.groups]
+
+    def pairs(self) -> list[tuple[CellStats, CellStats]]:
+        """(cell, its baseline) for every paired cell, grouped by baseline."""
+        return [(cell, base) for base, paired in self.groups for cell in paired]
+
+
+def pairings(cells: list[CellStats], spec: Any) -> list[Pairing]:
+    """The pairings of ``spec``: None (the first cell), a cell label, ``{axis: level}`` (each cell against
+    the cell with that level on that axis and its own levels on the others), or a list of these.
+    Raises KeyError naming what matched no cell."""
+    return [_pairing(cells, s) for s in (spec if isinstance(spec, list) else [spec])]
+
+
+def _pairing(cells: list[CellStats], spec: Any) -> Pairing:
+    if spec is None or isinstance(spec, str):
+        base = find_baseline(cells, spec)
+        return Pairing(base.label, [(base, [c for c in cells if c is not base])])
+    ((axis, level),) = spec.items()
+    groups = []
+    for base in (c for c in cells if c.levels.get(axis) == level):
+        rest = {k: v for k, v in base.levels.items() if k != axis}
+        same = [
+            c for c in cells if c is not base and {k: v for k, v in c.levels.items() if k != axis} == rest
+        ]
+        groups.append((base, same))
+    if not groups:
+        raise KeyError(f"{axis} = {level}")
+    others = [k for k in cells[0].levels if k != axis]
+    return Pairing(f"{level} at the same {', '.join(others) or 'levels'}", groups)
+
+
+def compare(cells: list[CellStats], pairing: Pairing) -> list[list[Paired]]:
+    """For every paired cell, its :class:`Paired` results against its baseline, one per metric of
+    :func:`metrics`."""
+    return [[pair(c, base, m) for m, _ in metrics(cells)] for c, base in pairing.pairs()]
 
 
 def signed(value: float, digits: int = 1) -> str:
@@ -175,65 +223,72 @@ def to_target(cell: CellStats) -> tuple[str, str]:
     return f"{_mean(rounds):.1f}{reached}", f"{_mean(megabytes):.2f}" if megabytes else "—"
 
 
-def table(cells: list[CellStats], baseline: CellStats, target: float) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the paired table: the baseline first (its own means), then every other cell."""
+def table(cells: list[CellStats], pairing: Pairing, target: float) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the paired table: per baseline, its row (its own means), then its cells."""
     header = ["cell", "pairs"]
     for _, title in metrics(cells):
         header += [f"Δ {title} (pp) [95% CI]", f"{title}: verdict"]
     header += [f"rounds to {100 * target:g}%", f"uplink MB to {100 * target:g}%"]
-    base_row = [f"{baseline.label} (baseline)", str(len(baseline.runs))]
-    for name, _ in metrics(cells):
-        found = baseline.mean_std(name)
-        base_row += [f"{100 * found[0]:.1f}% (mean)" if found else "—", ""]
-    rows = [base_row + list(to_target(baseline))]
-    for cell, results in zip((c for c in cells if c is not baseline), compare(cells, baseline), strict=True):
-        row = [cell.label, pairs_text(results[0])]
-        for p in results:
-            row += [interval_text(p.interval), p.verdict]
-        rows.append(row + list(to_target(cell)))
+    rows = []
+    results = iter(compare(cells, pairing))
+    for base, paired in pairing.groups:
+        base_row = [f"{base.label} (baseline)", str(len(base.runs))]
+        for name, _ in metrics(cells):
+            found = base.mean_std(name)
+            base_row += [f"{100 * found[0]:.1f}% (mean)" if found else "—", ""]
+        rows.append(base_row + list(to_target(base)))
+        for cell in paired:
+            mine = next(results)
+            row = [cell.label, pairs_text(mine[0])]
+            for p in mine:
+                row += [interval_text(p.interval), p.verdict]
+            rows.append(row + list(to_target(cell)))
     return header, rows
 
 
-def legend(baseline: CellStats, seeds: int) -> str:
+def legend(pairing: Pairing, seeds: int) -> str:
     """What the paired table's numbers mean."""
+    against = f"{pairing.title}" if len(pairing.groups) == 1 else f"each group's baseline ({pairing.title})"
     return (
-        f"Differences against {baseline.label} on the same seeds, in percentage points of test accuracy: "
+        f"Differences against {against} on the same seeds, in percentage points of test accuracy: "
         f"mean over the paired seeds and its {100 * CONFIDENCE:g}% confidence interval (Student t on the "
         "per-seed differences). better / worse: the interval excludes zero; otherwise no difference is "
         f"detectable with this many seeds ({seeds} at most here). Pairs: seeds where both runs finished. "
         "Rounds and uplink MB to the target: mean over the seeds that reached it ((k/n): only k did)."
         + (
             " Client acc.: mean over clients of their own validation accuracy (personalised for FedSA-LoRA)."
-            if baseline.values(CLIENT_METRIC[0])
+            if any(b.values(CLIENT_METRIC[0]) for b in pairing.baselines)
             else ""
         )
     )
 
 
-def markdown(cells: list[CellStats], baseline: CellStats, target: float) -> str:
+def markdown(cells: list[CellStats], pairing: Pairing, target: float) -> str:
     """The paired table as GitHub Markdown with its legend."""
-    header, rows = table(cells, baseline, target)
+    header, rows = table(cells, pairing, target)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", *["---:"] * (len(header) - 1)]) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     seeds = max(len(c.runs) for c in cells)
-    return "\n".join(lines) + "\n\n" + legend(baseline, seeds) + "\n"
+    return "\n".join(lines) + "\n\n" + legend(pairing, seeds) + "\n"
 
 
 CSV_COLUMNS = ("cell", "baseline", "metric", "pairs", "seeds", "mean_diff", "ci_low", "ci_high", "verdict")
 
 
-def write_csv(cells: list[CellStats], baseline: CellStats, path: Path) -> None:
-    """One row per (cell, metric): the paired seeds, the mean difference and interval (fractions)."""
+def write_csv(cells: list[CellStats], pairings: list[Pairing], path: Path) -> None:
+    """One row per (pairing, cell, metric): the paired seeds, the mean difference and interval
+    (fractions)."""
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
-        for results in compare(cells, baseline):
-            for p in results:
-                i = p.interval
-                low = "" if i is None or i.low is None else repr(i.low)
-                high = "" if i is None or i.high is None else repr(i.high)
-                mean = "" if i is None else repr(i.mean)
-                seeds = " ".join(map(str, p.seeds))
-                writer.writerow(
-                    [p.cell, p.baseline, p.metric, len(p.seeds), seeds, mean, low, high, p.verdict]
-                )
+        for pairing in pairings:
+            for results in compare(cells, pairing):
+                for p in results:
+                    i = p.interval
+                    low = "" if i is None or i.low is None else repr(i.low)
+                    high = "" if i is None or i.high is None else repr(i.high)
+                    mean = "" if i is None else repr(i.mean)
+                    seeds = " ".join(map(str, p.seeds))
+                    writer.writerow(
+                        [p.cell, p.baseline, p.metric, len(p.seeds), seeds, mean, low, high, p.verdict]
+                    )

@@ -20,7 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from fedlora.report.clients import PERSONALISED
-from fedlora.report.paired import Interval, t_interval
+from fedlora.report.paired import Interval, Pairing, t_interval
 from fedlora.report.results import CellStats
 
 SIZE = (7.5, 4.6)  # inches; at DPI 130 about 975 x 600 pixels
@@ -96,17 +96,19 @@ def _mean_min_max(curves: list[list[float]]) -> tuple[list[float], list[float], 
 
 
 def accuracy_per_round(
-    cells: list[CellStats], path: Path, title: str, baseline: CellStats | None = None
+    cells: list[CellStats], path: Path, title: str, baseline_of: dict[str, CellStats] | None = None
 ) -> Path:
     """Small multiples, one panel per cell: its mean test accuracy per round with the range over seeds
-    shaded, the baseline cell's mean dashed grey, the majority class dotted."""
+    shaded, its baseline cell's mean (``baseline_of``: cell label -> baseline) dashed grey, the majority
+    class dotted."""
     fig, axes = _panels(len(cells))
-    base = _mean_min_max([[100 * a for a in r.accuracy] for r in baseline.runs])[0] if baseline else []
     majority = 100 * statistics.fmean(r.majority_accuracy for c in cells for r in c.runs)
     for ax, cell, colour in zip(axes, cells, _colours(len(cells)), strict=True):
         mean, low, high = _mean_min_max([[100 * a for a in r.accuracy] for r in cell.runs])
         rounds = _rounds(cell, "eval_accuracy", len(mean))
-        if baseline is not None and cell is not baseline and base:
+        baseline = (baseline_of or {}).get(cell.label)
+        base = _mean_min_max([[100 * a for a in r.accuracy] for r in baseline.runs])[0] if baseline else []
+        if baseline is not None and base:
             ax.plot(
                 _rounds(baseline, "eval_accuracy", len(base)),
                 base,
@@ -179,13 +181,13 @@ def traffic_per_round(cells: list[CellStats], path: Path, title: str) -> Path:
 
 def final_accuracy_paired(
     cells: list[CellStats],
-    baseline: CellStats,
+    pairing: Pairing,
     differences: dict[str, tuple[list[float], Interval | None]],
     path: Path,
     title: str,
 ) -> Path:
     """Left: final test accuracy per seed (dots) and the cell mean (bar) per cell. Right: per seed the
-    difference to the baseline on the same seed (dots), the mean and its 95% confidence interval."""
+    difference to its baseline on the same seed (dots), the mean and its 95% confidence interval."""
     n = len(cells)
     fig, (left, right) = plt.subplots(
         1, 2, figsize=(10.0, 1.2 + 0.5 * n), sharey=True, gridspec_kw={"width_ratios": [1, 1]}
@@ -196,11 +198,11 @@ def final_accuracy_paired(
         jitter = [0.12 * ((i % 5) - 2) / 2 for i in range(len(values))]
         left.scatter(values, [y + j for j in jitter], color=colour, s=22, zorder=3)
         left.plot([statistics.fmean(values)] * 2, [y - 0.3, y + 0.3], color="black", linewidth=2)
-        if cell is baseline:
+        if cell.label not in differences:
             right.text(
                 0.02,
                 y,
-                "baseline",
+                "baseline" if cell in pairing.baselines else "not paired",
                 va="center",
                 fontsize=8,
                 color="grey",
@@ -234,9 +236,7 @@ def final_accuracy_paired(
     left.set_xlabel(
         f"final test accuracy (%)\nseeds: dots; mean: bar; majority class ({majority:.1f}%) dotted"
     )
-    right.set_xlabel(
-        f"difference to {baseline.label} (points)\nseeds: dots; mean and 95% CI: diamond and bar"
-    )
+    right.set_xlabel(f"difference to {pairing.title} (points)\nseeds: dots; mean and 95% CI: diamond and bar")
     for ax in (left, right):
         ax.grid(True, axis="x", alpha=0.3)
     return _save(fig, path, title)

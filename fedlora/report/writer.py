@@ -45,8 +45,9 @@ class Collected:
     results: list[RunResult] = field(default_factory=list)
     unfinished: list[Path] = field(default_factory=list)
     privacy_axes: set[str] = field(default_factory=set)
-    baseline: str | None = None
-    """Label of the cell the others are paired with (None: the first cell)."""
+    baseline: Any = None
+    """Who is paired with whom (:func:`fedlora.report.paired.pairings`): None (the first cell), a cell
+    label, ``{axis: level}``, or a list of these."""
     tunings: list[tuning.Tuning] = field(default_factory=list)
     """Per tuned cell (``compare.tune``): every setting's validation scores and the chosen one."""
 
@@ -81,13 +82,15 @@ def collect(dirs: list[Path], target: float | None = None, baseline: str | None 
             f"no finished run in {', '.join(map(str, dirs))} (a run is finished once it has summary.json)"
         )
     found.title = ", ".join(dict.fromkeys(titles)) or "runs"
-    labels = list(dict.fromkeys(r.cell for r in found.results))
     if baseline is not None:
         found.baseline = baseline
-    if found.baseline is not None and found.baseline not in labels:
+    try:
+        paired.pairings(group(found.results), found.baseline)
+    except KeyError as exc:
+        labels = list(dict.fromkeys(r.cell for r in found.results))
         raise ConfigError(
-            f"baseline {found.baseline!r} is not a cell with finished runs; cells: {', '.join(labels)}"
-        )
+            f"baseline {exc.args[0]!r} matches no cell with finished runs; cells: {', '.join(labels)}"
+        ) from None
     return found
 
 
@@ -102,7 +105,7 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
     found.target = target or float(manifest.get("target_accuracy", DEFAULT_TARGET))
     found.privacy_axes.update(manifest.get("privacy_axes", []))
     if found.baseline is None and manifest.get("baseline"):
-        found.baseline = str(manifest["baseline"])
+        found.baseline = manifest["baseline"]
     for cell in manifest["cells"]:
         if manifest.get("tune"):
             _add_tuned(found, path, cell, manifest)
@@ -119,25 +122,37 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
 
 
 def _add_tuned(found: Collected, path: Path, cell: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """A tuned cell: every setting's finished runs scored on validation; only the chosen setting's kept."""
-    runs: dict[str, list[RunResult]] = {}
+    """A tuned cell: every setting's finished runs at the tuning seeds (``tune_seeds``, else all) scored
+    on validation; the chosen setting's runs at every seed kept."""
+    tune_seeds = manifest.get("tune_seeds") or manifest["seeds"]
+    runs: dict[str, dict[int, RunResult]] = {}
     for setting in manifest["tune"]:
-        runs[setting["label"]] = []
+        runs[setting["label"]] = {}
         for seed in manifest["seeds"]:
             run_dir = path / "runs" / cell["slug"] / setting["slug"] / f"seed-{seed}"
             if is_finished(run_dir):
                 result = load_run(run_dir, cell=cell["label"], levels=cell["levels"], target=found.target)
-                runs[setting["label"]].append(dataclasses.replace(result, tuned=setting["label"]))
-            else:
+                runs[setting["label"]][seed] = dataclasses.replace(result, tuned=setting["label"])
+            elif seed in tune_seeds:
                 found.unfinished.append(run_dir)
     scores = {
-        label: [v for v in (tuning.validation_accuracy(r.history) for r in results) if v is not None]
+        label: [
+            v
+            for v in (tuning.validation_accuracy(r.history) for s, r in results.items() if s in tune_seeds)
+            if v is not None
+        ]
         for label, results in runs.items()
     }
     chosen = tuning.choose(scores)
     found.tunings.append(tuning.Tuning(cell["label"], scores, chosen))
     if chosen is not None:
-        found.results.extend(runs[chosen])
+        found.results.extend(runs[chosen].values())
+        chosen_slug = next(s["slug"] for s in manifest["tune"] if s["label"] == chosen)
+        found.unfinished += [
+            path / "runs" / cell["slug"] / chosen_slug / f"seed-{seed}"
+            for seed in manifest["seeds"]
+            if seed not in tune_seeds and seed not in runs[chosen]
+        ]
 
 
 def _add_plain(found: Collected, runs: list[Path]) -> None:
@@ -175,14 +190,16 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     cells = group(found.results)
     seeds = max(len(c.runs) for c in cells)
-    baseline = paired.find_baseline(cells, found.baseline)
+    pairings = paired.pairings(cells, found.baseline)
     files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md", "paired": out / "paired.csv"}
     write_csv(found.results, files["csv"])
-    paired.write_csv(cells, baseline, files["paired"])
+    paired.write_csv(cells, pairings, files["paired"])
     clients = client_table(cells)
     files["markdown"].write_text(
-        f"## Paired differences against {baseline.label}\n\n"
-        + paired.markdown(cells, baseline, found.target)
+        "".join(
+            f"## Paired differences against {p.title}\n\n" + paired.markdown(cells, p, found.target) + "\n"
+            for p in pairings
+        )
         + "\n## Per cell\n\n"
         + markdown(cells, found.target)
         + (
@@ -201,31 +218,32 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
         ),
         encoding="utf-8",
     )
-    files.update(_plots(found, cells, baseline, out, seeds))
+    files.update(_plots(found, cells, pairings[0], out, seeds))
     files["html"] = out / "report.html"
-    files["html"].write_text(_html(found, cells, baseline, files, seeds, command), encoding="utf-8")
+    files["html"].write_text(_html(found, cells, pairings, files, seeds, command), encoding="utf-8")
     return files
 
 
 def _plots(
-    found: Collected, cells: list[CellStats], baseline: CellStats, out: Path, seeds: int
+    found: Collected, cells: list[CellStats], pairing: paired.Pairing, out: Path, seeds: int
 ) -> dict[str, Path]:
     title = found.title
     per = f"mean over {seeds} seeds, range shaded" if seeds > 1 else "one seed"
     differences = {}
-    for results in paired.compare(cells, baseline):
+    for results in paired.compare(cells, pairing):
         final = results[0]
         differences[final.cell] = (final.differences, final.interval)
+    baseline_of = {cell.label: base for cell, base in pairing.pairs()}
     made: dict[str, Path | None] = {
         "final": plots.final_accuracy_paired(
             cells,
-            baseline,
+            pairing,
             differences,
             out / "final_accuracy_paired.png",
             f"{title}: final test accuracy per seed",
         ),
         "accuracy": plots.accuracy_per_round(
-            cells, out / "accuracy_per_round.png", f"{title}: test accuracy per round ({per})", baseline
+            cells, out / "accuracy_per_round.png", f"{title}: test accuracy per round ({per})", baseline_of
         ),
         "loss": plots.loss_per_round(cells, out / "loss_per_round.png", f"{title}: loss per round ({per})"),
         "uplink": plots.accuracy_vs_uplink(
@@ -250,7 +268,7 @@ def _plots(
 def _html(
     found: Collected,
     cells: list[CellStats],
-    baseline: CellStats,
+    pairings: list[paired.Pairing],
     files: dict[str, Path],
     seeds: int,
     command: str,
@@ -258,13 +276,17 @@ def _html(
     def figures(*kinds: str) -> str:
         return "".join(html.figure(files[k]) for k in kinds if k in files)
 
+    baseline = pairings[0].baselines[0]
     sections = [
         (
-            f"Paired differences against {baseline.label}",
-            _paired_html(cells, baseline, found.target)
-            + html.legend(paired.legend(baseline, seeds))
-            + figures("final"),
-        ),
+            f"Paired differences against {p.title}",
+            _paired_html(cells, p, found.target)
+            + html.legend(paired.legend(p, seeds))
+            + (figures("final") if i == 0 else ""),
+        )
+        for i, p in enumerate(pairings)
+    ]
+    sections += [
         ("Per cell", html.table(*table(cells, found.target)) + html.legend(legend(cells, found.target))),
         *(
             [
@@ -277,7 +299,7 @@ def _html(
             else []
         ),
         (
-            "Cells: strategy and what differs from the baseline",
+            f"Cells: strategy and what differs from {baseline.label}",
             html.table(*_cells_table(cells, baseline), text_columns=(1, 2)),
         ),
         ("Accuracy and loss per round", figures("accuracy", "loss")),
@@ -309,9 +331,9 @@ def _html(
     return html.page(found.title, sections, _about(found, command))
 
 
-def _paired_html(cells: list[CellStats], baseline: CellStats, target: float) -> str:
+def _paired_html(cells: list[CellStats], pairing: paired.Pairing, target: float) -> str:
     """The paired table, its verdict columns wrapping (they are sentences)."""
-    header, rows = paired.table(cells, baseline, target)
+    header, rows = paired.table(cells, pairing, target)
     verdicts = tuple(i for i, h in enumerate(header) if h.endswith("verdict"))
     return html.table(header, rows, text_columns=verdicts)
 
@@ -337,7 +359,7 @@ def _cells_table(cells: list[CellStats], baseline: CellStats) -> tuple[list[str]
         if cell.runs[0].tuned:
             what += f" (tuned: {cell.runs[0].tuned})"
         rows.append([cell.label, cell.runs[0].strategy, what, ", ".join(str(r.seed) for r in cell.runs)])
-    return ["cell", "strategy", "changed keys (against the baseline)", "seeds"], rows
+    return ["cell", "strategy", f"changed keys (against {baseline.label})", "seeds"], rows
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:
