@@ -55,18 +55,23 @@ def refactorise(b_bar: Tensor, a_prev: Tensor) -> tuple[Tensor, Tensor]:
     """FedSVD's SVD step for one layer: (A_new, B_new) with B_new @ A_new = b_bar @ a_prev.
 
     ``b_bar`` is d_out x r, ``a_prev`` r x d_in with r <= min(d_out, d_in). A_new = V_rᵀ (r x d_in,
-    orthonormal rows), B_new = U_r diag(Σ_r) (d_out x r), from the thin SVD of the product taken in
-    float64; both are returned in the inputs' promoted dtype. Singular values are in decreasing order;
-    a product of rank below r still yields r orthonormal rows (the extra ones paired with zero columns).
+    orthonormal rows), B_new = U_r diag(Σ_r) (d_out x r), from the thin SVD of the product, taken in
+    float64 through the factors: with QR decompositions b_bar = Q_b R_b and a_prevᵀ = Q_a R_a, the product
+    is Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD of the r x r core U_m Σ V_mᵀ gives U_r = Q_b U_m and V_r = Q_a V_m
+    (O(d r²) instead of the O(d³) of the full product's SVD). Both are returned in the inputs'
+    promoted dtype. Singular values are in decreasing order; a product of rank below r still yields r
+    orthonormal rows (the extra ones paired with zero columns).
     """
     if b_bar.dim() != 2 or a_prev.dim() != 2 or b_bar.shape[1] != a_prev.shape[0]:
         raise ValueError(f"B {tuple(b_bar.shape)} and A {tuple(a_prev.shape)} are not a LoRA pair")
     rank = a_prev.shape[0]
     if rank > min(b_bar.shape[0], a_prev.shape[1]):
         raise ValueError(f"rank {rank} exceeds the layer's {b_bar.shape[0]} x {a_prev.shape[1]} product")
-    u, s, vh = torch.linalg.svd(b_bar.double() @ a_prev.double(), full_matrices=False)
+    q_b, r_b = torch.linalg.qr(b_bar.double())
+    q_a, r_a = torch.linalg.qr(a_prev.double().T)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
     dtype = torch.promote_types(b_bar.dtype, a_prev.dtype)
-    return vh[:rank].to(dtype), (u[:, :rank] * s[:rank]).to(dtype)
+    return (q_a @ vh.T).T.to(dtype), ((q_b @ u) * s).to(dtype)
 
 
 @register("fedsvd")

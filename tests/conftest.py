@@ -341,11 +341,22 @@ def task_identity() -> Iterator[None]:
 # ----- a federation in this process: Flower's Grid contract served by calling the ClientApp -------------
 
 
+def _over_the_wire(message: Any) -> Any:
+    """``message`` as the other side gets it: Flower's protobuf form, serialised to bytes and parsed back,
+    so that whatever a strategy or client puts in a message must survive the real transport."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    data = message_to_proto(message).SerializeToString()
+    return message_from_proto(ProtoMessage.FromString(data))
+
+
 class InProcessGrid:
     """Flower's Grid contract answered by calling the real ClientApp in this process, one node at a time:
     no Ray, no SuperLink. The server side (round loop, strategy, privacy, run directory) and the client
-    side (``clients/app.py``) are the product's own code; only the transport is left out. A client that
-    raises answers with an error reply, as Flower's would."""
+    side (``clients/app.py``) are the product's own code; only the transport is left out, but every
+    message and reply goes through Flower's protobuf serialisation both ways. A client that raises
+    answers with an error reply, as Flower's would."""
 
     def __init__(self, num_nodes: int) -> None:
         from flwr.app import Context, RecordDict
@@ -369,11 +380,12 @@ class InProcessGrid:
         ids = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            received = _over_the_wire(message)
             try:
-                reply = app(message, self.contexts[message.metadata.dst_node_id])
+                reply = app(received, self.contexts[message.metadata.dst_node_id])
             except Exception as exc:  # a failing client is an error reply, as in Flower
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
-            self.replies[message.metadata.message_id] = reply
+                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=received)
+            self.replies[message.metadata.message_id] = _over_the_wire(reply)
             ids.append(message.metadata.message_id)
         return ids
 

@@ -215,6 +215,8 @@ def test_fedsvd_refactorisation_reproduces_the_product_with_orthonormal_a(dtype:
     torch.testing.assert_close(b_new @ a_new, b @ a, **tol)  # type: ignore[arg-type]
     norms = b_new.double().norm(dim=0)  # B_new = U_r Σ_r: its column norms are the singular values
     assert torch.all(norms[:-1] >= norms[1:]) and norms[-1] < 1e-5
+    # the singular values of the full product (its SVD computed directly, not through the factors)
+    torch.testing.assert_close(norms, torch.linalg.svdvals((b @ a).double())[:4], rtol=0, atol=1e-5)
     zero_a, zero_b = refactorise(torch.zeros(10, 4, dtype=dtype), a)  # B = 0: product 0, A still orthonormal
     _orthonormal_rows(zero_a)
     assert torch.count_nonzero(zero_b) == 0

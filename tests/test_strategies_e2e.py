@@ -1,56 +1,65 @@
-"""Every strategy completes a short `fedlora run` on the real model and data, in a real Ray simulation.
+"""Every strategy completes a short run on the real model and data (MiniLM, the tweets).
 
-Each strategy is run once (3 clients, 2 sampled per round, 2 rounds), only when a test asks for it, in
-the test process (``run_in_process``) with one client actor of two CPUs, the cheapest real simulation;
-FedIT is run a second time to show that a Ray simulation with client sampling is reproducible. That
-every strategy is reproducible bit for bit, and completes under DP-SGD, is shown in-process on a tiny
-model for all of them (test_in_process.py). The tests are grouped in classes by the runs they read:
-`make test` hands out whole classes to its xdist workers (``--dist loadscope``), so no run is made twice.
+Each strategy is run once (3 clients, 2 sampled per round, 2 rounds), only when a test asks for it.
+FedIT runs twice in a real Ray simulation (``fedlora run`` in the test process, one client actor of
+two CPUs): a Ray simulation with client sampling is reproducible. The other strategies run through the
+in-process federation (``federate``: the product's round loop and ClientApp, every message serialised
+to Flower's protobuf form and back), which leaves out only Ray's start-up and actors, the same for
+every strategy and shown by the FedIT runs. That every strategy is reproducible bit for bit, and
+completes under DP-SGD, is shown in-process on a tiny model (test_in_process.py). The tests are
+grouped in classes by the runs they read: `make test` hands out whole classes to its xdist workers
+(``--dist loadscope``), so no run is made twice.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from strategies import registry
 
 EXTRA = {
-    "flora": ["--set", "strategy.options.ranks=[4,8]"],  # mixed ranks
-    "fedsa-lora": ["--set", "federation.fraction_evaluate=1.0"],  # its personalised accuracy
+    "flora": ["strategy.options.ranks=[4,8]"],  # mixed ranks
+    "fedsa-lora": ["federation.fraction_evaluate=1.0"],  # its personalised accuracy
 }
 """Settings that exercise what is particular to a strategy; every other one runs with the defaults."""
 BUILT_IN = {"fedit", "ffa-lora", "lora-fair", "fedex-lora", "flora", "fedsa-lora", "fedsvd", "rolora"}
 """Strategies whose runs the classes below share with strategy-specific checks."""
 SMALL = [
-    "--clients",
-    "3",
-    "--rounds",
-    "2",
-    "--set",
+    "federation.num_clients=3",
+    "federation.rounds=2",
     "federation.fraction=0.67",
-    "--set",
     "train.local_steps=2",
-    "--set",
     "federation.client_cpus=2",  # one Ray actor runs both clients: one model load instead of two
+    "data.max_examples=2000",
+    "data.test_size=100",
+    "data.max_length=32",
 ]
-SMALL += ["--set", "data.max_examples=2000", "--set", "data.test_size=100", "--set", "data.max_length=32"]
 TIMING = ("wall_s", "aggregate_s", "fair_solve_s")
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory: pytest.TempPathFactory, run_in_process):  # type: ignore[no-untyped-def]
+def results(tmp_path_factory: pytest.TempPathFactory, run_in_process, federate, repo_root: Path):  # type: ignore[no-untyped-def]
     """``results(name, run=0)``: the rounds.jsonl rows of run ``run`` of strategy ``name``, made on first
-    use (``run=1``: a second run with the same seed)."""
+    use (``run=1``: a second run with the same seed); FedIT on Ray, the others in-process."""
+    from fedlora.run.experiment import load_experiment, preflight
+
     base = tmp_path_factory.mktemp("strategies")
+    quickstart = repo_root / "sims" / "quickstart.toml"
     done: dict[tuple[str, int], list[dict]] = {}  # type: ignore[type-arg]
 
     def get(name: str, run: int = 0) -> list[dict]:  # type: ignore[type-arg]
         if (name, run) not in done:
             out = base / f"{name}-{run}"
-            proc = run_in_process("run", "--strategy", name, *SMALL, *EXTRA.get(name, []), "--out", str(out))
-            assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+            overrides = [*SMALL, f'strategy.name="{name}"', *EXTRA.get(name, [])]
+            if name == "fedit":
+                sets = [arg for o in overrides for arg in ("--set", o)]
+                proc = run_in_process("run", str(quickstart), *sets, "--out", str(out))
+                assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+            else:
+                federate(preflight(load_experiment(quickstart, overrides), simulation=True), out)
             done[name, run] = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
         return done[name, run]
 
