@@ -290,7 +290,10 @@ def compare(
         rest = [t for t in _checked(grid.tasks(extra, chosen)) if t not in tasks]
         todo, done = plan(rest, root)
         prepare(grid, [*tasks, *rest], root)
-        _compare_with_progress(grid, todo, done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
+        what = f"{len(chosen)} cells x their chosen setting x {len(grid.after_tuning_seeds)} other seeds"
+        _compare_with_progress(
+            grid, todo, done, root, jobs=jobs, verbose=verbose, shared_ray=shared, what=what
+        )
 
 
 def _after_tuning(grid: Any, extra: list[str], tasks: list[Any], root: Path) -> list[Any]:
@@ -379,8 +382,23 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+def _shape(grid: Any) -> str:
+    """``6 cells x 2 tuning settings x 5 seeds`` (with ``tune_seeds``: the tuning seeds only)."""
+    seeds = grid.tune_seeds or grid.seeds
+    tuning = f"{len(grid.settings)} tuning settings x " if grid.settings else ""
+    return f"{len(grid.cells)} cells x {tuning}{len(seeds)} seed{'s' * (len(seeds) > 1)}"
+
+
 def _compare_with_progress(
-    grid: Any, todo: list[Any], done: list[Any], root: Path, *, jobs: int, verbose: bool, shared_ray: bool
+    grid: Any,
+    todo: list[Any],
+    done: list[Any],
+    root: Path,
+    *,
+    jobs: int,
+    verbose: bool,
+    shared_ray: bool,
+    what: str = "",
 ) -> None:
     # start-up: imported when the command runs, so `fedlora --help` stays fast
     from rich.console import Console
@@ -392,9 +410,7 @@ def _compare_with_progress(
     console = Console()
     total = len(todo) + len(done)
     console.print(
-        f"[bold]fedlora compare[/] {grid.name}: {len(grid.cells)} cells x "
-        + (f"{len(grid.settings)} tuning settings x " if grid.settings else "")
-        + f"{len(grid.seeds)} seeds = "
+        f"[bold]fedlora compare[/] {grid.name}: {what or _shape(grid)} = "
         f"{total} runs, {len(done)} already finished, {jobs} at a time -> {root}",
         soft_wrap=True,
     )

@@ -1,7 +1,9 @@
-"""End to end: `fedlora compare` on a small real grid, killed mid-way, resumed, then re-run (all skipped).
+"""End to end: a tuned `fedlora compare` on a small real grid, killed mid-way, resumed on one shared Ray
+head, then re-run (all skipped).
 
-One seed per cell: how seeds expand into runs and rows is covered by the unit tests in test_compare.py;
-here each run is a real `fedlora run` process with its own Ray, about half a minute each."""
+How cells, settings and seeds expand into runs and rows is covered by the unit tests in
+test_compare.py and test_tuning.py; here each run is a real `fedlora run` process, about half a minute
+each."""
 
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ GRID = """
 [compare]
 name = "small"
 experiment = "{base}"
-seeds = [0]
+seeds = [0, 1]
+tune_seeds = [0]
+tune = {{ "train.lr" = [1e-4, 1e-2] }}
 target_accuracy = 0.4
 set = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2", "data.max_examples=2000",
        "data.test_size=100", "federation.fraction_evaluate=1.0", "data.max_length=32",
-       "federation.client_cpus=2"]
+       "federation.client_cpus=2", "federation.evaluate_every=2"]
 
 [[compare.axes]]
 key = "strategy.name"
-values = ["fedit", "ffa-lora"]
+values = ["fedit"]
 """
 
 
@@ -39,17 +43,23 @@ def descendants(pid: int) -> list[psutil.Process]:
 
 
 @pytest.mark.e2e
-def test_compare_killed_mid_way_resumes_and_skips_finished_runs(
+def test_a_tuned_compare_killed_mid_way_resumes_on_a_shared_ray_and_skips_finished_runs(
     tmp_path: Path, repo_root: Path, start_cli
 ) -> None:  # type: ignore[no-untyped-def]
+    """Both learning rates at seed 0 (the first one's run finishes, then the comparison is SIGKILLed
+    while the second one runs), then resumed with one Ray head for the rest: the second tuning run
+    again, and the setting chosen on the clients' validation accuracy at seed 1 only; a third call
+    runs nothing."""
+    from fedlora.core.records import read_rounds
+
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.format(base=repo_root / "sims" / "quickstart.toml"))
     out = tmp_path / "cmp"
 
-    def compare():  # type: ignore[no-untyped-def]
-        return start_cli("compare", str(grid), "--out", str(out), start_new_session=True)
+    def compare(*extra: str):  # type: ignore[no-untyped-def]
+        return start_cli("compare", str(grid), "--out", str(out), *extra, start_new_session=True)
 
-    first_summary = out / "runs" / "fedit" / "seed-0" / "summary.json"
+    first_summary = out / "runs" / "fedit" / "lr-0.0001" / "seed-0" / "summary.json"
 
     proc = compare()
     deadline = time.monotonic() + 300
@@ -63,14 +73,25 @@ def test_compare_killed_mid_way_resumes_and_skips_finished_runs(
     _, alive = psutil.wait_procs(children, timeout=60)
     assert not alive, f"processes left after the comparison was killed: {[p.pid for p in alive]}"
 
-    proc = compare()
+    proc = compare("--shared-ray")
     output, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, output[-3000:]
-    assert "1 already finished" in output
-    assert output.count("done ") == 1
+    assert "2 runs, 1 already finished" in output and "local head(s) for the whole grid" in output
+    assert output.count("done ") == 2
 
+    validation = {
+        setting: read_rounds(out / "runs" / "fedit" / setting / "seed-0")[-1]["client_eval_accuracy"]
+        for setting in ("lr-0.0001", "lr-0.01")
+    }
+    expected = "lr=0.0001" if validation["lr-0.0001"] >= validation["lr-0.01"] else "lr=0.01"  # ties: first
+    assert f"tuned on seed(s) 0: fedit -> {expected}" in output
+    other = "lr-0.01" if expected == "lr=0.0001" else "lr-0.0001"
+    assert not (out / "runs" / "fedit" / other / "seed-1").exists()  # seed 1 runs the chosen setting only
     rows = list(csv.DictReader((out / "comparison.csv").open()))
-    assert [(r["cell"], r["seed"]) for r in rows] == [("fedit", "0"), ("ffa-lora", "0")]
+    assert [(r["cell"], r["seed"], r["tuned"]) for r in rows] == [
+        ("fedit", "0", expected),
+        ("fedit", "1", expected),
+    ]
     for row in rows:
         summary = read_summary(Path(row["run_dir"]))
         assert float(row["final_accuracy"]) == summary["final_eval_accuracy"]
@@ -79,8 +100,7 @@ def test_compare_killed_mid_way_resumes_and_skips_finished_runs(
         assert float(row["downlink_mb"]) == summary["total_downlink_bytes"] / 1e6
         assert float(row["wall_s"]) == summary["wall_s"]
         assert row["strategy"] == summary["strategy"] == row["cell"]
-    ffa, fedit = (float(r["uplink_mb"]) for r in (rows[1], rows[0]))
-    assert ffa < 0.55 * fedit  # FFA-LoRA sends B only
+    assert "## Tuning (chosen on validation)" in (out / "comparison.md").read_text()
     for name in ("comparison.md", "accuracy_per_round.png", "accuracy_vs_uplink.png", "report.html"):
         assert (out / name).is_file(), name
 
@@ -88,5 +108,5 @@ def test_compare_killed_mid_way_resumes_and_skips_finished_runs(
     proc = compare()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
-    assert "2 already finished" in output and "done " not in output
+    assert "2 already finished" in output and "1 already finished" in output and "done " not in output
     assert time.monotonic() - started < 60  # nothing ran again
