@@ -28,11 +28,13 @@ SMALL = [
     "--set",
     "data.max_examples=3000",
     "--set",
-    "data.test_size=200",
+    "data.test_size=100",
     "--set",
-    "data.max_length=48",
+    "data.max_length=32",
     "--set",
     "federation.fraction_evaluate=1.0",
+    "--set",
+    "federation.client_cpus=2",  # one Ray actor runs all three clients: one model load instead of two
 ]
 
 
