@@ -1,5 +1,5 @@
-"""The real SmolLM2-135M-Instruct: the GGUF conversion, and one small federated causal-LM run whose
-adapter a fresh process reloads to answer (`fedlora generate`)."""
+"""The real SmolLM2-135M-Instruct: the GGUF conversion, and one small federated causal-LM run (in this
+process) whose adapter a fresh process reloads to answer (`fedlora generate`)."""
 
 from __future__ import annotations
 
@@ -32,18 +32,18 @@ def test_conversion_is_idempotent_and_unquantised(smollm2: str, run_in_process) 
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
 
 
-def test_small_run_trains_and_generate_answers(
-    smollm2: str, tmp_path, repo_root, run_in_process, run_cli
-) -> None:  # type: ignore[no-untyped-def]
+def test_small_run_trains_and_generate_answers(smollm2: str, tmp_path, repo_root, federate, run_cli) -> None:  # type: ignore[no-untyped-def]
+    """The federation in this process (the product's round loop and ClientApp, messages through Flower's
+    protobuf form; test_llm_e2e.py runs a causal-LM federation on Ray), then a fresh process reloads the
+    adapter and answers."""
+    from fedlora.run.experiment import load_experiment, preflight
+
     out = tmp_path / "run"
-    proc = run_in_process(
-        "run",
-        str(repo_root / "sims" / "llm_quickstart.toml"),
-        *("--clients", "2", "--rounds", "1", "--out", str(out)),
-        *("--set", "data.max_examples=300", "--set", "data.test_size=12", "--set", "data.max_length=80"),
-        *("--set", "train.local_steps=2", "--set", "train.batch_size=4", "--set", "federation.client_cpus=2"),
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    overrides = ["federation.num_clients=2", "federation.rounds=1", "data.max_examples=300"]
+    overrides += ["data.test_size=12", "data.max_length=80", "train.local_steps=2", "train.batch_size=4"]
+    overrides += ["federation.client_cpus=2"]
+    cfg = load_experiment(repo_root / "sims" / "llm_quickstart.toml", overrides)
+    federate(preflight(cfg, simulation=True), out)
     summary = json.loads((out / "summary.json").read_text())
     (row,) = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert 0 <= summary["zero_shot"]["eval_accuracy"] <= 1 and 0 <= row["eval_accuracy"] <= 1
