@@ -5,7 +5,6 @@ adapter, reloaded, predicts class names."""
 from __future__ import annotations
 
 import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,14 +52,14 @@ def test_fedlora_data_shows_each_client_and_writes_a_png(tmp_path: Path) -> None
 
 @pytest.mark.e2e
 def test_a_csv_with_five_labels_trains_by_user_and_the_adapter_predicts_names(
-    tmp_path: Path, run_in_process: Callable[..., subprocess.CompletedProcess[str]]
+    tmp_path: Path, federate: Callable[..., Path]
 ) -> None:
+    """The federation runs in this process (the product's round loop and ClientApp, messages through
+    Flower's protobuf form): what is checked here is the data path, not Ray's transport."""
+    from fedlora.run.experiment import load_experiment, preflight
+
     out = tmp_path / "run"
-    proc = run_in_process(
-        "run", str(experiment(tmp_path)), "--out", str(out), "--set", "federation.client_cpus=2"
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "macro_f1" in proc.stdout
+    federate(preflight(load_experiment(experiment(tmp_path)), simulation=True), out)
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     assert len(rows) == 2
     assert all(0.0 <= row["eval_macro_f1"] <= 1.0 for row in rows)
