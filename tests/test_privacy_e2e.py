@@ -1,4 +1,6 @@
-"""Privacy end to end: `fedlora run` with DP-SGD and with dp-updates on the real model and tweets."""
+"""Privacy end to end on the real model and tweets: `fedlora run` with DP-SGD on Ray (Opacus in the
+client actors), and dp-updates through the in-process federation (the product's round loop and
+ClientApp, messages through Flower's protobuf form), whose noise and accounting are the server's."""
 
 from __future__ import annotations
 
@@ -91,15 +93,18 @@ def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(
 @pytest.mark.e2e
 @pytest.mark.parametrize(("strategy", "placement"), [("fedit", "server"), ("ffa-lora", "client")])
 def test_dp_updates_epsilon_is_the_subsampled_gaussian_after_each_round(
-    tmp_path: Path, strategy: str, placement: str, run_in_process
+    tmp_path: Path, strategy: str, placement: str, federate, repo_root: Path
 ) -> None:  # type: ignore[no-untyped-def]
-    rows = _run(
-        run_in_process, tmp_path / "run",
-        "--strategy", strategy, "--rounds", "2",
-        "--set", "privacy.mode=dp-updates", "--set", "privacy.noise_multiplier=1.0",
-        "--set", "privacy.clip_norm=0.5", "--set", f"privacy.placement={placement}",
-        "--set", "federation.fraction=0.67",
-    )  # fmt: skip
+    from fedlora.run.experiment import load_experiment, preflight
+
+    overrides = [
+        *_overrides(SMALL), "federation.num_clients=3", f'strategy.name="{strategy}"', "federation.rounds=2",
+        "privacy.mode='dp-updates'", "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5",
+        f"privacy.placement='{placement}'", "federation.fraction=0.67",
+    ]  # fmt: skip
+    cfg = preflight(load_experiment(repo_root / "sims" / "quickstart.toml", overrides), simulation=True)
+    out = federate(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     q = 2 / 3  # clients_per_round = int(0.67 * 3) = 2 of 3
     for k, row in enumerate(rows, start=1):
         assert row["epsilon"] == pytest.approx(_reference([(1.0, q, 1)] * k, 1e-5), rel=1e-9)
