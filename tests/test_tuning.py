@@ -157,6 +157,13 @@ def test_tune_seeds_tune_on_some_seeds_then_run_the_chosen_setting_at_the_others
         ("fedit/lr-0.001/seed-2", 1e-3),
     ]
     assert len(g.all_tasks()) == 4 + 2 * 2 and g.manifest()["tune_seeds"] == [0]
+    both = [t for t in g.tasks(chosen={"fedit": g.settings[1], "ffa-lora": g.settings[0]}) if t not in first]
+    assert [(t.cell.label, t.seed) for t in both] == [
+        ("fedit", 1),
+        ("ffa-lora", 1),
+        ("fedit", 2),
+        ("ffa-lora", 2),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -179,7 +179,8 @@ class Grid:
 
         Without ``tune_seeds``: every (cell, setting, seed). With it: every (cell, setting) at the tuning
         seeds, then, for each cell in ``chosen`` (cell label -> its chosen setting), that setting at the
-        other seeds.
+        other seeds, seed by seed (all cells at one seed, then the next), so that a comparison stopped
+        early has the same seeds in every cell.
         """
         tasks = []
         for cell in self.cells:
@@ -187,8 +188,10 @@ class Grid:
             for setting in settings:
                 for seed in self.tune_seeds or self.seeds:
                     tasks.append(self._task(cell, seed, setting, extra))
-            if chosen and cell.label in chosen:
-                tasks += [self._task(cell, s, chosen[cell.label], extra) for s in self.after_tuning_seeds]
+        for seed in self.after_tuning_seeds:  # seed by seed: stopped early, every cell has as many seeds
+            for cell in self.cells:
+                if chosen and cell.label in chosen:
+                    tasks.append(self._task(cell, seed, chosen[cell.label], extra))
         return tasks
 
     def all_tasks(self, extra: list[str] | None = None) -> list[Task]:
