@@ -37,8 +37,10 @@ def answers(address: str) -> bool:
 
 @pytest.mark.e2e
 def test_a_head_stops_with_its_processes(tmp_path: Path) -> None:
-    head = RayHead(tmp_path / "head.log")
-    with head:
+    log = tmp_path / "head.log"
+    log.write_text("Ray runtime started.\n")  # a resumed comparison's log: the earlier head's lines
+    head = RayHead(log)
+    with head:  # returns once *this* head has started, not on the earlier head's line
         assert answers(head.address)
         processes = [psutil.Process(p) for p in head.pids()]
         assert len(processes) > 3  # ray start, the GCS, the raylet and more

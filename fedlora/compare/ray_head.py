@@ -88,6 +88,8 @@ class RayHead:
         self._temp: Path | None = None
         """Ray's temporary directory, made when the head starts (short: socket paths < 108 bytes)."""
         self._proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
+        """Size of the log before this head started: an earlier head's lines are not this one's."""
 
     def command(self) -> list[str]:
         command = [_ray_executable(), "start", "--head", "--block", "--port", str(self.port)]
@@ -108,6 +110,7 @@ class RayHead:
         self._remove_stale()
         command = self.command()
         self._marker.write_text(str(self._temp), encoding="utf-8")
+        self._log_start = self.log.stat().st_size if self.log.is_file() else 0  # an earlier head's lines
         with self.log.open("ab") as log:
             self._proc = subprocess.Popen(
                 command,
@@ -141,7 +144,12 @@ class RayHead:
         self._marker.unlink(missing_ok=True)
 
     def _log_text(self) -> str:
-        return self.log.read_text(encoding="utf-8", errors="replace") if self.log.is_file() else ""
+        """What this head wrote to its log (a resumed comparison appends to the earlier head's log)."""
+        if not self.log.is_file():
+            return ""
+        with self.log.open("rb") as f:
+            f.seek(self._log_start)
+            return f.read().decode("utf-8", errors="replace")
 
     def pids(self) -> list[int]:
         """The head process and its descendants now (Ray's daemons and workers)."""
