@@ -220,11 +220,12 @@ address = "127.0.0.1:$port"
 root-certificates = "$work/certs/ca.crt"
 EOF
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-nodes_online() {
+nodes_online() {  # "online known"; "-1 -1" until the SuperLink answers with a node list (an error is JSON too)
   "$FLWR" supernode list "$FEDERATION" --format json 2>/dev/null | "$PY" -c "
 import json, sys
 text = sys.stdin.read()
-nodes = json.loads(text[text.find('{'):]).get('nodes', []) if '{' in text else []
+data = json.loads(text[text.find('{'):]) if '{' in text else {}
+nodes = data['nodes']
 print(sum(n.get('status') == 'online' for n in nodes), len(nodes))" 2>/dev/null || echo "-1 -1"
 }
 
