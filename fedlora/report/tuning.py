@@ -62,7 +62,9 @@ def table(tunings: Sequence[Tuning]) -> tuple[list[str], list[list[str]]]:
 def legend() -> str:
     """What the tuning table shows."""
     return (
-        "Each cell ran every setting at every seed; the chosen setting has the highest mean over seeds of "
-        "the clients' validation accuracy (their own validation splits, last evaluated round), never the "
-        "test set. Only the chosen setting's runs are in the other tables and plots."
+        "Each cell ran every setting at the tuning seeds (every seed, unless compare.tune_seeds names "
+        "some; then the other seeds ran only the chosen setting); in brackets, how many seeds each score "
+        "averages. The chosen setting has the highest mean over those seeds of the clients' validation "
+        "accuracy (their own validation splits, last evaluated round), never the test set. Only the "
+        "chosen setting's runs are in the other tables and plots."
     )
