@@ -140,9 +140,9 @@ def loss_per_round(cells: list[CellStats], path: Path, title: str) -> Path | Non
         for key, name, style in (("train_loss", "train (clients)", "-"), ("eval_loss", "test", "--")):
             mean, low, high = _mean_min_max(_series(cell, key))
             rounds = _rounds(cell, key, len(mean))
-            ax.plot(
-                rounds, mean, linestyle=style, color="black" if key == "eval_loss" else "tab:blue", label=name
-            )
+            colour = "black" if key == "eval_loss" else "tab:blue"
+            marker = "o" if key == "eval_loss" else None  # evaluated rounds (federation.evaluate_every)
+            ax.plot(rounds, mean, linestyle=style, color=colour, marker=marker, markersize=3, label=name)
             ax.fill_between(
                 rounds, low, high, alpha=0.15, linewidth=0, color="tab:blue" if style == "-" else "grey"
             )
