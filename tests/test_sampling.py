@@ -76,18 +76,20 @@ def test_virtual_nodes_are_workers_given_partitions_without_any_query(task_ident
     assert len(seen) > 4  # a new sample every round
 
 
-def test_the_pool_is_the_largest_round() -> None:
+def test_the_pool_is_two_nodes_per_actor_at_most_the_largest_round() -> None:
     from fedlora.privacy.mechanisms import mechanism_for
     from fedlora.server.sampling import virtual_nodes
 
-    def pool(**federation: object) -> int:
+    def pool(workers: int = 1000, **federation: object) -> int:
         cfg = from_dict({"federation": {"num_clients": 10_000, "fraction": 0.0004, **federation}})
-        return virtual_nodes(cfg, mechanism_for(cfg))
+        return virtual_nodes(cfg, mechanism_for(cfg), workers)
 
     assert pool() == 4
     assert pool(fraction_evaluate=0.001) == 10
     assert pool(min_clients=6) == 6
-    assert pool(fraction=1.0) == pool(fraction_evaluate=1.0) == 10_000
+    assert pool(fraction=1.0) == pool(fraction_evaluate=1.0) == 2000
+    assert pool(workers=2, fraction=0.05) == 4  # 500 clients per round on 2 actors: 4 nodes
+    assert pool(workers=1) == 2
     dp = from_dict(
         {
             "federation": {"num_clients": 10_000, "fraction": 0.03},
@@ -95,7 +97,21 @@ def test_the_pool_is_the_largest_round() -> None:
         }
     )
     # Poisson with q = 0.03: mean 300, sd sqrt(300 * 0.97) = 17.06; mean + 6 sd = 402.3
-    assert virtual_nodes(dp, mechanism_for(dp)) == 403
+    assert virtual_nodes(dp, mechanism_for(dp), 1000) == 403
+    assert virtual_nodes(dp, mechanism_for(dp), 2) == 4
+
+
+def test_a_round_larger_than_the_pool_deals_partitions_to_the_workers_in_turn(task_identity: None) -> None:
+    """500 clients on 4 virtual nodes: each node gets every 4th partition, each partition once."""
+    strategy, grid = _strategy(2_000, 0.25), Grid(4)
+    strategy.sampler.assigns = True
+    messages = _train_messages(strategy, grid, 1)
+    partitions = _partitions(messages)
+    assert len(messages) == 500 and len(set(partitions)) == 500
+    nodes = sorted(grid.get_node_ids())
+    assert [m.metadata.dst_node_id for m in messages] == [nodes[i % 4] for i in range(500)]
+    one = _train_messages(strategy, Grid(1), 2)  # fewer nodes than min_clients: still workers, no error
+    assert len({m.metadata.dst_node_id for m in one}) == 1 and len(set(_partitions(one))) == 500
 
 
 def test_assigned_and_asked_partitions_sample_the_same_clients(task_identity: None) -> None:

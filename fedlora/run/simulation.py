@@ -21,6 +21,7 @@ from typing import Any
 
 import ray
 from flwr.simulation import run_simulation
+from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
 from clients.app import app as client_app
 from fedlora.core.config import ConfigError, ExperimentConfig
@@ -128,8 +129,8 @@ def simulate(
 ) -> None:
     """Run ``cfg``'s ``federation.num_clients`` clients on Flower's simulation engine; blocks until done.
 
-    The clients are partitions of the data; Flower's virtual SuperNodes are a pool of workers, as many
-    as the largest round needs (:func:`fedlora.server.sampling.virtual_nodes`), each message naming the
+    The clients are partitions of the data; Flower's virtual SuperNodes are a small pool of workers,
+    two per client actor (:func:`fedlora.server.sampling.virtual_nodes`), each message naming the
     partition it plays, so time and memory per round do not grow with the number of clients.
 
     With ``resume`` the run continues after the run directory's checkpoint. Clients keep their state
@@ -155,13 +156,14 @@ def simulate(
             # it, since ray.init installs handlers of its own.
             _install(previous, _stop_handler(tracker), in_main)
             _start_ray(config)
+            resources = config["client_resources"]  # the actors Flower will start on this cluster
             _install(previous, _stop_handler(tracker), in_main)
             run_simulation(
                 server_app=make_server_app(
                     cfg, run_dir, on_round, resume=resume, client_state_dir=run_dir.client_state_path
                 ),
                 client_app=client_app,
-                num_supernodes=virtual_nodes(cfg, mechanism_for(cfg)),  # workers; clients are partitions
+                num_supernodes=virtual_nodes(cfg, mechanism_for(cfg), pool_size_from_resources(resources)),
                 backend_config=config,  # type: ignore[arg-type]
                 verbose_logging=verbose,
             )

@@ -3,11 +3,10 @@
 Sampling by partition id, not by Flower's random node ids, makes runs with the same seed sample the
 same clients. Deployed nodes each hold one partition: the partition of every node is asked once with a
 QUERY message and cached (asked again only when the set of connected nodes changes). In a simulation
-a client is a partition, and Flower's virtual SuperNodes are a pool of interchangeable workers
-(:func:`virtual_nodes` of them, enough for the largest round): each round the sampled partitions are
-handed to the workers in order and each message names its partition
-(:data:`fedlora.core.protocol.ASSIGNED_PARTITION`). No node is asked anything, and the cost of a round
-does not grow with the number of clients.
+a client is a partition, and Flower's virtual SuperNodes are a small pool of interchangeable workers
+(:func:`virtual_nodes`): each round the sampled partitions are handed to the workers in turn and each
+message names its partition (:data:`fedlora.core.protocol.ASSIGNED_PARTITION`). No node is asked
+anything, and the cost of a round does not grow with the number of clients.
 """
 
 from __future__ import annotations
@@ -24,17 +23,28 @@ from fedlora.core.stopping import exchange
 from fedlora.privacy.mechanisms import Mechanism
 from fedlora.server.replies import RoundFailedError
 
+NODES_PER_WORKER = 2
+"""Virtual nodes per Ray actor: Flower's simulation engine hands out at most one message per node
+every 0.1 s, so two per actor keep every actor's next message queued."""
 
-def virtual_nodes(cfg: ExperimentConfig, mechanism: Mechanism) -> int:
-    """Flower virtual SuperNodes a simulation needs: the most partitions a training or evaluation round
-    can sample (at least ``federation.min_clients``, at most ``federation.num_clients``). A rarer larger
-    Poisson sample is still sent, some workers then getting two messages in that round (not tested)."""
+
+def virtual_nodes(cfg: ExperimentConfig, mechanism: Mechanism, workers: int) -> int:
+    """Flower virtual SuperNodes for a simulation whose Ray cluster holds ``workers`` client actors:
+    ``NODES_PER_WORKER`` per actor, fewer when no round can sample that many partitions.
+
+    A node is a worker, not a client: a round with more clients than nodes gives each node several
+    messages (at most one per partition), which Flower queues and the actors run as they free up.
+    Fewer nodes keep Flower's message dispatch cheap: each 0.1 s it scans every stored message once
+    per node, so a pool as large as a 500-client round spent most of the server's CPU on that scan.
+    """
     fed = cfg.federation
-    train = mechanism.most_sampled(fed.num_clients, fed.clients_per_round())
-    evaluate = fed.clients_per_round(fed.fraction_evaluate) if fed.fraction_evaluate > 0 else 0
     if fed.fraction >= 1.0 or fed.fraction_evaluate >= 1.0:
-        return fed.num_clients
-    return min(fed.num_clients, max(train, evaluate, fed.min_clients))
+        largest = fed.num_clients
+    else:
+        train = mechanism.most_sampled(fed.num_clients, fed.clients_per_round())
+        evaluate = fed.clients_per_round(fed.fraction_evaluate) if fed.fraction_evaluate > 0 else 0
+        largest = min(fed.num_clients, max(train, evaluate, fed.min_clients))
+    return max(1, min(largest, NODES_PER_WORKER * workers))
 
 
 class ClientSampler:
@@ -75,7 +85,7 @@ class ClientSampler:
         """
         fed = self.cfg.federation
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) < min(fed.min_clients, fed.num_clients):
+        if not self.assigns and len(nodes) < min(fed.min_clients, fed.num_clients):
             raise RoundFailedError(
                 f"only {len(nodes)} clients are connected but federation.min_clients = {fed.min_clients}"
             )
@@ -89,7 +99,7 @@ class ClientSampler:
                 chosen = self.mechanism.sample(population, want, self.rng)
             else:
                 chosen = sorted(self.rng.sample(population, want))
-        if node_of is None:  # virtual nodes: the i-th partition to the i-th worker
+        if node_of is None:  # virtual nodes: the partitions dealt to the workers in turn
             return {pid: nodes[i % len(nodes)] for i, pid in enumerate(chosen)}
         return {pid: node_of[pid] for pid in chosen}
 
