@@ -136,7 +136,9 @@ def test_the_shipped_grids_resolve() -> None:
     for path in grids:
         grid = load_grid(path)
         tasks = grid.tasks()
-        assert {t.cell.label for t in tasks} == {c.label for c in grid.cells} and len(grid.cells) >= 4, path.name
+        assert {t.cell.label for t in tasks} == {c.label for c in grid.cells} and len(grid.cells) >= 4, (
+            path.name
+        )
 
 
 def fake_run(

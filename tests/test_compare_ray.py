@@ -96,3 +96,17 @@ def test_side_by_side_heads_get_disjoint_worker_ports(tmp_path: Path) -> None:
     command = RayHead(tmp_path / "head.log", worker_ports=ranges[1]).command()
     assert command[command.index("--min-worker-port") + 1] == "21000"
     assert command[command.index("--max-worker-port") + 1] == "21999"
+
+
+def test_a_heads_ports_are_distinct(tmp_path: Path) -> None:
+    """Each port was picked free on its own, so two components could get the same one, and the head
+    refused to start ("trying to use a port number ... used by other components"); they are distinct."""
+    for _ in range(20):
+        head = RayHead(tmp_path / "head.log")
+        command = head.command()
+        ports = [
+            int(command[i + 1])
+            for i, arg in enumerate(command)
+            if arg.endswith("-port") and "worker" not in arg
+        ]
+        assert len(ports) == 8 and len(set(ports)) == 8 and head.port in ports

@@ -19,7 +19,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import psutil
 
 from fedlora.run.environment import QUIET_ENV
+from fedlora.run.processes import free_ports
 
 STARTED = "Ray runtime started"
 PORT_FLAGS = (
@@ -44,20 +44,13 @@ PORT_FLAGS = (
 
 def worker_ports(index: int) -> tuple[int, int]:
     """Head ``index``'s worker port range: 1,000 ports from 20000 + 1000 * index, below Linux's
-    ephemeral range (where :func:`free_port` picks) and above Ray's default range (a run's own Ray)."""
+    ephemeral range (where the other ports are picked) and above Ray's default range (a run's own Ray)."""
     low = 20000 + 1000 * index
     return low, low + 999
 
 
 class RayHeadError(RuntimeError):
     """The head did not start (its log's last lines are in the message)."""
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on now (on loopback)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _ray_executable() -> str:
@@ -83,7 +76,8 @@ class RayHead:
         """Inclusive port range of this head's workers and drivers (None: Ray's default 10002-19999).
         Heads that run side by side need disjoint ranges, or a driver can bind a port another head's
         worker holds and abort with "Address already in use"."""
-        self.port = free_port()
+        self.port, *self._ports = free_ports(1 + len(PORT_FLAGS))
+        """The head's port and its components' (distinct: two components on one port stop the head)."""
         self.address = f"127.0.0.1:{self.port}"
         self._temp: Path | None = None
         """Ray's temporary directory, made when the head starts (short: socket paths < 108 bytes)."""
@@ -102,7 +96,9 @@ class RayHead:
         if self.worker_ports is not None:
             command += ["--min-worker-port", str(self.worker_ports[0])]
             command += ["--max-worker-port", str(self.worker_ports[1])]
-        return command + [str(x) for flag in PORT_FLAGS for x in (flag, free_port())]
+        return command + [
+            str(x) for flag, port in zip(PORT_FLAGS, self._ports, strict=True) for x in (flag, port)
+        ]
 
     def start(self, timeout: float = 120.0) -> str:
         """Start the head and wait until Ray reports it running; returns its address."""
