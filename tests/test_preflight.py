@@ -8,6 +8,7 @@ benchmarks, so it is not asserted); the unit tests call ``preflight`` and ``appl
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -223,6 +224,20 @@ def test_weights_of_a_torch_file_and_of_shards(tmp_path: Path) -> None:
         weight_keys(tmp_path)
     save_file({"c": torch.zeros(1)}, str(tmp_path / second))
     assert weight_keys(tmp_path) == ["b.weight", "c"]
+
+
+def test_more_client_cpus_than_the_machine_has_is_refused_only_where_ray_starts_here() -> None:
+    cpus = len(os.sched_getaffinity(0))
+    cfg = _cfg(f"federation.client_cpus={cpus + 1}", "data.max_examples=2000", "data.test_size=100")
+    with pytest.raises(
+        ConfigError, match=rf"federation.client_cpus = {cpus + 1} but this machine has {cpus} CPUs"
+    ):
+        preflight(cfg, simulation=True)
+    preflight(cfg)  # a flwr run ServerApp: the clients run elsewhere
+    preflight(
+        _cfg(f"federation.client_cpus={cpus + 1}", 'federation.ray_address="10.0.0.5:6379"'), simulation=True
+    )
+    preflight(_cfg(f"federation.client_cpus={cpus}", "data.max_examples=2000"), simulation=True)
 
 
 def test_client_gpus_without_cuda_is_refused_only_where_ray_starts_here(

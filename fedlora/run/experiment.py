@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
     here. A ``flwr run`` ServerApp leaves it off: its host may have no GPU while the clients do.
     """
     if simulation and not cfg.federation.ray_address:
+        check_cpus(cfg)
         check_gpus(cfg)
     check_model(cfg)
     cfg, splits = check_data(cfg)
@@ -91,6 +93,17 @@ def resolve_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     source = data.source if data.tweets else str(Path(data.source).expanduser().absolute())
     test_path = str(Path(data.test_path).expanduser().absolute()) if data.test_path else ""
     return dataclasses.replace(cfg, data=dataclasses.replace(data, source=source, test_path=test_path))
+
+
+def check_cpus(cfg: ExperimentConfig) -> None:
+    """``federation.client_cpus`` must fit this machine: a local Ray gets its CPUs, and no client actor
+    fits when one needs more (Flower would stop with "ActorPool is empty" after Ray started)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cfg.federation.client_cpus > cpus:
+        raise ConfigError(
+            f"federation.client_cpus = {cfg.federation.client_cpus:g} but this machine has {cpus} CPUs; "
+            f"set federation.client_cpus <= {cpus}, or attach to a larger Ray cluster with --ray-address"
+        )
 
 
 def check_gpus(cfg: ExperimentConfig) -> None:
