@@ -1,6 +1,6 @@
 """Strategy rounds without Flower: the server's pure hooks fed with client replies of the real shapes.
 
-A client's reply is built exactly as ``clients/app.py`` builds it (the plan's rank, start state,
+A client's reply is built exactly as ``clients/local.py`` builds it (the plan's rank, start state,
 received arrays, kept kinds, reply keys); its training is replaced by a small random step on the
 kinds the plan trains, so the arrays have the real shapes, dtypes and a realistic spread. Used by
 ``traffic.py`` (bytes) and ``server_cost.py`` (aggregation time). Nothing here trains a model.
@@ -44,7 +44,7 @@ def make_strategy(cfg: ExperimentConfig) -> LoraStrategy:
 
 
 def client_reply(strategy: LoraStrategy, pid: int, server_round: int, received: State, step: float) -> State:
-    """What client ``pid`` sends back (as in ``clients/app.py``), after a random step of size ``step``."""
+    """What client ``pid`` sends back (as in ``clients/local.py``), after a random step of size ``step``."""
     cfg = strategy.cfg
     plan = strategy.client_plan(pid, server_round)
     local_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=plan.rank))

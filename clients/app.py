@@ -1,141 +1,37 @@
 """The ClientApp: the same code runs in simulated (Ray) and deployed (SuperNode) clients.
 
-Each handler parses the message, reads the plan the strategy sent for this client (rank, kinds frozen,
-kinds kept local, re-initialisation, what to reply with), calls the library and the privacy mechanism
-of the experiment, and builds the reply. Nothing here knows which strategy or privacy mode runs.
+``train`` and ``evaluate`` do the client's work (:mod:`clients.local`: the message's plan, the model,
+the local data, the privacy mechanism); ``query`` tells the server which partition a deployed node
+holds. Nothing here knows which strategy or privacy mode runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
-from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients import runtime
-from fedlora.core import faults, protocol
-from fedlora.core.adapters import adapter_state, load_adapter_state, set_base_offsets, set_trainable
-from fedlora.core.arrays import from_arrays, to_arrays
-from fedlora.core.plan import ClientPlan
-from fedlora.core.store import ClientStore
-from fedlora.core.training import evaluate as evaluate_model
-from fedlora.privacy.mechanisms import mechanism_for
+from fedlora.core import protocol
 
 app = ClientApp()
 
 
-def _partition_id(context: Context, config: ConfigRecord, num_clients: int) -> int:
-    """The partition this message is for: the one the server assigned (virtual nodes of a simulation,
-    which share one data source), else this node's own, checked against ``federation.num_clients``."""
-    assigned = config.get(protocol.ASSIGNED_PARTITION)
-    if assigned is not None:
-        if context.node_config.get(protocol.NODE_DATA_PATH):
-            raise ValueError("this SuperNode has its own data-path and plays no other partition")
-        return int(assigned)  # type: ignore[arg-type]
-    value = context.node_config.get(protocol.NODE_PARTITION_ID)
-    if value is None:
-        raise ValueError("this SuperNode has no partition-id; start it with --node-config 'partition-id=N'")
-    partitions = context.node_config.get(protocol.NODE_NUM_PARTITIONS)
-    if partitions is not None and int(partitions) != num_clients:  # type: ignore[arg-type]
-        raise ValueError(
-            f"the federation has {partitions} nodes but federation.num_clients = {num_clients}; "
-            "make them equal (flwr run: --federation-config num-supernodes=N)"
-        )
-    return int(value)  # type: ignore[arg-type]
-
-
-def _store(context: Context, config: ConfigRecord, partition_id: int, server_round: int) -> ClientStore:
-    """This client's state store: the node's ``state-dir``, else the one the server names, else Context."""
-    root = context.node_config.get(protocol.NODE_STATE_DIR) or config.get(protocol.STATE_DIR)
-    return ClientStore(context, str(root) if root else None, partition_id, server_round)
-
-
-def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
-    """Parse the message, build this round's adapter on the process's model; returns what handlers need."""
-    config: ConfigRecord = message.content[protocol.CONFIG]  # type: ignore[assignment]
-    text = str(config[protocol.EXPERIMENT])
-    cfg = runtime.parse_experiment(text)
-    runtime.set_threads(cfg.federation.client_cpus)
-    pid = _partition_id(context, config, cfg.federation.num_clients)
-    server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
-    plan = ClientPlan.from_config(message.content[protocol.PLAN])  # type: ignore[arg-type]
-    local_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=plan.rank))
-    model = runtime.model_for(local_cfg)
-    store = _store(context, config, pid, server_round)
-    set_base_offsets(model, runtime.base_offsets(message.content, config, store))
-    received = from_arrays(message.content[protocol.ARRAYS])
-    evaluating = message.metadata.message_type == MessageType.EVALUATE
-    state = runtime.start_state(local_cfg, plan)
-    state.update(runtime.load_local(store, plan, include_current=evaluating))
-    state.update(received)
-    load_adapter_state(model, state)
-    set_trainable(model, plan.freeze)
-    data = runtime.data_for(text, pid, str(context.node_config.get(protocol.NODE_DATA_PATH) or ""))
-    runtime.log_startup(message)
-    return cfg, pid, plan, model, data, received, server_round, store
-
-
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Train this round's adapter on the local split; reply with the arrays the strategy wants back.
+    """Train this round's adapter on the local split (:func:`clients.local.train`)."""
+    # start-up: a SuperNode starts a new process for every message, and a query needs neither torch nor
+    # the model (about 8 CPU-seconds of imports a query process no longer pays)
+    from clients import local
 
-    A client given a fault in ``[faults]`` (simulations) raises, waits, or spoils its reply
-    (:mod:`fedlora.core.faults`). Training and the reply go through the experiment's privacy mechanism
-    (:mod:`fedlora.privacy.mechanisms`): under dp-sgd a client whose budget this round would exceed
-    declines (a reply without arrays, with the reason); under dp-updates with client placement the
-    reply carries the clipped update plus this client's share of the noise.
-    """
-
-    cfg, pid, plan, model, data, received, server_round, store = _prepare(message, context)
-    fault = faults.fault_for(cfg, server_round, pid)
-    faults.before_training(cfg, fault, pid, server_round)
-    seed = runtime.client_seed(cfg, server_round, pid)
-    privacy = mechanism_for(cfg)
-    trained = privacy.train(store, model, data.train, seed=seed)
-    if trained.declined:
-        return _declined(message, pid, trained.declined, trained.metrics)
-    state = adapter_state(model)
-    runtime.save_local(store, plan, state)
-    reply = {k: state[k] for k in plan.reply_keys(received, state)}
-    reply = faults.spoil(privacy.privatise(received, reply, seed=seed), fault)
-    metrics = MetricRecord(
-        {
-            protocol.NUM_EXAMPLES: len(data.train),
-            protocol.TRAIN_LOSS: trained.loss,
-            protocol.PARTITION_ID: pid,
-            **trained.metrics,
-            **runtime.label_counts(cfg, data.train),
-        }
-    )
-    return Message(
-        RecordDict({protocol.ARRAYS: to_arrays(reply), protocol.METRICS: metrics}), reply_to=message
-    )
-
-
-def _declined(message: Message, pid: int, reason: str, extra: dict[str, float]) -> Message:
-    """A reply that trains nothing and says why (the server counts it and goes on without it)."""
-    metrics = MetricRecord({protocol.PARTITION_ID: pid, protocol.DECLINED: 1, **extra})
-    status = ConfigRecord({protocol.REASON: reason})
-    return Message(RecordDict({protocol.METRICS: metrics, protocol.STATUS: status}), reply_to=message)
+    return local.train(message, context)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Evaluate this client's adapter (the global one, plus anything kept locally) on its validation split."""
-    cfg, pid, _, model, data, _, _, _ = _prepare(message, context)
-    loss, accuracy = evaluate_model(model, data.val)
-    n = len(data.val)
-    metrics = MetricRecord(
-        {
-            protocol.NUM_EXAMPLES: n,
-            protocol.EVAL_LOSS: loss if n else 0.0,
-            protocol.EVAL_ACCURACY: accuracy if n else 0.0,
-            protocol.PARTITION_ID: pid,
-            **runtime.label_counts(cfg, data.val),
-        }
-    )
-    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
+    """Evaluate this client's adapter on its validation split (:func:`clients.local.evaluate`)."""
+    # start-up: as in train()
+    from clients import local
+
+    return local.evaluate(message, context)
 
 
 @app.query()

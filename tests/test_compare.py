@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fedlora.cli import app
 from fedlora.compare.grid import Grid, load_grid, parse_grid
-from fedlora.compare.runner import plan, prepare
+from fedlora.compare.runner import plan, prepare, run_environment
 from fedlora.core.config import ConfigError, load_config
 from fedlora.core.records import RunDirectory
 from fedlora.report import paired
@@ -689,7 +689,7 @@ def test_each_running_run_gets_a_head_of_its_own(tmp_path: Path, monkeypatch: py
     lent: list[tuple[str, str]] = []
     busy: set[str] = set()
 
-    def start(task, where, verbose, ray_address=""):  # type: ignore[no-untyped-def]
+    def start(task, where, verbose, ray_address="", jobs=1):  # type: ignore[no-untyped-def]
         assert ray_address and ray_address not in busy, (ray_address, busy)  # never two runs on one head
         busy.add(ray_address)
         lent.append((task.key, ray_address))
@@ -717,3 +717,12 @@ def test_resume_accepts_a_ray_address(tmp_path: Path) -> None:
     assert "no checkpoint" in result.output and "drop" not in result.output  # refused for its own reason
     result = CliRunner().invoke(app, ["run", "--resume", str(run.path), "--seed", "3"])
     assert result.exit_code == 2 and "drop --set or a shortcut" in result.output
+
+
+def test_runs_sharing_the_cores_sleep_while_they_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs > 1: the runs get OMP_WAIT_POLICY=PASSIVE (benchmarks/omp_wait.py), unless the user set it."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert "OMP_WAIT_POLICY" not in run_environment(1)
+    assert run_environment(2)["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert run_environment(3)["OMP_WAIT_POLICY"] == "ACTIVE"

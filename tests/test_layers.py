@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import grimp
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fedlora", "strategies", "clients")
@@ -107,3 +108,12 @@ def test_function_local_imports_say_why() -> None:
     files = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))]
     bad = [f"{p.relative_to(ROOT)}:{line}: {text}" for p in files for line, text in _local_imports(p)]
     assert not bad, "\n".join(bad)
+
+
+@pytest.mark.cli
+def test_the_client_app_loads_without_torch() -> None:
+    """A SuperNode starts a process per message; the query's process must not pay torch's imports."""
+    code = "import sys, clients.app; print(sorted({'torch', 'transformers', 'peft'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from fedlora.core.config import ConfigError, load_config
-from fedlora.run.simulation import backend_config, check_ray_address
+from fedlora.run.simulation import backend_config, check_ray_address, worker_env
 
 RAY = str(Path(sys.executable).with_name("ray"))
 TINY = [
@@ -86,6 +86,16 @@ def test_attach_passes_the_address_and_resources() -> None:
 def test_remote_head_lets_ray_find_this_nodes_address() -> None:
     cfg = load_config(None, ['federation.ray_address="10.0.0.5:6379"'])
     assert "_node_ip_address" not in backend_config(cfg)["init_args"]
+
+
+def test_actors_get_the_module_path_and_the_openmp_wait_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the job's runtime environment, so also on a head started elsewhere."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    env = worker_env()
+    root = str(Path(__file__).resolve().parents[1])
+    assert set(env) == {"PYTHONPATH"} and root in env["PYTHONPATH"].split(os.pathsep)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert worker_env()["OMP_WAIT_POLICY"] == "PASSIVE"
 
 
 def test_unreachable_head_is_a_one_line_error() -> None:

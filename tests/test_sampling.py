@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from clients.app import _partition_id
+from clients.local import _partition_id
 from fedlora.core import protocol
 from fedlora.core.arrays import to_arrays
 from fedlora.core.config import from_dict

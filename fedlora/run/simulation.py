@@ -94,8 +94,18 @@ def check_ray_address(address: str, *, timeout: float = 5.0) -> None:
 def _start_ray(config: dict[str, Any]) -> None:
     """Start Ray here; Flower's backend reuses it and shuts it down at the end of the run."""
 
+    ray.init(runtime_env={"env_vars": worker_env()}, **config["init_args"])
+
+
+def worker_env() -> dict[str, str]:
+    """What the client actors' processes get from this one, on any Ray cluster (a head started
+    elsewhere does not have this process's environment): its module path, and its OpenMP wait policy
+    when set (``fedlora compare --jobs N`` sets it for the runs sharing the cores)."""
     pythonpath = os.pathsep.join([*sys.path, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **config["init_args"])
+    env = {"PYTHONPATH": pythonpath}
+    if "OMP_WAIT_POLICY" in os.environ:
+        env["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
+    return env
 
 
 def _stop_handler(tracker: ProcessTracker) -> Callable[[int, object], None]:
