@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from fedlora.cli import app
 from fedlora.compare.grid import Grid, load_grid, parse_grid
-from fedlora.compare.runner import plan, prepare, run_environment
+from fedlora.compare.runner import _last_error, plan, prepare, run_environment
 from fedlora.core.config import ConfigError, load_config
 from fedlora.core.records import RunDirectory
 from fedlora.report import paired
@@ -726,3 +726,13 @@ def test_runs_sharing_the_cores_sleep_while_they_wait(monkeypatch: pytest.Monkey
     assert run_environment(2)["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert run_environment(3)["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_a_failed_runs_reason_comes_from_its_log_even_when_the_log_is_gone(tmp_path: Path) -> None:
+    log = tmp_path / "run.log"
+    log.write_text("starting\nValueError: bad value\n\nbye\n")
+    assert _last_error(log) == "ValueError: bad value"
+    log.write_text("only this\n")
+    assert _last_error(log) == "only this"
+    log.unlink()  # deleted under a running comparison: a reason, not a FileNotFoundError
+    assert _last_error(log).startswith(f"its log {log} cannot be read (")

@@ -195,7 +195,12 @@ def _start(
 
 
 def _last_error(log: Path) -> str:
-    lines = [line for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    """The run log's last line that mentions an error, else its last line (a failed run's reason)."""
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:  # deleted or unreadable while the comparison ran: report, do not stop it
+        return f"its log {log} cannot be read ({exc.strerror or exc})"
+    lines = [line for line in text.splitlines() if line.strip()]
     errors = [line for line in lines if "error" in line.lower()]
     return (errors or lines or ["no output"])[-1].strip()[:300]
 
