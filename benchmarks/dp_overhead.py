@@ -14,11 +14,11 @@ import warnings
 
 import torch
 
-from fedlora.core.adapters import inject_lora
 from fedlora.core.config import DataConfig, LoraConfig, TrainConfig
-from fedlora.core.data import get_splits
-from fedlora.core.models import load_classifier, load_tokenizer
-from fedlora.core.training import encode, make_optimizer
+from fedlora.core.data.splits import get_splits
+from fedlora.core.model.adapters import inject_lora
+from fedlora.core.model.loading import load_classifier, load_tokenizer
+from fedlora.core.training.loops import encode, make_optimizer
 from fedlora.privacy.dp_sgd import PrivateTrainer
 
 

@@ -46,8 +46,8 @@ def train_client(model, strategy, text: str, pid: int, server_round: int, sent):
     state plus what was ``sent``, its split of the experiment ``text``, its seed), on ``model``;
     returns the arrays it would send back and its number of training examples."""
     from clients.runtime import client_seed, data_for, start_state
-    from fedlora.core.adapters import adapter_state, load_adapter_state, set_trainable
-    from fedlora.core.training import train_local
+    from fedlora.core.model.adapters import adapter_state, load_adapter_state, set_trainable
+    from fedlora.core.training.loops import train_local
 
     cfg = strategy.cfg
     plan = strategy.client_plan(pid, server_round)
@@ -79,7 +79,7 @@ def plain_loop(sets: list[str], threads: int) -> float:
     """The federation's work in one process, no Flower or Ray; returns the final eval accuracy."""
     import torch
 
-    from fedlora.core.adapters import get_model, initial_state
+    from fedlora.core.model.adapters import get_model, initial_state
     from fedlora.run.evaluation import Evaluator
     from fedlora.run.experiment import load_experiment
     from strategies import registry

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from clients.runtime import start_state
-from fedlora.core.adapters import initial_state
-from fedlora.core.arrays import State, from_arrays, kind_of, payload_bytes, to_arrays
 from fedlora.core.config import ExperimentConfig
+from fedlora.core.model.adapters import initial_state
+from fedlora.core.model.arrays import State, from_arrays, kind_of, payload_bytes, to_arrays
 from fedlora.run.experiment import load_experiment
 from strategies import registry
 from strategies.base import LoraStrategy
@@ -80,7 +80,7 @@ def aggregate(strategy: LoraStrategy, played: Round) -> None:
 
 def full_model_bytes(cfg: ExperimentConfig) -> int:
     """Serialized bytes of every parameter of the classifier (full fine-tuning sends all of them)."""
-    from fedlora.core.models import load_classifier
+    from fedlora.core.model.loading import load_classifier
 
     model = load_classifier(cfg.model.path, num_labels=3, seed=cfg.seed)
     return int(payload_bytes(to_arrays(dict(model.named_parameters()))))

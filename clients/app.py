@@ -10,7 +10,7 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedlora.core import protocol
+from fedlora.core.protocol import keys as protocol
 
 app = ClientApp()
 

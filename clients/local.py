@@ -13,12 +13,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients import runtime
-from fedlora.core import faults, protocol
-from fedlora.core.adapters import adapter_state, load_adapter_state, set_base_offsets, set_trainable
-from fedlora.core.arrays import from_arrays, to_arrays
-from fedlora.core.plan import ClientPlan
-from fedlora.core.store import ClientStore
-from fedlora.core.training import evaluate as evaluate_model
+from fedlora.core.model.adapters import adapter_state, load_adapter_state, set_base_offsets, set_trainable
+from fedlora.core.model.arrays import from_arrays, to_arrays
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol.plan import ClientPlan
+from fedlora.core.records.store import ClientStore
+from fedlora.core.training import faults
+from fedlora.core.training.loops import evaluate as evaluate_model
 from fedlora.privacy.mechanisms import mechanism_for
 
 
@@ -77,10 +78,10 @@ def train(message: Message, context: Context) -> Message:
     """Train this round's adapter on the local split; reply with the arrays the strategy wants back.
 
     A client given a fault in ``[faults]`` (simulations) raises, waits, or spoils its reply
-    (:mod:`fedlora.core.faults`). Training and the reply go through the experiment's privacy mechanism
-    (:mod:`fedlora.privacy.mechanisms`): under dp-sgd a client whose budget this round would exceed
-    declines (a reply without arrays, with the reason); under dp-updates with client placement the
-    reply carries the clipped update plus this client's share of the noise.
+    (:mod:`fedlora.core.training.faults`). Training and the reply go through the experiment's
+    privacy mechanism (:mod:`fedlora.privacy.mechanisms`): under dp-sgd a client whose budget this
+    round would exceed declines (a reply without arrays, with the reason); under dp-updates with client
+    placement the reply carries the clipped update plus this client's share of the noise.
     """
 
     cfg, pid, plan, model, data, received, server_round, store = _prepare(message, context)

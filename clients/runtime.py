@@ -15,15 +15,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedlora.core import offsets, protocol, token_cache
-from fedlora.core.adapters import get_model, initial_state, set_checkpointing
-from fedlora.core.arrays import State, fresh_lora, from_arrays, kind_of, orthogonal_a
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.plan import ClientPlan
-from fedlora.core.prompts import encode_split
-from fedlora.core.store import ClientStore
-from fedlora.core.training import Encoded
-from fedlora.core.weights import model_dir
+from fedlora.core.data import token_cache
+from fedlora.core.model import offsets
+from fedlora.core.model.adapters import get_model, initial_state, set_checkpointing
+from fedlora.core.model.arrays import State, fresh_lora, from_arrays, kind_of, orthogonal_a
+from fedlora.core.model.weights import model_dir
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol.plan import ClientPlan
+from fedlora.core.records.store import ClientStore
+from fedlora.core.training.loops import Encoded
+from fedlora.core.training.prompts import encode_split
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord, Message, RecordDict
@@ -80,9 +82,9 @@ def _tokenise(cfg: ExperimentConfig, partition_id: int, data_path: str) -> Clien
     """Read, split and tokenise this client's data (what the token cache saves a fresh process)."""
     # start-up: reading and splitting imports datasets, pandas and pyarrow (about 1 CPU-second), and the
     # tokenizer loads its files; a ClientApp process whose splits are in the token cache needs neither
-    from fedlora.core.data import get_splits, split_of_file
-    from fedlora.core.models import load_tokenizer
-    from fedlora.core.sources import load_node_file
+    from fedlora.core.data.sources import load_node_file
+    from fedlora.core.data.splits import get_splits, split_of_file
+    from fedlora.core.model.loading import load_tokenizer
 
     if data_path:  # a deployed node with its own file: nothing else is read
         train, val = split_of_file(load_node_file(data_path, cfg.data), cfg.data.val_fraction, cfg.seed)
@@ -100,7 +102,7 @@ def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
     """The client's tokenised splits, computed once per process and partition: from its own file
     ``data_path`` (the node config's ``data-path``, split into train and val like a partition), else
     partition ``partition_id`` of the experiment's ``data.source``. Where FEDLORA_CACHE_DIR is set
-    they are also kept on the node's disk (:mod:`fedlora.core.token_cache`) for the next process."""
+    they are also kept on the node's disk (:mod:`fedlora.core.data.token_cache`) for the next process."""
     cfg = parse_experiment(text)
     if not 0 <= partition_id < cfg.federation.num_clients:
         raise ValueError(
@@ -112,7 +114,7 @@ def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
 
 def label_counts(cfg: ExperimentConfig, split: Encoded) -> dict[str, list[int]]:
     """``{label-counts: [examples of each label]}`` for a reply's metrics; empty under differential
-    privacy (see :data:`fedlora.core.protocol.LABEL_COUNTS`)."""
+    privacy (see :data:`fedlora.core.protocol.keys.LABEL_COUNTS`)."""
     if cfg.privacy.enabled:
         return {}
     counts = torch.bincount(split.labels, minlength=len(cfg.data.labels))
@@ -155,7 +157,7 @@ def base_offsets(content: RecordDict, config: ConfigRecord, store: ClientStore) 
     Without an offsets version in the config (FedEx-LoRA, FLoRA with ``downlink = 'merged'``) they are the
     full offsets the message carries (none: W0). With one (FLoRA's stacked downlink), the client holds
     its offsets in its store: full offsets replace them; stacked factors are merged on top
-    (:func:`fedlora.core.offsets.apply_stacks`), skipping versions it already holds. The result is kept
+    (:func:`fedlora.core.model.offsets.apply_stacks`), skipping versions it already holds. The result is kept
     with its version. Raises ValueError when the stored offsets are older than the stacks apply to.
     """
     full = content.array_records.get(protocol.BASE_OFFSETS)

@@ -193,7 +193,7 @@ if [[ $(id -u) == 0 ]]; then own=(chown 1000:1000); else own=(podman unshare cho
 "$PY" - "$work/data" "$NODES" <<'EOF'
 import csv, sys
 from pathlib import Path
-from fedlora.core.data import LABELS, load_corpus
+from fedlora.core.data.splits import LABELS, load_corpus
 out, nodes = Path(sys.argv[1]), int(sys.argv[2])
 corpus = load_corpus()
 for i in range(nodes):

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from fedlora.core.config import ConfigError, apply_overrides, from_dict
-from fedlora.core.records import RunDirectory, RunDirError, read_summary
+from fedlora.core.records.rundir import RunDirectory, RunDirError, read_summary
 
 app = typer.Typer(
     help="Federated LoRA fine-tuning of pretrained transformers, simulated on Flower and Ray.",
@@ -639,7 +639,7 @@ def convert_smollm2(
 ) -> None:
     """Convert the packaged SmolLM2-135M-Instruct GGUF (4-bit) into a safetensors folder, once."""
     # start-up: imported when the command runs, so `fedlora --help` stays fast
-    from fedlora.core.convert import convert_smollm2 as convert
+    from fedlora.core.model.convert import convert_smollm2 as convert
 
     try:
         folder, done = convert(out)

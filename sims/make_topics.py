@@ -5,7 +5,7 @@
 
 Five labels (airline, self-driving, deflategate, apple, coachella), a ``user`` column with topic-skewed
 users, a ``sentiment`` column. The format follows the extension: .csv, .jsonl, .parquet, or a directory
-(``Dataset.save_to_disk``). See ``fedlora.core.tweets.topics_frame`` and docs/data.md.
+(``Dataset.save_to_disk``). See ``fedlora.core.data.tweets.topics_frame`` and docs/data.md.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedlora.core.sources import write_table
-from fedlora.core.tweets import topics_frame
+from fedlora.core.data.sources import write_table
+from fedlora.core.data.tweets import topics_frame
 
 
 def main() -> None:

@@ -31,11 +31,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedlora.core import protocol
-from fedlora.core.arrays import State, from_arrays, is_lora_a, is_lora_b, payload_bytes, to_arrays
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.plan import ClientPlan
-from fedlora.core.validation import Spec
+from fedlora.core.model.arrays import State, from_arrays, is_lora_a, is_lora_b, payload_bytes, to_arrays
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol.plan import ClientPlan
+from fedlora.core.protocol.validation import Spec
 from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.server import replies as reply_of
 from fedlora.server.replies import RoundCounts, RoundFailedError
@@ -229,7 +229,7 @@ class LoraStrategy(Strategy):
         return to_arrays(self.global_state), MetricRecord(dict(self.last_metrics))  # type: ignore[arg-type]
 
     def _validate(self, server_round: int, trained: Sequence[Message]) -> list[Message]:
-        """The replies whose metrics and arrays pass :func:`fedlora.core.validation.check_reply`; the
+        """The replies whose metrics and arrays pass :func:`fedlora.core.protocol.validation.check_reply`; the
         others are logged with their reason and counted as rejected."""
         valid = []
         for reply in trained:

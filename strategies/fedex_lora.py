@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedlora.core.arrays import State, lora_scale
+from fedlora.core.model.arrays import State, lora_scale
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
 from strategies.lowrank import add_to_offsets, fedex_residual

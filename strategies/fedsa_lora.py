@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedlora.core.arrays import State, is_head, is_lora_a
-from fedlora.core.plan import ClientPlan
+from fedlora.core.model.arrays import State, is_head, is_lora_a
+from fedlora.core.protocol.plan import ClientPlan
 from strategies.base import LoraStrategy
 from strategies.registry import register
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora.core.arrays import State, is_lora_a
 from fedlora.core.config import ConfigError
-from fedlora.core.plan import ClientPlan
+from fedlora.core.model.arrays import State, is_lora_a
+from fedlora.core.protocol.plan import ClientPlan
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
 from strategies.lowrank import layer_groups

@@ -8,7 +8,7 @@ added to an offset on the frozen base weights; the head is averaged like FedAvg.
 
 Downlink (``downlink``): ``stacked`` (default, the paper's protocol) sends each client the stacked
 factors of the merges it has not seen yet, which it merges into the offsets it keeps in its state store
-(:mod:`fedlora.core.offsets`); when those stacks would be more bytes than the full offsets (a client
+(:mod:`fedlora.core.model.offsets`); when those stacks would be more bytes than the full offsets (a client
 that missed many rounds, or was never sampled) it sends the full offsets instead. ``merged`` sends the
 full offsets in every message. Both give every client and the server the same offsets, so the runs are
 the same and only the downlink bytes differ.
@@ -23,11 +23,11 @@ from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 
-from fedlora.core import offsets as stacked
-from fedlora.core import protocol
-from fedlora.core.arrays import State, base_weight_name, is_head, lora_scale, to_arrays
 from fedlora.core.config import ConfigError, ExperimentConfig
-from fedlora.core.plan import ClientPlan
+from fedlora.core.model import offsets as stacked
+from fedlora.core.model.arrays import State, base_weight_name, is_head, lora_scale, to_arrays
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol.plan import ClientPlan
 from fedlora.server import replies as reply_of
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
@@ -65,7 +65,7 @@ def flora_stacks(
     updates: Sequence[State], weights: Sequence[float], scales: Sequence[float], version: int
 ) -> State:
     """Per adapted layer, the stacked factors (A_stack, B_stack) of one round, keyed for ``version``
-    (:func:`fedlora.core.offsets.stack_key`); B_stack @ A_stack = sum_k p_k s_k B_k A_k."""
+    (:func:`fedlora.core.model.offsets.stack_key`); B_stack @ A_stack = sum_k p_k s_k B_k A_k."""
     result: State = {}
     for layer, (key_a, key_b) in layer_groups(updates[0]).items():
         a_stack, b_stack = flora_stack(
@@ -85,7 +85,7 @@ def flora_offsets(
 
 
 def _nbytes(state: State) -> int:
-    """Raw tensor bytes (what :func:`fedlora.core.arrays.payload_bytes` counts, less array headers)."""
+    """Raw tensor bytes (what :func:`fedlora.core.model.arrays.payload_bytes` counts, less array headers)."""
     return sum(v.numel() * v.element_size() for v in state.values())
 
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fedlora.core.arrays import State
 from fedlora.core.config import ConfigError
+from fedlora.core.model.arrays import State
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
 from strategies.lowrank import layer_groups

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedlora.core.arrays import base_weight_name as base_weight_key
+from fedlora.core.model.arrays import base_weight_name as base_weight_key
 from strategies.aggregation import normalised_weights
 
 LORA_A_SUFFIX = ".lora_A.weight"

@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedlora.core.arrays import State, kind_of
 from fedlora.core.config import ConfigError
-from fedlora.core.plan import ClientPlan
+from fedlora.core.model.arrays import State, kind_of
+from fedlora.core.protocol.plan import ClientPlan
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
 from strategies.registry import register

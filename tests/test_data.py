@@ -13,9 +13,9 @@ import datasets
 import numpy as np
 import pytest
 
-from fedlora.core import data
 from fedlora.core.config import DataConfig
-from fedlora.core.data import (
+from fedlora.core.data import splits as data
+from fedlora.core.data.splits import (
     LABELS,
     SOURCES,
     FederatedSplits,
@@ -247,7 +247,7 @@ def test_iid_is_flowers_iid_partitioner(n: int, clients: int) -> None:
     import datasets
     from flwr_datasets.partitioner import IidPartitioner
 
-    from fedlora.core.partitions import IID_STREAM, iid, int_column
+    from fedlora.core.data.partitions import IID_STREAM, iid, int_column
 
     fast = iid(n, clients, seed=3)
     partitioner = IidPartitioner(num_partitions=clients)
@@ -260,7 +260,7 @@ def test_iid_is_flowers_iid_partitioner(n: int, clients: int) -> None:
 @pytest.mark.parametrize("kind", ["dirichlet", "shards"])
 def test_label_partitions_read_from_flower_equal_its_load_partition(kind: str) -> None:
     """The partitions read from flwr's kept indices equal one load_partition per client."""
-    from fedlora.core.partitions import dirichlet, int_column, shards
+    from fedlora.core.data.partitions import dirichlet, int_column, shards
 
     labels = np.random.default_rng(0).integers(0, 4, size=400)
     fast = dirichlet(labels, 9, 0.5, seed=1) if kind == "dirichlet" else shards(labels, 9, 2, seed=1)

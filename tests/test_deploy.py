@@ -36,8 +36,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_ssh_public_key,
 )
 
-from fedlora.core.sources import Origin, read_table, write_table
-from fedlora.core.tweets import TOPICS, corpus_path, topics_frame
+from fedlora.core.data.sources import Origin, read_table, write_table
+from fedlora.core.data.tweets import TOPICS, corpus_path, topics_frame
 from fedlora.run.deploy import LocalDeployment, free_ports, make_credentials, running, write_flwr_home
 from tests.helpers import node_files
 

@@ -10,11 +10,11 @@ import math
 import pytest
 import torch
 
-from fedlora.core.adapters import adapter_state, inject_lora
 from fedlora.core.config import DataConfig, LoraConfig, TrainConfig
-from fedlora.core.data import get_splits
-from fedlora.core.models import load_classifier, load_tokenizer
-from fedlora.core.training import encode, evaluate, mixed_precision, train_local
+from fedlora.core.data.splits import get_splits
+from fedlora.core.model.adapters import adapter_state, inject_lora
+from fedlora.core.model.loading import load_classifier, load_tokenizer
+from fedlora.core.training.loops import encode, evaluate, mixed_precision, train_local
 
 CUDA = torch.cuda.is_available()
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.core.adapters import adapter_state, inject_lora, set_trainable
 from fedlora.core.config import LoraConfig, PrivacyConfig, TrainConfig
-from fedlora.core.models import load_classifier, load_tokenizer
-from fedlora.core.training import encode
+from fedlora.core.model.adapters import adapter_state, inject_lora, set_trainable
+from fedlora.core.model.loading import load_classifier, load_tokenizer
+from fedlora.core.training.loops import encode
 from fedlora.privacy.dp_sgd import PrivateTrainer, poisson_sample, sample_rate, train_private
 
 

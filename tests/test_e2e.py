@@ -55,7 +55,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, start_cli, follow_descenda
 @pytest.mark.e2e
 def test_run_directory_contract(run_dir: Path) -> None:
     assert {p.name for p in run_dir.iterdir()} >= {"config.toml", "rounds.jsonl", "summary.json", "adapter"}
-    from fedlora.core.records import read_rounds, read_summary
+    from fedlora.core.records.rundir import read_rounds, read_summary
 
     rows = read_rounds(run_dir)
     assert [r["round"] for r in rows] == [1, 2]
@@ -74,9 +74,9 @@ def test_run_directory_contract(run_dir: Path) -> None:
 
 @pytest.mark.e2e
 def test_traffic_is_the_exact_adapter_payload(run_dir: Path) -> None:
-    from fedlora.core.adapters import initial_state
-    from fedlora.core.arrays import payload_bytes, to_arrays
     from fedlora.core.config import ExperimentConfig
+    from fedlora.core.model.adapters import initial_state
+    from fedlora.core.model.arrays import payload_bytes, to_arrays
 
     cfg = ExperimentConfig.from_toml((run_dir / "config.toml").read_text())
     per_client = payload_bytes(to_arrays(initial_state(cfg)))
@@ -92,9 +92,9 @@ def test_saved_adapter_reproduces_the_reported_accuracy(run_dir: Path) -> None:
     from peft import PeftModel
 
     from fedlora.core.config import ExperimentConfig
-    from fedlora.core.data import get_splits
-    from fedlora.core.models import load_classifier, load_tokenizer
-    from fedlora.core.training import encode, evaluate
+    from fedlora.core.data.splits import get_splits
+    from fedlora.core.model.loading import load_classifier, load_tokenizer
+    from fedlora.core.training.loops import encode, evaluate
 
     cfg = ExperimentConfig.from_toml((run_dir / "config.toml").read_text())
     model = PeftModel.from_pretrained(load_classifier("", num_labels=3, seed=123), str(run_dir / "adapter"))

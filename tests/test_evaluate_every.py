@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedlora.core.config import ConfigError, from_dict, load_config
-from fedlora.core.records import RunDirectory
+from fedlora.core.records.rundir import RunDirectory
 from fedlora.report.results import load_run
 from fedlora.report.writer import collect, write_report
 from fedlora.run.federation import _summary

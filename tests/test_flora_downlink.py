@@ -10,10 +10,10 @@ import torch
 from flwr.app import ConfigRecord, Context, MessageType, RecordDict
 
 from clients.runtime import base_offsets
-from fedlora.core import protocol
-from fedlora.core.arrays import base_weight_name
 from fedlora.core.config import from_dict
-from fedlora.core.store import ClientStore
+from fedlora.core.model.arrays import base_weight_name
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.records.store import ClientStore
 from fedlora.run.experiment import check_strategy
 from fedlora.server.traffic import arrays_bytes
 from strategies import registry

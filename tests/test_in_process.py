@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.sources import write_table
-from fedlora.core.tweets import TOPICS, topics_frame
+from fedlora.core.data.sources import write_table
+from fedlora.core.data.tweets import TOPICS, topics_frame
 from fedlora.run.experiment import load_experiment, preflight
 from strategies import registry
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlora.core.adapters import adapter_state, get_model, load_adapter_state, set_trainable
-from fedlora.core.arrays import from_arrays, to_arrays
 from fedlora.core.config import ConfigError, ExperimentConfig, from_dict
-from fedlora.core.likelihood import brute_force_logprob, candidate_logprobs
-from fedlora.core.models import load_tokenizer
-from fedlora.core.prompts import LmEncoded, chat_parts, encode_lm, encode_split
-from fedlora.core.training import IGNORE, score, sequence_loss, train_local
+from fedlora.core.model.adapters import adapter_state, get_model, load_adapter_state, set_trainable
+from fedlora.core.model.arrays import from_arrays, to_arrays
+from fedlora.core.model.loading import load_tokenizer
+from fedlora.core.training.likelihood import brute_force_logprob, candidate_logprobs
+from fedlora.core.training.loops import IGNORE, score, sequence_loss, train_local
+from fedlora.core.training.prompts import LmEncoded, chat_parts, encode_lm, encode_split
 
 TEMPLATE = "tweet: {text} sentiment:"
 LABELS = ["negative", "neutral", "positive"]
@@ -174,8 +174,8 @@ def test_a_classifier_folder_is_refused_for_causal_lm(tiny_bert) -> None:  # typ
 
 
 def test_mlp_preset_resolves_to_llama_names(tiny_llama) -> None:  # type: ignore[no-untyped-def]
-    from fedlora.core.adapters import resolve_targets
-    from fedlora.core.models import load_causal_lm
+    from fedlora.core.model.adapters import resolve_targets
+    from fedlora.core.model.loading import load_causal_lm
 
     model = load_causal_lm(tiny_llama.path)
     assert resolve_targets(model, ["mlp"]) == ["gate_proj", "up_proj", "down_proj"]
@@ -185,8 +185,8 @@ def test_mlp_preset_resolves_to_llama_names(tiny_llama) -> None:  # type: ignore
 def test_free_text_responses_from_two_columns(tiny_llama, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import pandas as pd
 
-    from fedlora.core.data import build_splits
-    from fedlora.core.sources import write_table
+    from fedlora.core.data.sources import write_table
+    from fedlora.core.data.splits import build_splits
 
     rows = [{"question": f"q {i} good", "answer": "great" if i % 2 else "bad"} for i in range(40)]
     path = write_table(pd.DataFrame(rows), tmp_path / "qa.csv")
@@ -208,7 +208,7 @@ def test_free_text_responses_from_two_columns(tiny_llama, tmp_path: Path) -> Non
 
 
 def test_token_cache_keeps_prompt_lengths_and_candidates(encoded: LmEncoded, tmp_path: Path) -> None:
-    from fedlora.core import token_cache
+    from fedlora.core.data import token_cache
 
     token_cache.save(tmp_path, "k", encoded, encoded)
     loaded = token_cache.load(tmp_path, "k")
@@ -224,7 +224,7 @@ def test_token_cache_keeps_prompt_lengths_and_candidates(encoded: LmEncoded, tmp
 
 
 def test_generate_refuses_what_is_not_a_finished_causal_lm_run(tmp_path: Path) -> None:
-    from fedlora.core.records import RunDirectory
+    from fedlora.core.records.rundir import RunDirectory
     from fedlora.run.generate import run_config
 
     with pytest.raises(ConfigError, match="not a run directory"):
@@ -240,7 +240,7 @@ def test_generate_refuses_what_is_not_a_finished_causal_lm_run(tmp_path: Path) -
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, encoded: LmEncoded) -> None:  # type: ignore[no-untyped-def]
-    from fedlora.core.adapters import set_checkpointing
+    from fedlora.core.model.adapters import set_checkpointing
 
     model = get_model(_cfg(tiny_llama.path))
     model.eval()  # no LoRA dropout: both passes see the same function

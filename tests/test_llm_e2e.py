@@ -33,7 +33,7 @@ def source(tmp_path_factory: pytest.TempPathFactory, synthetic_tweets) -> Path: 
     """The synthetic tweets as a CSV with label names and three sources."""
     import pandas as pd
 
-    from fedlora.core.sources import write_table
+    from fedlora.core.data.sources import write_table
 
     frame = pd.DataFrame({"text": synthetic_tweets["text"], "sentiment": synthetic_tweets["label"]})
     frame["sentiment"] = frame["sentiment"].map(dict(enumerate(["negative", "neutral", "positive"])))
@@ -107,8 +107,8 @@ def test_both_dp_modes_complete_a_causal_lm_run(runs, privacy: str) -> None:  # 
 
 @pytest.mark.e2e
 def test_ffa_lora_a_is_bit_identical_after_the_run(runs, tiny_llama) -> None:  # type: ignore[no-untyped-def]
-    from fedlora.core.adapters import initial_state
     from fedlora.core.config import ExperimentConfig
+    from fedlora.core.model.adapters import initial_state
 
     out = runs("ffa-lora")
     cfg = ExperimentConfig.from_toml((out / "config.toml").read_text())
@@ -150,7 +150,7 @@ def test_resume_continues_a_causal_lm_run_as_if_never_stopped(runs, federate, tm
     (stopped / "summary.json").unlink()
     config = stopped / "config.toml"
     config.write_text(config.read_text().replace("rounds = 1", "rounds = 2"))
-    from fedlora.core.records import RunDirectory
+    from fedlora.core.records.rundir import RunDirectory
     from fedlora.run.experiment import preflight
 
     federate(preflight(RunDirectory(stopped).resumable_config()), stopped, resume=True)

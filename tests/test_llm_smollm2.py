@@ -15,14 +15,14 @@ LABELS = ("negative", "neutral", "positive")
 @pytest.fixture(scope="module")
 def smollm2() -> str:
     """The converted folder (converted here the first time: 15-90 s)."""
-    from fedlora.core.convert import convert_smollm2
+    from fedlora.core.model.convert import convert_smollm2
 
     folder, _ = convert_smollm2()
     return str(folder)
 
 
 def test_conversion_is_idempotent_and_unquantised(smollm2: str, run_in_process) -> None:  # type: ignore[no-untyped-def]
-    from fedlora.core.convert import convert_smollm2, is_converted
+    from fedlora.core.model.convert import convert_smollm2, is_converted
 
     folder, converted = convert_smollm2()
     assert not converted and str(folder) == smollm2 and is_converted(folder)

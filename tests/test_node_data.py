@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from clients import runtime
 from fedlora.cli import app
 from fedlora.core.config import ConfigError, ExperimentConfig
-from fedlora.core.sources import write_table
-from fedlora.core.tweets import TOPICS, topics_frame
+from fedlora.core.data.sources import write_table
+from fedlora.core.data.tweets import TOPICS, topics_frame
 from fedlora.run.deploy import DeployError, LocalDeployment, check_data_paths
 from tests.helpers import node_files
 

@@ -13,8 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from fedlora.cli import app
-from fedlora.core.sources import write_table
-from fedlora.core.tweets import TOPICS, topics_frame
+from fedlora.core.data.sources import write_table
+from fedlora.core.data.tweets import TOPICS, topics_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 TOPIC_NAMES = sorted(TOPICS)
@@ -69,11 +69,11 @@ def test_a_csv_with_five_labels_trains_by_user_and_the_adapter_predicts_names(
     assert summary["majority_accuracy"] == pytest.approx(0.2)  # 10 of each topic in the test set
     assert summary["majority_macro_f1"] == pytest.approx(2 * 0.2 / 1.2 / 5)
 
-    from fedlora.core.adapters import load_trained  # here: loads peft and transformers
     from fedlora.core.config import ExperimentConfig
-    from fedlora.core.data import get_splits
-    from fedlora.core.models import load_tokenizer
-    from fedlora.core.training import encode, score
+    from fedlora.core.data.splits import get_splits
+    from fedlora.core.model.adapters import load_trained  # here: loads peft and transformers
+    from fedlora.core.model.loading import load_tokenizer
+    from fedlora.core.training.loops import encode, score
 
     model = load_trained(out / "adapter")
     assert [model.config.id2label[i] for i in range(5)] == TOPIC_NAMES

@@ -18,10 +18,10 @@ import torch
 
 from clients.runtime import start_state
 from fedlora.compare.grid import parse_grid
-from fedlora.core.adapters import initial_state
-from fedlora.core.arrays import is_lora_a, is_lora_b
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.data import build_splits
+from fedlora.core.data.splits import build_splits
+from fedlora.core.model.adapters import initial_state
+from fedlora.core.model.arrays import is_lora_a, is_lora_b
 from fedlora.run.experiment import load_experiment
 from strategies import registry
 

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from fedlora.core.config import ConfigError, apply_overrides, parse_override
-from fedlora.core.weights import weight_keys
+from fedlora.core.model.weights import weight_keys
 from fedlora.run.experiment import check_targets, load_experiment, preflight
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,10 +34,10 @@ def _saved_a_is_the_initial_a(out: Path) -> None:
     """FFA-LoRA: the saved adapter's A is bit-identical to the A every client derives from the seed."""
     from peft import PeftModel
 
-    from fedlora.core.adapters import adapter_state, initial_state
-    from fedlora.core.arrays import is_lora_a
     from fedlora.core.config import ExperimentConfig
-    from fedlora.core.models import load_classifier
+    from fedlora.core.model.adapters import adapter_state, initial_state
+    from fedlora.core.model.arrays import is_lora_a
+    from fedlora.core.model.loading import load_classifier
 
     cfg = ExperimentConfig.from_toml((out / "config.toml").read_text())
     saved = adapter_state(
@@ -53,7 +53,7 @@ def test_dp_sgd_accounts_across_rounds_and_clients_decline_past_their_budget(
     tmp_path: Path, run_in_process
 ) -> None:  # type: ignore[no-untyped-def]
     from fedlora.core.config import load_config
-    from fedlora.core.data import get_splits
+    from fedlora.core.data.splits import get_splits
 
     cfg = load_config(None, [*_overrides(SMALL), "federation.num_clients=3"])
     splits = get_splits(cfg.data, 3, cfg.seed)

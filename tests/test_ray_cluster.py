@@ -258,7 +258,7 @@ def test_simulation_runs_across_two_ray_nodes(
         stop.set()
         watcher.join()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    from fedlora.core.records import read_rounds, read_summary
+    from fedlora.core.records.rundir import read_rounds, read_summary
 
     assert [r["round"] for r in read_rounds(out)] == [1, 2]
     assert read_summary(out)["rounds"] == 2

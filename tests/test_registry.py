@@ -18,10 +18,10 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 import strategies
-from fedlora.core import protocol
-from fedlora.core.arrays import State, from_arrays, kind_of, to_arrays
 from fedlora.core.config import PRIVACY_MODES, ConfigError, from_dict
-from fedlora.core.plan import ClientPlan
+from fedlora.core.model.arrays import State, from_arrays, kind_of, to_arrays
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol.plan import ClientPlan
 from fedlora.privacy.mechanisms import mechanism_class
 from fedlora.run.experiment import check_strategy
 from strategies import registry
@@ -225,7 +225,7 @@ def test_the_example_strategy_known_answer(example: ModuleType) -> None:
 def test_the_example_strategy_runs_end_to_end(example: ModuleType, tmp_path: Path) -> None:
     """A real simulation (Ray, the real model and data) with the example strategy registered only in
     this process: clients need nothing but the plan the message carries."""
-    from fedlora.core.records import RunDirectory, read_rounds
+    from fedlora.core.records.rundir import RunDirectory, read_rounds
     from fedlora.run.experiment import load_experiment, preflight
     from fedlora.run.simulation import simulate
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
-from fedlora.core import faults, protocol
-from fedlora.core.arrays import to_arrays
 from fedlora.core.config import from_dict
-from fedlora.core.validation import check_reply, spec_of, update_norm
+from fedlora.core.model.arrays import to_arrays
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol.validation import check_reply, spec_of, update_norm
+from fedlora.core.training import faults
 from fedlora.run import checkpoint
 from strategies import registry
 from tests.helpers import LAYERS, client_state
@@ -142,7 +143,7 @@ def test_each_reply_becomes_a_client_row_with_its_fate(task_identity: None) -> N
 
 def test_label_counts_travel_only_without_privacy() -> None:
     from clients.runtime import label_counts
-    from fedlora.core.training import Encoded
+    from fedlora.core.training.loops import Encoded
 
     split = Encoded(ids=((1,),) * 5, labels=torch.tensor([0, 2, 2, 0, 2]), pad_id=0)
     plain = from_dict({"data": {"labels": ["a", "b", "c"]}})
@@ -154,7 +155,7 @@ def test_label_counts_travel_only_without_privacy() -> None:
 
 
 def test_resume_keeps_the_client_rows_of_the_checkpointed_rounds(tmp_path: Path) -> None:
-    from fedlora.core.records import RunDirectory
+    from fedlora.core.records.rundir import RunDirectory
 
     run_dir = RunDirectory(tmp_path / "run")
     run_dir.create(from_dict({}))
@@ -273,7 +274,7 @@ def test_checkpoint_round_trip_is_exact_and_atomic(tmp_path: Path) -> None:
 
 
 def test_client_store_replays_a_round_from_the_state_before_it(tmp_path: Path) -> None:
-    from fedlora.core.store import ClientStore
+    from fedlora.core.records.store import ClientStore
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
 
@@ -295,7 +296,7 @@ def test_client_store_replays_a_round_from_the_state_before_it(tmp_path: Path) -
 
 
 def test_client_store_without_a_directory_uses_the_node_context() -> None:
-    from fedlora.core.store import ClientStore
+    from fedlora.core.records.store import ClientStore
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     ClientStore(context, None, 0, 1).save_config("h", {"noise": [1.0]})
@@ -304,7 +305,7 @@ def test_client_store_without_a_directory_uses_the_node_context() -> None:
 
 
 def test_resume_restores_a_row_lost_between_checkpoint_and_rounds_file(tmp_path: Path) -> None:
-    from fedlora.core.records import RunDirectory, read_rounds
+    from fedlora.core.records.rundir import RunDirectory, read_rounds
 
     run = RunDirectory(tmp_path)
     run.create(from_dict({}))
@@ -347,7 +348,7 @@ def test_a_failed_round_is_retried_then_stops_with_the_reason(monkeypatch: pytes
 
 @pytest.mark.parametrize("in_directory", [True, False])
 def test_dp_sgd_history_survives_in_the_client_store(tmp_path: Path, in_directory: bool) -> None:
-    from fedlora.core.store import ClientStore
+    from fedlora.core.records.store import ClientStore
     from fedlora.privacy.mechanisms import load_history, save_history
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedlora.core.records import read_rounds, read_summary
+from fedlora.core.records.rundir import read_rounds, read_summary
 
 ROUNDS = 4
 ARGS = ["--clients", "10", "--rounds", str(ROUNDS), "--strategy", "fedsa-lora"]

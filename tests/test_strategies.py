@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from fedlora.core.adapters import set_base_offsets, set_trainable
-from fedlora.core.arrays import base_weight_name, lora_scale, orthogonal_a
 from fedlora.core.config import ConfigError, from_dict
+from fedlora.core.model.adapters import set_base_offsets, set_trainable
+from fedlora.core.model.arrays import base_weight_name, lora_scale, orthogonal_a
 from fedlora.run.experiment import check_strategy
 from strategies import registry
 from strategies.aggregation import normalised_weights
@@ -152,8 +152,8 @@ def test_fedsa_lora_keeps_b_in_the_node_state() -> None:
     from flwr.app import Context, RecordDict
 
     from clients.runtime import load_local, save_local
-    from fedlora.core.plan import ClientPlan
-    from fedlora.core.store import ClientStore
+    from fedlora.core.protocol.plan import ClientPlan
+    from fedlora.core.records.store import ClientStore
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     plan = ClientPlan(rank=4, keep_local=frozenset({"lora_B"}))
@@ -165,7 +165,7 @@ def test_fedsa_lora_keeps_b_in_the_node_state() -> None:
 
 
 def test_base_offsets_and_freezing_on_a_bert_model(tiny_bert) -> None:  # type: ignore[no-untyped-def]
-    from fedlora.core.adapters import get_model
+    from fedlora.core.model.adapters import get_model
 
     cfg = from_dict({"model": {"path": tiny_bert.path}})
     model = get_model(cfg)
@@ -314,9 +314,9 @@ def test_traffic_per_round_equals_the_bytes_counted_by_hand(
 ) -> None:
     from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-    from fedlora.core import protocol
-    from fedlora.core.arrays import from_arrays, to_arrays
-    from fedlora.core.plan import ClientPlan
+    from fedlora.core.model.arrays import from_arrays, to_arrays
+    from fedlora.core.protocol import keys as protocol
+    from fedlora.core.protocol.plan import ClientPlan
 
     cfg = check_strategy(
         from_dict({"strategy": {"name": name}, "lora": {"rank": 4}, "federation": {"num_clients": 3}})

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from clients import runtime
-from fedlora.core import token_cache
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.sources import write_table
-from fedlora.core.tweets import TOPICS, topics_frame
+from fedlora.core.data import token_cache
+from fedlora.core.data.sources import write_table
+from fedlora.core.data.tweets import TOPICS, topics_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 

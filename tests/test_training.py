@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from fedlora.core.adapters import adapter_state, inject_lora
 from fedlora.core.config import DataConfig, LoraConfig, TrainConfig
-from fedlora.core.models import load_classifier, load_tokenizer
-from fedlora.core.training import encode, evaluate, num_steps, train_local
+from fedlora.core.model.adapters import adapter_state, inject_lora
+from fedlora.core.model.loading import load_classifier, load_tokenizer
+from fedlora.core.training.loops import encode, evaluate, num_steps, train_local
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def model_and_data(request, tiny_bert, small):  # type: ignore[no-untyped-def]
     """(model path, encoded train split): the tiny BERT on synthetic tweets, or MiniLM on real ones."""
     if request.param == "tiny":
         return tiny_bert.path, small[0]
-    from fedlora.core.data import get_splits
+    from fedlora.core.data.splits import get_splits
 
     splits = get_splits(DataConfig(max_examples=600, test_size=100), 2, 0)
     return "", encode(splits.client_train(0), load_tokenizer(""), 48)

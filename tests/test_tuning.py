@@ -10,7 +10,7 @@ import pytest
 
 from fedlora.compare.grid import parse_grid
 from fedlora.core.config import ConfigError, load_config
-from fedlora.core.records import RunDirectory
+from fedlora.core.records.rundir import RunDirectory
 from fedlora.report import tuning
 from fedlora.report.writer import collect, write_report
 

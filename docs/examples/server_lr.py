@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedlora.core.arrays import State
 from fedlora.core.config import ConfigError
+from fedlora.core.model.arrays import State
 from strategies.base import LoraStrategy
 from strategies.registry import register
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from fedlora.compare.grid import Task
 from fedlora.compare.runner import _die_with_parent
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.records import read_rounds
+from fedlora.core.records.rundir import read_rounds
 
 
 class CalibrationError(RuntimeError):

@@ -33,7 +33,7 @@ from typing import Any
 
 from fedlora.compare.grid import Grid, Setting, Task
 from fedlora.core.config import ConfigError, ExperimentConfig
-from fedlora.core.records import RunDirectory, RunDirError, atomic_write, read_rounds
+from fedlora.core.records.rundir import RunDirectory, RunDirError, atomic_write, read_rounds
 from fedlora.report import tuning
 from fedlora.report.results import is_finished, write_json
 from fedlora.run.processes import ProcessTracker

@@ -511,7 +511,7 @@ def _check_sizes(config: ExperimentConfig) -> None:
             "but data.val_fraction = 0; set data.val_fraction > 0 or federation.fraction_evaluate = 0"
         )
     if not data.tweets or data.test_path:
-        return  # sizes of a file are known once it is read (fedlora.core.data)
+        return  # sizes of a file are known once it is read (fedlora.core.data.splits)
     in_use = min(data.max_examples, CORPUS_SIZE) if data.max_examples else CORPUS_SIZE
     _check(
         data.test_size < in_use,

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.core.config import PrivacyConfig, TrainConfig
-from fedlora.core.training import Encoded, make_optimizer, num_steps, sequence_loss
+from fedlora.core.training.loops import Encoded, make_optimizer, num_steps, sequence_loss
 
 if TYPE_CHECKING:
     from fedlora.privacy.accounting import Entry

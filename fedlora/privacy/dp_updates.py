@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.core.arrays import global_norm
+from fedlora.core.model.arrays import global_norm
 
 State = dict[str, torch.Tensor]
 

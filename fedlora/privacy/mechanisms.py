@@ -27,11 +27,11 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from fedlora.core import protocol
-from fedlora.core.arrays import State
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.store import ClientStore
-from fedlora.core.training import Encoded, train_local
+from fedlora.core.model.arrays import State
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.records.store import ClientStore
+from fedlora.core.training.loops import Encoded, train_local
 from fedlora.privacy import accounting
 from fedlora.privacy import settings as calibration
 from fedlora.privacy.dp_updates import client_share, private_mean

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from fedlora.core.config import ConfigError, ExperimentConfig
-from fedlora.core.training import num_steps
+from fedlora.core.training.loops import num_steps
 from fedlora.privacy import accounting
 from fedlora.privacy.dp_sgd import sample_rate
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlora.core.records import atomic_write, read_clients, read_rounds, read_summary
+from fedlora.core.records.rundir import atomic_write, read_clients, read_rounds, read_summary
 from fedlora.report.clients import (
     PERSONALISED,
     ClientRound,

@@ -18,8 +18,8 @@ from flwr_datasets.partitioner import Partitioner
 from flwr_datasets.visualization import plot_label_distributions
 
 from fedlora.core.config import DataConfig
-from fedlora.core.data import FederatedSplits, label_counts, majority_accuracy
-from fedlora.core.sources import LABEL, partition_column
+from fedlora.core.data.sources import LABEL, partition_column
+from fedlora.core.data.splits import FederatedSplits, label_counts, majority_accuracy
 
 
 @dataclass(frozen=True)

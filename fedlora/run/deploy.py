@@ -240,7 +240,8 @@ class LocalDeployment:
         self.home = self.directory / "flwr-home"
         self.logs = self.directory / "logs"
         self.env = {**os.environ, **DEPLOY_ENV, "FLWR_HOME": str(self.home)}
-        # Tokenised splits on disk (fedlora.core.token_cache.CACHE_ENV), reused by each message's process.
+        # Tokenised splits on disk (fedlora.core.data.token_cache.CACHE_ENV), reused by each
+        # message's process.
         self.env.setdefault("FEDLORA_CACHE_DIR", str(self.directory / "token-cache"))
         pythonpath = [str(self.app_dir), os.environ.get("PYTHONPATH", "")]
         self.env["PYTHONPATH"] = os.pathsep.join(p for p in pythonpath if p)

@@ -1,11 +1,12 @@
 """Server-side evaluation of the global adapter on the test set (held out, or ``data.test_path``).
 
 For ``task = "causal-lm"`` the scores are the response loss, perplexity and likelihood-ranking accuracy
-of :mod:`fedlora.core.likelihood`; with free-text responses accuracy and the majority baseline are nan.
-The server process then uses ``federation.client_cpus`` torch threads, like a client: with torch's
-default (every core) a CPU shared with the client actors or other work spends most of the time spinning
-(with two threads on the busy 2-core machine the quickstart's zero-shot evaluation of 100 examples was
-not done after 5 CPU-minutes, where one thread scores an example in about 0.6 CPU-s).
+of :mod:`fedlora.core.training.likelihood`; with free-text responses accuracy and the majority
+baseline are nan. The server process then uses ``federation.client_cpus`` torch threads, like a
+client: with torch's default (every core) a CPU shared with the client actors or other work spends
+most of the time spinning (with two threads on the busy 2-core machine the
+quickstart's zero-shot evaluation of 100 examples was not done after 5
+CPU-minutes, where one thread scores an example in about 0.6 CPU-s).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from peft import PeftModel
 
-from fedlora.core.adapters import get_model, load_adapter_state, set_base_offsets
-from fedlora.core.arrays import State
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.data import get_splits, majority_accuracy
-from fedlora.core.models import load_tokenizer
-from fedlora.core.prompts import encode_split
-from fedlora.core.training import Scores, macro_f1, score
+from fedlora.core.data.splits import get_splits, majority_accuracy
+from fedlora.core.model.adapters import get_model, load_adapter_state, set_base_offsets
+from fedlora.core.model.arrays import State
+from fedlora.core.model.loading import load_tokenizer
+from fedlora.core.training.loops import Scores, macro_f1, score
+from fedlora.core.training.prompts import encode_split
 
 
 @dataclass

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedlora.core.config import TARGET_PRESETS, ConfigError, ExperimentConfig, load_config
-from fedlora.core.targets import PRESETS, preset_family, target_suffixes, unmatched
-from fedlora.core.weights import linear_weight_names, model_dir, model_label, weight_shapes
+from fedlora.core.model.targets import PRESETS, preset_family, target_suffixes, unmatched
+from fedlora.core.model.weights import linear_weight_names, model_dir, model_label, weight_shapes
 from fedlora.privacy.settings import check as check_privacy
 from strategies import registry
 
 if TYPE_CHECKING:
-    from fedlora.core.data import FederatedSplits
+    from fedlora.core.data.splits import FederatedSplits
 
 
 def load_experiment(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -42,7 +42,7 @@ def check_strategy(cfg: ExperimentConfig) -> ExperimentConfig:
 def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentConfig:
     """Checks that read the disk or the machine, cheapest first: GPUs, the model directory and its
     weights, the LoRA targets against the model's module names, the data (every value of a file, see
-    :mod:`fedlora.core.sources`) and its splits, privacy against client sizes.
+    :mod:`fedlora.core.data.sources`) and its splits, privacy against client sizes.
 
     Returns ``cfg`` resolved for the run: file paths in ``[data]`` made absolute and ``data.labels``
     filled in from the data, so that every client (a deployed one reads only its own file) builds the
@@ -64,9 +64,12 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
 
 def check_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, FederatedSplits]:
     """Read the data and build the splits (every value of a file is checked, see
-    :mod:`fedlora.core.sources`); returns the config with absolute paths and ``data.labels`` filled in,
+    :mod:`fedlora.core.data.sources`); returns the config with absolute paths and ``data.labels`` filled in,
     and the splits."""
-    from fedlora.core.data import get_splits, label_names  # start-up: datasets takes about 1 s to import
+    from fedlora.core.data.splits import (  # start-up: datasets takes about 1 s to import
+        get_splits,
+        label_names,
+    )
 
     cfg = resolve_paths(cfg)
     try:
@@ -80,7 +83,7 @@ def check_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, FederatedSplits
 def check_node_files(cfg: ExperimentConfig, paths: list[Path] | tuple[Path, ...]) -> None:
     """Each deployed node's own file, read as its ClientApp will read it, against the federation's
     label set (``cfg`` as :func:`preflight` returns it); ConfigError naming the file otherwise."""
-    from fedlora.core.sources import load_node_file  # start-up: datasets takes about 1 s to import
+    from fedlora.core.data.sources import load_node_file  # start-up: datasets takes about 1 s to import
 
     for path in paths:
         load_node_file(str(path), cfg.data, key="--data")

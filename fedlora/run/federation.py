@@ -19,10 +19,10 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedlora.core import protocol
-from fedlora.core.adapters import initial_state, save_adapter
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.records import RunDirectory, versions
+from fedlora.core.model.adapters import initial_state, save_adapter
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.records.rundir import RunDirectory, versions
 from fedlora.run import checkpoint
 from fedlora.run.evaluation import Evaluator, global_model
 from fedlora.run.rounds import RoundLoop
@@ -46,7 +46,7 @@ def run_federation(
 
     With ``resume`` the run continues after the checkpoint's round. With ``client_state_dir`` (a
     simulation) clients keep their state there by partition, versioned by round
-    (:mod:`fedlora.core.store`); any virtual node can then play any partition, so the server assigns
+    (:mod:`fedlora.core.records.store`); any virtual node can then play any partition, so the server assigns
     partitions to nodes instead of asking every node for its own (:mod:`fedlora.server.sampling`).
     """
     started = time.monotonic()

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from fedlora.core.adapters import load_trained_lm, set_base_offsets
 from fedlora.core.config import ConfigError, ExperimentConfig
-from fedlora.core.models import load_tokenizer
-from fedlora.core.prompts import chat_parts, prompt_ids, prompt_text
-from fedlora.core.records import RunDirectory
+from fedlora.core.model.adapters import load_trained_lm, set_base_offsets
+from fedlora.core.model.loading import load_tokenizer
+from fedlora.core.records.rundir import RunDirectory
+from fedlora.core.training.prompts import chat_parts, prompt_ids, prompt_text
 
 
 def run_config(run_dir: Path) -> ExperimentConfig:

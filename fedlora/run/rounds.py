@@ -15,9 +15,9 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedlora.core.arrays import State, from_arrays, to_arrays
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.stopping import STOP, exchange
+from fedlora.core.model.arrays import State, from_arrays, to_arrays
+from fedlora.core.protocol.stopping import STOP, exchange
 from fedlora.run.evaluation import Evaluator
 from fedlora.server.replies import RoundFailedError
 from strategies.base import LoraStrategy

@@ -12,7 +12,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.records import RunDirectory
+from fedlora.core.records.rundir import RunDirectory
 from fedlora.run.experiment import load_experiment, preflight
 from fedlora.run.federation import RoundCallback, run_federation
 

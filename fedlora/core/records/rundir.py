@@ -78,7 +78,7 @@ class RunDirectory:
 
     @property
     def client_state_path(self) -> Path:
-        """Simulated clients' state between rounds, versioned by round (:mod:`fedlora.core.store`)."""
+        """Simulated clients' state between rounds, versioned by round (:mod:`fedlora.core.records.store`)."""
         return self.path / "client_state"
 
     def create(self, cfg: ExperimentConfig, *, overwrite: bool = False) -> None:

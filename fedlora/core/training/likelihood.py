@@ -1,4 +1,4 @@
-"""Evaluation of a causal LM on prompt + response examples (:class:`fedlora.core.prompts.LmEncoded`).
+"""Evaluation of a causal LM on prompt + response examples (:class:`fedlora.core.training.prompts.LmEncoded`).
 
 - **Loss and perplexity**: the mean cross-entropy per response token over all response tokens of the
   split (teacher forcing), and exp of it.
@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from fedlora.core.training import IGNORE, Scores, macro_f1, mixed_precision
+from fedlora.core.training.loops import IGNORE, Scores, macro_f1, mixed_precision
 
 if TYPE_CHECKING:
     from torch import nn
 
 
 class LmEncoded(Protocol):
-    """What evaluation reads of a split of :class:`fedlora.core.prompts.LmEncoded` (declared here, not
-    imported: that module calls this one)."""
+    """What evaluation reads of a split of :class:`fedlora.core.training.prompts.LmEncoded`
+    (declared here, not imported: that module calls this one)."""
 
     @property
     def ids(self) -> tuple[tuple[int, ...], ...]: ...

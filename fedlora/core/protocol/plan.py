@@ -1,5 +1,5 @@
 """What a client does with a round's message: decided by the strategy on the server, carried in the
-message (a ConfigRecord under :data:`fedlora.core.protocol.PLAN`), carried out by the ClientApp.
+message (a ConfigRecord under :data:`fedlora.core.protocol.keys.PLAN`), carried out by the ClientApp.
 
 The client never looks up the strategy: everything strategy-specific it must do is in the plan.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from flwr.app import ConfigRecord
 
-from fedlora.core.arrays import kind_of
+from fedlora.core.model.arrays import kind_of
 
 KINDS = ("lora_A", "lora_B", "head")
 REPLIES = ("received", "trained", "adapter")

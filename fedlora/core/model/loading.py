@@ -2,7 +2,7 @@
 
 Models are loaded in float32 whatever dtype their folder holds (most published LLM checkpoints are
 bfloat16): the LoRA adapters then train and travel in float32, and on a CUDA GPU the forward passes run
-under bf16 autocast (:func:`fedlora.core.training.mixed_precision`).
+under bf16 autocast (:func:`fedlora.core.training.loops.mixed_precision`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedlora.core.weights import model_dir
+from fedlora.core.model.weights import model_dir
 
 
 @functools.cache

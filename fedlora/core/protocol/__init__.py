@@ -1,0 +1,1 @@
+"""What travels between server and clients: message keys, client plans, reply checks, stop requests."""

@@ -1,0 +1,1 @@
+"""What a run and a client keep on disk: the run directory and client state."""

@@ -1,0 +1,1 @@
+"""Local training and evaluation loops, prompts and likelihood scores, fault injection."""
