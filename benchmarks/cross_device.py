@@ -52,14 +52,11 @@ def plain_round(sets: list[str], server_round: int, threads: int) -> tuple[int, 
     import torch
     from overhead import train_clients  # the plain loop's client updates, shared with overhead.py
 
-    from fedlora.core.model.adapters import (
-        get_model,
-        initial_state,
-    )
     from fedlora.privacy.mechanisms import mechanism_for
     from fedlora.run.evaluation import Evaluator
     from fedlora.run.experiment import load_experiment, preflight
     from fedlora.server.sampling import ClientSampler
+    from fedlora.tasks.models import get_model, initial_state
     from strategies import registry
 
     torch.set_num_threads(threads)

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
-from fedlora.core.model.adapters import get_model
+from fedlora.tasks.models import get_model
 from fedlora.core.config import from_dict
 torch.set_num_threads({threads})
 torch.manual_seed(0)

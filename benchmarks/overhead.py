@@ -79,9 +79,9 @@ def plain_loop(sets: list[str], threads: int) -> float:
     """The federation's work in one process, no Flower or Ray; returns the final eval accuracy."""
     import torch
 
-    from fedlora.core.model.adapters import get_model, initial_state
     from fedlora.run.evaluation import Evaluator
     from fedlora.run.experiment import load_experiment
+    from fedlora.tasks.models import get_model, initial_state
     from strategies import registry
 
     torch.set_num_threads(threads)

@@ -16,9 +16,9 @@ import torch
 
 from clients.runtime import start_state
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.model.adapters import initial_state
 from fedlora.core.model.arrays import State, from_arrays, kind_of, payload_bytes, to_arrays
 from fedlora.run.experiment import load_experiment
+from fedlora.tasks.models import initial_state
 from strategies import registry
 from strategies.base import LoraStrategy
 

@@ -20,9 +20,9 @@ import torch
 from overhead import train_client  # a client's update as the ClientApp makes it, shared with overhead.py
 
 from fedlora.compare.grid import load_grid
-from fedlora.core.model.adapters import get_model, initial_state
 from fedlora.privacy import accounting
 from fedlora.run.experiment import load_experiment
+from fedlora.tasks.models import get_model, initial_state
 from strategies import registry
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,14 +18,15 @@ import torch
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data import token_cache
 from fedlora.core.model import offsets
-from fedlora.core.model.adapters import get_model, initial_state, set_checkpointing
+from fedlora.core.model.adapters import set_checkpointing
 from fedlora.core.model.arrays import State, fresh_lora, from_arrays, kind_of, orthogonal_a
 from fedlora.core.model.weights import model_dir
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.protocol.plan import ClientPlan
 from fedlora.core.records.store import ClientStore
 from fedlora.core.training.loops import Encoded
-from fedlora.core.training.prompts import encode_split
+from fedlora.tasks.models import get_model, initial_state
+from fedlora.tasks.registry import task_of
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord, Message, RecordDict
@@ -91,11 +92,8 @@ def _tokenise(cfg: ExperimentConfig, partition_id: int, data_path: str) -> Clien
     else:
         splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
         train, val = splits.client_train(partition_id), splits.client_val(partition_id)
-    tokenizer = load_tokenizer(cfg.model.path)
-    return ClientData(
-        train=encode_split(cfg, train, tokenizer),
-        val=encode_split(cfg, val, tokenizer),
-    )
+    tokenizer, task = load_tokenizer(cfg.model.path), task_of(cfg)
+    return ClientData(train=task.encode(train, tokenizer), val=task.encode(val, tokenizer))
 
 
 def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
@@ -115,7 +113,7 @@ def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
 def label_counts(cfg: ExperimentConfig, split: Encoded) -> dict[str, list[int]]:
     """``{label-counts: [examples of each label]}`` for a reply's metrics; empty under differential
     privacy (see :data:`fedlora.core.protocol.keys.LABEL_COUNTS`)."""
-    if cfg.privacy.enabled:
+    if cfg.privacy.enabled or not task_of(cfg).has_classes:
         return {}
     counts = torch.bincount(split.labels, minlength=len(cfg.data.labels))
     return {protocol.LABEL_COUNTS: [int(c) for c in counts]}

@@ -169,9 +169,9 @@ def test_saved_adapter_loads_with_peft(bert, tiny_bert, tmp_path) -> None:  # ty
 def test_any_local_model_directory_trains(tiny_llama, synthetic_tweets) -> None:  # type: ignore[no-untyped-def]
     """A Llama-style model saved to a local directory (with a tokenizer) goes through the same path."""
     from fedlora.core.config import from_dict
-    from fedlora.core.model.adapters import get_model
     from fedlora.core.model.loading import load_tokenizer
     from fedlora.core.training.loops import encode, evaluate, train_local
+    from fedlora.tasks.models import get_model
 
     cfg = from_dict({"model": {"path": tiny_llama.path}, "lora": {"targets": ["qkvo"], "rank": 4}})
     model = get_model(cfg)

@@ -75,8 +75,8 @@ def test_run_directory_contract(run_dir: Path) -> None:
 @pytest.mark.e2e
 def test_traffic_is_the_exact_adapter_payload(run_dir: Path) -> None:
     from fedlora.core.config import ExperimentConfig
-    from fedlora.core.model.adapters import initial_state
     from fedlora.core.model.arrays import payload_bytes, to_arrays
+    from fedlora.tasks.models import initial_state
 
     cfg = ExperimentConfig.from_toml((run_dir / "config.toml").read_text())
     per_client = payload_bytes(to_arrays(initial_state(cfg)))

@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from fedlora.core.config import ConfigError, ExperimentConfig, from_dict
-from fedlora.core.model.adapters import adapter_state, get_model, load_adapter_state, set_trainable
+from fedlora.core.model.adapters import adapter_state, load_adapter_state, set_trainable
 from fedlora.core.model.arrays import from_arrays, to_arrays
 from fedlora.core.model.loading import load_tokenizer
 from fedlora.core.training.likelihood import brute_force_logprob, candidate_logprobs
 from fedlora.core.training.loops import IGNORE, score, sequence_loss, train_local
-from fedlora.core.training.prompts import LmEncoded, chat_parts, encode_lm, encode_split
+from fedlora.core.training.prompts import LmEncoded, chat_parts, encode_lm
+from fedlora.run.experiment import check_strategy
+from fedlora.tasks.models import get_model
+from fedlora.tasks.registry import task_of
 
 TEMPLATE = "tweet: {text} sentiment:"
 LABELS = ["negative", "neutral", "positive"]
@@ -36,7 +39,7 @@ def _cfg(path: str, **data: object) -> ExperimentConfig:
 @pytest.fixture(scope="module")
 def encoded(tiny_llama, synthetic_tweets) -> LmEncoded:  # type: ignore[no-untyped-def]
     cfg = _cfg(tiny_llama.path)
-    data = encode_split(cfg, synthetic_tweets.select(range(24)), load_tokenizer(tiny_llama.path))
+    data = task_of(cfg).encode(synthetic_tweets.select(range(24)), load_tokenizer(tiny_llama.path))
     assert isinstance(data, LmEncoded)
     return data
 
@@ -141,7 +144,7 @@ def test_bfloat16_folder_trains_in_float32(tiny_llama, synthetic_tweets, tmp_pat
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=LABELS))
     model = get_model(cfg)
     set_trainable(model)
-    data = encode_split(cfg, synthetic_tweets.select(range(16)), load_tokenizer(str(folder)))
+    data = task_of(cfg).encode(synthetic_tweets.select(range(16)), load_tokenizer(str(folder)))
     loss, _ = train_local(model, data, dataclasses.replace(cfg.train, local_steps=1), seed=0)
     state = adapter_state(model)
     assert math.isfinite(loss)
@@ -161,7 +164,7 @@ def test_bfloat16_folder_trains_in_float32(tiny_llama, synthetic_tweets, tmp_pat
 )
 def test_bad_llm_settings_fail_in_one_line(data: dict[str, str], task: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace("{", r"\{").replace("}", r"\}")) as info:
-        from_dict({"task": task, "data": data})
+        check_strategy(from_dict({"task": task, "data": data}))
     assert "\n" not in str(info.value)
 
 
@@ -201,7 +204,7 @@ def test_free_text_responses_from_two_columns(tiny_llama, tmp_path: Path) -> Non
         test_size=10,
     )
     splits = build_splits(cfg.data, 2, 0)
-    data = encode_split(cfg, splits.test, load_tokenizer(tiny_llama.path))
+    data = task_of(cfg).encode(splits.test, load_tokenizer(tiny_llama.path))
     assert isinstance(data, LmEncoded) and not data.candidates
     scores = score(get_model(cfg), data)
     assert math.isnan(scores.accuracy) and scores.perplexity == pytest.approx(math.exp(scores.loss))

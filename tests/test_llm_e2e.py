@@ -108,7 +108,7 @@ def test_both_dp_modes_complete_a_causal_lm_run(runs, privacy: str) -> None:  # 
 @pytest.mark.e2e
 def test_ffa_lora_a_is_bit_identical_after_the_run(runs, tiny_llama) -> None:  # type: ignore[no-untyped-def]
     from fedlora.core.config import ExperimentConfig
-    from fedlora.core.model.adapters import initial_state
+    from fedlora.tasks.models import initial_state
 
     out = runs("ffa-lora")
     cfg = ExperimentConfig.from_toml((out / "config.toml").read_text())
@@ -157,3 +157,52 @@ def test_resume_continues_a_causal_lm_run_as_if_never_stopped(runs, federate, tm
     timing = ("wall_s", "aggregate_s", "attempts")
     strip = [{k: v for k, v in r.items() if k not in timing} for r in _rows(stopped)]
     assert strip == [{k: v for k, v in r.items() if k not in timing} for r in _rows(runs("fedit"))]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two-column instruction pairs (prompt, response) as a CSV, with odd quoting in some prompts."""
+    import pandas as pd
+
+    from fedlora.core.data.sources import write_table
+
+    words = ["good", "great", "bad", "late", "flight", "gate"]
+    prompts = [
+        f'repeat "{w}" twice, please' if i % 2 else f"repeat {w} twice" for i, w in enumerate(words * 8)
+    ]
+    responses = [f"{w} {w}" for w in words * 8]
+    frame = pd.DataFrame({"prompt": prompts, "response": responses})
+    return write_table(frame, tmp_path_factory.mktemp("pairs") / "pairs.csv")
+
+
+@pytest.mark.e2e
+def test_instruction_pairs_train_and_generate_answers(
+    pairs, tiny_llama, federate, run_in_process, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """A CSV of prompt/response pairs with task = causal-lm and data.response: the loader and pre-flight
+    accept it (no class names are needed), a run trains on the responses, and `fedlora generate`
+    answers from the run directory."""
+    from fedlora.run.experiment import load_experiment, preflight
+
+    overrides = [
+        *("task=causal-lm", f"model.path={tiny_llama.path}", f"data.source={pairs}", "data.text=prompt"),
+        *("data.response=response", "data.partitioner=iid", "data.test_size=12", "federation.num_clients=2"),
+        *(
+            "federation.rounds=2",
+            "train.local_steps=3",
+            "train.batch_size=4",
+            "lora.rank=2",
+            "lora.targets=qv",
+        ),
+    ]
+    cfg = preflight(load_experiment(None, overrides))
+    assert cfg.data.labels == []  # free text: no classes to fill in
+    out = federate(cfg, tmp_path / "pairs-run")
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(r["eval_perplexity"] > 1 and r["train_loss"] > 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["zero_shot"]["eval_perplexity"] > rows[-1]["eval_perplexity"]  # it learned something
+    proc = run_in_process("generate", str(out), "repeat good twice")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert proc.stdout.strip() and "\n" not in proc.stdout.strip()

@@ -20,9 +20,9 @@ from clients.runtime import start_state
 from fedlora.compare.grid import parse_grid
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data.splits import build_splits
-from fedlora.core.model.adapters import initial_state
 from fedlora.core.model.arrays import is_lora_a, is_lora_b
 from fedlora.run.experiment import load_experiment
+from fedlora.tasks.models import initial_state
 from strategies import registry
 
 SIMS = Path(__file__).resolve().parents[1] / "sims"

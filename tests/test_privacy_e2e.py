@@ -35,9 +35,10 @@ def _saved_a_is_the_initial_a(out: Path) -> None:
     from peft import PeftModel
 
     from fedlora.core.config import ExperimentConfig
-    from fedlora.core.model.adapters import adapter_state, initial_state
+    from fedlora.core.model.adapters import adapter_state
     from fedlora.core.model.arrays import is_lora_a
     from fedlora.core.model.loading import load_classifier
+    from fedlora.tasks.models import initial_state
 
     cfg = ExperimentConfig.from_toml((out / "config.toml").read_text())
     saved = adapter_state(

@@ -165,7 +165,7 @@ def test_fedsa_lora_keeps_b_in_the_node_state() -> None:
 
 
 def test_base_offsets_and_freezing_on_a_bert_model(tiny_bert) -> None:  # type: ignore[no-untyped-def]
-    from fedlora.core.model.adapters import get_model
+    from fedlora.tasks.models import get_model
 
     cfg = from_dict({"model": {"path": tiny_bert.path}})
     model = get_model(cfg)

@@ -108,8 +108,8 @@ class TestFeditAndFfaLora:
 
     def test_ffa_lora_uplink_is_half_of_fedit_plus_the_head(self, results) -> None:  # type: ignore[no-untyped-def]
         from fedlora.core.config import from_dict
-        from fedlora.core.model.adapters import initial_state
         from fedlora.core.model.arrays import is_head, is_lora_a, payload_bytes, to_arrays
+        from fedlora.tasks.models import initial_state
 
         state = initial_state(from_dict({}))
         a = payload_bytes(to_arrays({k: v for k, v in state.items() if is_lora_a(k)}))
@@ -128,8 +128,8 @@ class TestFlora:
 def _payload(kinds: set[str]) -> int:
     """Bytes of the default adapter's arrays of ``kinds`` ('lora_A', 'lora_B', 'head') on the wire."""
     from fedlora.core.config import from_dict
-    from fedlora.core.model.adapters import initial_state
     from fedlora.core.model.arrays import kind_of, payload_bytes, to_arrays
+    from fedlora.tasks.models import initial_state
 
     state = initial_state(from_dict({}))
     return payload_bytes(to_arrays({k: v for k, v in state.items() if kind_of(k) in kinds}))

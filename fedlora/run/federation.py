@@ -20,12 +20,14 @@ from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
 from fedlora.core.config import ExperimentConfig
-from fedlora.core.model.adapters import initial_state, save_adapter
+from fedlora.core.model.adapters import save_adapter
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.records.rundir import RunDirectory, versions
 from fedlora.run import checkpoint
 from fedlora.run.evaluation import Evaluator, global_model
 from fedlora.run.rounds import RoundLoop
+from fedlora.tasks.models import initial_state
+from fedlora.tasks.registry import task_of
 from strategies import registry
 
 log = logging.getLogger(__name__)
@@ -91,9 +93,11 @@ def run_federation(
 
 
 def _zero_shot(cfg: ExperimentConfig, evaluate: Evaluator) -> dict[str, Any]:
-    """Round 0 of a causal-LM run: the untouched model (B = 0) on the test set (nothing otherwise: a
-    fresh classifier head has no zero-shot meaning). Logged, and kept in ``summary.json``."""
-    if not cfg.causal:
+    """Round 0 of a task that has one (:attr:`fedlora.tasks.base.Task.zero_shot`): the untouched model
+    (B = 0) on the test set; nothing for a fresh classifier head, which has no zero-shot meaning. Logged,
+    and kept in ``summary.json``."""
+    task = task_of(cfg)
+    if not task.zero_shot:
         return {}
     scores = evaluate(initial_state(cfg), {})
     row = {
@@ -101,7 +105,7 @@ def _zero_shot(cfg: ExperimentConfig, evaluate: Evaluator) -> dict[str, Any]:
         "eval_loss": scores.loss,
         "eval_accuracy": scores.accuracy,
         "eval_macro_f1": scores.macro_f1,
-        "eval_perplexity": scores.perplexity,
+        **task.round_metrics(scores),
     }
     log.warning("fedlora: round 0 (zero-shot): %s", {k: round(v, 4) for k, v in row.items()})
     return row
@@ -125,7 +129,7 @@ def _summary(
         "best_round": scored[best]["round"],
         "final_eval_macro_f1": f1[-1],
         "best_eval_macro_f1": max((v for v in f1 if not math.isnan(v)), default=math.nan),
-        **({"final_eval_perplexity": rows[-1].get("eval_perplexity")} if cfg.causal else {}),
+        **task_of(cfg).summary_metrics(rows),
         "majority_accuracy": evaluate.majority_accuracy,
         "majority_macro_f1": evaluate.majority_macro_f1,
         "labels": list(cfg.data.labels),

@@ -20,6 +20,7 @@ from fedlora.core.model.arrays import State, from_arrays, to_arrays
 from fedlora.core.protocol.stopping import STOP, exchange
 from fedlora.run.evaluation import Evaluator
 from fedlora.server.replies import RoundFailedError
+from fedlora.tasks.registry import task_of
 from strategies.base import LoraStrategy
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class RoundLoop:
             "eval_loss": scores.loss if scores else None,
             "eval_accuracy": scores.accuracy if scores else None,
             "eval_macro_f1": scores.macro_f1 if scores else None,
-            **({"eval_perplexity": scores.perplexity if scores else None} if self.cfg.causal else {}),
+            **task_of(self.cfg).round_metrics(scores),
             "uplink_bytes": strategy.traffic.uplink,
             "downlink_bytes": strategy.traffic.downlink,
             "aggregate_s": aggregate_s,

@@ -397,7 +397,7 @@ def load_test(cfg: DataConfig, names: Sequence[str]) -> datasets.Dataset:
 def load_node_file(path: str, cfg: DataConfig, key: str = "data-path") -> datasets.Dataset:
     """A deployed node's own file (``key`` names the node config entry), labelled with the federation's
     class names ``cfg.labels``, which the server fills in before any message is sent."""
-    if not cfg.labels:
+    if not cfg.labels and not cfg.response:
         raise ConfigError(
             "the experiment names no data.labels (the server fills them in); run a server that does"
         )

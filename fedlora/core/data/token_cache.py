@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import os
@@ -27,12 +28,11 @@ import torch
 
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.training.loops import Encoded
-from fedlora.core.training.prompts import LmEncoded
 
 CACHE_ENV = "FEDLORA_CACHE_DIR"
 """Environment variable: the directory of the token cache; unset or empty = no disk cache."""
 
-FORMAT = "fedlora-tokens-1"
+FORMAT = "fedlora-tokens-2"
 """Bumped whenever the entry format or the tokenisation changes, so old entries are never read."""
 
 TOKENIZER_FILES = (
@@ -87,9 +87,8 @@ def key_for(cfg: ExperimentConfig, partition_id: int, data_path: str, model_dire
         "data": dataclasses.asdict(cfg.data),
         "seed": cfg.seed,
         "tokenizer": tokenizer_digest(model_directory),
+        "task": cfg.task,
     }
-    if cfg.causal:  # prompt + response ids (classification keys stay as they were)
-        parts["task"] = cfg.task
     if data_path:  # a node's own file: its contents, whatever its name or partition
         parts["file"] = digest(Path(data_path))
     else:
@@ -119,7 +118,10 @@ def load(directory: Path, key: str) -> tuple[Encoded, Encoded] | None:
         return None
     if entry.get("format") != FORMAT:
         return None
-    return _decode(entry["train"]), _decode(entry["val"])
+    try:
+        return _decode(entry["train"]), _decode(entry["val"])
+    except (KeyError, TypeError, ValueError, AttributeError, ImportError):
+        return None  # an entry this version cannot rebuild: tokenise again
 
 
 def save(directory: Path, key: str, train: Encoded, val: Encoded) -> None:
@@ -135,24 +137,35 @@ def save(directory: Path, key: str, train: Encoded, val: Encoded) -> None:
 
 
 def _encode(split: Encoded) -> dict[str, Any]:
-    entry = {"ids": [list(r) for r in split.ids], "labels": split.labels.tolist(), "pad_id": split.pad_id}
-    if isinstance(split, LmEncoded):
-        entry["prompt_lens"] = list(split.prompt_lens)
-        entry["candidates"] = [list(c) for c in split.candidates]
-    return entry
+    """A split as JSON values: its class (a dataclass of :class:`Encoded`, whichever task made it) and
+    each field (tensors as their values and dtype, tuples as lists)."""
+    cls = type(split)
+    fields = {f.name: _plain(getattr(split, f.name)) for f in dataclasses.fields(split)}
+    return {"class": f"{cls.__module__}:{cls.__qualname__}", "fields": fields}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return {"tensor": value.tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _decode(entry: dict[str, Any]) -> Encoded:
-    if "prompt_lens" in entry:
-        return LmEncoded(
-            ids=tuple(tuple(r) for r in entry["ids"]),
-            labels=torch.tensor(entry["labels"], dtype=torch.long),
-            pad_id=int(entry["pad_id"]),
-            prompt_lens=tuple(entry["prompt_lens"]),
-            candidates=tuple(tuple(c) for c in entry["candidates"]),
-        )
-    return Encoded(
-        ids=tuple(tuple(r) for r in entry["ids"]),
-        labels=torch.tensor(entry["labels"], dtype=torch.long),
-        pad_id=int(entry["pad_id"]),
-    )
+    """The split :func:`_encode` wrote; only classes of fedlora's own packages are rebuilt."""
+    module, _, name = entry["class"].partition(":")
+    if module.split(".")[0] not in ("fedlora", "clients", "strategies"):
+        raise ValueError(f"token cache entry names a class outside fedlora: {entry['class']}")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Encoded)):
+        raise ValueError(f"token cache entry names no split class: {entry['class']}")
+    return cls(**{k: _typed(v) for k, v in entry["fields"].items()})  # type: ignore[no-any-return]
+
+
+def _typed(value: Any) -> Any:
+    if isinstance(value, dict) and "tensor" in value:
+        return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
+    if isinstance(value, list):
+        return tuple(_typed(v) for v in value)
+    return value

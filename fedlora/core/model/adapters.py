@@ -1,5 +1,5 @@
 """LoRA on a model with peft: injection into the target modules, the adapter state in and out of the
-model, what is trainable, the frozen base weights' offsets, and the per-process model cache.
+model, what is trainable, the frozen base weights' offsets, saving and reloading.
 
 The same functions serve simulated and deployed clients and the server's evaluation; the arrays
 themselves (kinds, initialisations, records) are :mod:`fedlora.core.model.arrays`.
@@ -7,8 +7,6 @@ themselves (kinds, initialisations, records) are :mod:`fedlora.core.model.arrays
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +17,7 @@ from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict,
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from fedlora.core.config import TARGET_PRESETS, ExperimentConfig, LoraConfig
+from fedlora.core.config import TARGET_PRESETS, LoraConfig
 from fedlora.core.model.arrays import State, base_weight_name, kind_of
 from fedlora.core.model.loading import load_causal_lm, load_classifier
 from fedlora.core.model.targets import target_suffixes, unmatched
@@ -46,12 +44,13 @@ def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
     return suffixes
 
 
-def inject_lora(model: nn.Module, lora: LoraConfig, *, seed: int, causal: bool = False) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters (A Kaiming-uniform from ``seed``, B zero) and, for a classifier,
-    a trainable head; a causal LM (``causal``) gets adapters only (its LM head stays frozen)."""
+def inject_lora(model: nn.Module, lora: LoraConfig, *, seed: int, task_type: str = "SEQ_CLS") -> PeftModel:
+    """Wrap ``model`` with LoRA adapters (A Kaiming-uniform from ``seed``, B zero). ``task_type``: peft's
+    ``TaskType`` name; ``SEQ_CLS`` (default) also trains the classification head, ``CAUSAL_LM`` adds
+    adapters only (the LM head stays frozen)."""
 
     spec = PeftLoraConfig(
-        task_type=TaskType.CAUSAL_LM if causal else TaskType.SEQ_CLS,
+        task_type=TaskType[task_type],
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=lora.dropout,
@@ -87,44 +86,6 @@ def adapter_state_keys(model: PeftModel) -> list[str]:
     """The names of all adapter and head tensors, in peft's order."""
 
     return list(get_peft_model_state_dict(model))
-
-
-@functools.cache
-def _cached_model(
-    model_path: str, lora_key: tuple[object, ...], seed: int, labels: tuple[str, ...]
-) -> tuple[PeftModel, State]:
-
-    rank, alpha, dropout, rslora, targets = lora_key
-    lora = LoraConfig(rank=rank, alpha=alpha, dropout=dropout, rslora=rslora, targets=list(targets))  # type: ignore[arg-type, call-overload]
-    if labels == CAUSAL:
-        model = inject_lora(load_causal_lm(model_path, seed=seed), lora, seed=seed, causal=True)
-    else:
-        model = inject_lora(load_classifier(model_path, seed=seed, labels=labels), lora, seed=seed)
-    return model, adapter_state(model)
-
-
-CAUSAL = ("\0causal-lm",)
-"""Stands for the label names in the model cache's key of a causal LM (it has no head)."""
-
-
-def _key(cfg: ExperimentConfig) -> tuple[str, tuple[object, ...], int, tuple[str, ...]]:
-    lora_key = tuple(tuple(v) if isinstance(v, list) else v for v in dataclasses.astuple(cfg.lora))
-    return cfg.model.path, lora_key, cfg.seed, CAUSAL if cfg.causal else _label_names(cfg)
-
-
-def get_model(cfg: ExperimentConfig) -> PeftModel:
-    """The process's LoRA model for this experiment, built once and reused across rounds and clients.
-
-    Its head has one output per class name (``data.labels``, or those inferred from ``data.source``), and
-    the names are in its config's ``id2label``. Callers overwrite every adapter and head tensor
-    (``load_adapter_state``) before use, so reuse is safe.
-    """
-    return _cached_model(*_key(cfg))[0]
-
-
-def initial_state(cfg: ExperimentConfig) -> State:
-    """The adapter and head exactly as initialised from ``cfg.seed`` (A random, B zero, head random)."""
-    return {k: v.clone() for k, v in _cached_model(*_key(cfg))[1].items()}
 
 
 def set_trainable(model: nn.Module, frozen: frozenset[str] = frozenset()) -> None:
@@ -198,14 +159,3 @@ def load_trained(directory: Path, model_path: str = "") -> PeftModel:
     model = PeftModel.from_pretrained(load_classifier(model_path, labels=labels), str(directory))
     model.eval()
     return model
-
-
-def _label_names(cfg: ExperimentConfig) -> tuple[str, ...]:
-    """The class names: ``data.labels`` (always set in messages: the server fills them in), else read."""
-    if cfg.data.labels:
-        return tuple(cfg.data.labels)
-    # start-up: fedlora.core.data.sources imports datasets and pandas, which a client given data.labels (a
-    # deployed ClientApp process, started per message) never needs
-    from fedlora.core.data.sources import label_names
-
-    return label_names(cfg.data)

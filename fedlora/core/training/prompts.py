@@ -19,9 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedlora.core.config import ExperimentConfig
 from fedlora.core.training.likelihood import score_lm
-from fedlora.core.training.loops import IGNORE, Encoded, Scores, encode, sequence_loss
+from fedlora.core.training.loops import IGNORE, Encoded, Scores, sequence_loss
 
 if TYPE_CHECKING:
     import datasets
@@ -164,12 +163,3 @@ def _cached_responses(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], lis
         return response_ids(tokenizer, text)
 
     return lambda text: list(ids(text))
-
-
-def encode_split(cfg: ExperimentConfig, ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase) -> Encoded:
-    """A split tokenised for the experiment's task: texts for a classifier
-    (:func:`fedlora.core.training.loops.encode`), prompt + response for a causal LM (:func:`encode_lm`)."""
-    if not cfg.causal:
-        return encode(ds, tokenizer, cfg.data.max_length)
-    names = ds.features["label"].names
-    return encode_lm(ds, tokenizer, cfg.data.max_length, template=cfg.data.template, labels=names)
