@@ -37,11 +37,10 @@ class NumericEncoded(Encoded):
 
     values: torch.Tensor = field(default_factory=lambda: torch.empty(0))
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the head's one output against the examples' values."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        target = self.values.to(out.logits.device)[batch["labels"]]
-        return torch.nn.functional.mse_loss(out.logits[:, 0].float(), target)
+        target = self.values.to(logits.device)[labels]
+        return torch.nn.functional.mse_loss(logits[:, 0].float(), target)
 
     @torch.no_grad()
     def scores(self, model: nn.Module, *, batch_size: int) -> Scores:

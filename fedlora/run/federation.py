@@ -100,7 +100,7 @@ def _zero_shot(cfg: ExperimentConfig, evaluate: Evaluator) -> dict[str, Any]:
     if not task.zero_shot:
         return {}
     scores = evaluate(initial_state(cfg), {})
-    row = {
+    row: dict[str, Any] = {
         "round": 0,
         "eval_loss": scores.loss,
         "eval_accuracy": scores.accuracy,

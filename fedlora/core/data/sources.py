@@ -172,9 +172,10 @@ def labelled(
     wanted += [("data.partition_by", cfg.partition_by)] if cfg.partitioner == "natural" else []
     for key, column in wanted:
         if column not in arrow.column_names:
+            other = " (or data.partitioner = 'iid' to split at random)" if key == "data.partition_by" else ""
             raise ConfigError(
                 f"{key} = '{column}' is not a column of {origin} (columns: {', '.join(arrow.column_names)}); "
-                f"set {key} to one of them"
+                f"set {key} to one of them{other}"
             )
     columns: dict[str, Any] = {TEXT: _texts(arrow, "data.text", cfg.text, origin)}
     if cfg.text_pair:

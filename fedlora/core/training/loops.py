@@ -49,9 +49,15 @@ class Encoded:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": self.labels[index]}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of ``model`` on ``batch`` (cross-entropy of the class; a causal-LM split
-        overrides it)."""
-        return model(**batch).loss  # type: ignore[no-any-return]
+        """The training loss of ``model`` on ``batch``: :meth:`loss_of` its logits."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return self.loss_of(logits, batch["labels"])
+
+    def loss_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The mean over the batch of each example's loss (cross-entropy of its class); a per-example
+        mean, so that DP-SGD clips one example's gradient (Opacus's mean-reduction contract). Splits of
+        other tasks override it."""
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
 
     def scores(self, model: nn.Module, *, batch_size: int) -> Scores:
         """Loss, accuracy and macro-F1 of ``model`` on this split (see :func:`score`)."""

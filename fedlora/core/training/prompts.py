@@ -54,10 +54,9 @@ class LmEncoded(Encoded):
         out["labels"] = labels
         return out
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss_of(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Each sequence's mean cross-entropy over its response tokens, averaged over the batch."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_loss(logits, batch["labels"])
+        return sequence_loss(logits, labels)
 
     def scores(self, model: nn.Module, *, batch_size: int) -> Scores:
         """Response loss, perplexity and likelihood-ranking accuracy
