@@ -26,6 +26,7 @@ from fedlora.core.protocol.plan import ClientPlan
 from fedlora.core.records.store import ClientStore
 from fedlora.core.training.loops import Encoded
 from fedlora.core.training.prompts import encode_split
+from fedlora.privacy.mechanisms import registry as mechanisms
 
 if TYPE_CHECKING:
     from flwr.app import ConfigRecord, Message, RecordDict
@@ -115,7 +116,7 @@ def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
 def label_counts(cfg: ExperimentConfig, split: Encoded) -> dict[str, list[int]]:
     """``{label-counts: [examples of each label]}`` for a reply's metrics; empty under differential
     privacy (see :data:`fedlora.core.protocol.keys.LABEL_COUNTS`)."""
-    if cfg.privacy.enabled:
+    if mechanisms.get(cfg.privacy.mode).private:
         return {}
     counts = torch.bincount(split.labels, minlength=len(cfg.data.labels))
     return {protocol.LABEL_COUNTS: [int(c) for c in counts]}
