@@ -54,7 +54,8 @@ def test_epsilon_accumulates_over_rounds_and_grows_monotonically() -> None:
     assert accounting.epsilon([(0.0, 0.02, 8)], 1e-5) == math.inf
 
 
-@pytest.mark.parametrize("kind", ["rdp", "prv"])
+@pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
+@pytest.mark.parametrize("kind", ["rdp", "prv", "gdp"])
 @pytest.mark.parametrize("target", [1.0, 3.0, 6.0])
 def test_calibration_lands_at_or_just_below_the_target(kind: str, target: float) -> None:
     sigma = accounting.calibrate(target, 1e-5, 16 / 1500, 64, kind)
@@ -206,8 +207,6 @@ def test_noised_mean_without_noise_is_the_clipped_mean_over_the_expected_count()
 
 def test_server_samples_clients_by_poisson_with_rate_m_over_n_and_weighs_them_equally() -> None:
     import random
-
-    from fedlora.privacy.mechanisms import mechanism_for
 
     cfg = from_dict(
         {
