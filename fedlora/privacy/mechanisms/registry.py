@@ -112,4 +112,5 @@ def _defaults() -> dict[str, Any]:
 
 
 def _option_names(cls: type[Mechanism]) -> set[str]:
+    """The ``[privacy]`` keys ``cls`` reads (its options' fields)."""
     return {f.name for f in dataclasses.fields(cls.Options)}
