@@ -25,6 +25,7 @@ from fedlora.core.protocol import keys as protocol
 from fedlora.core.protocol.plan import ClientPlan
 from fedlora.core.records.store import ClientStore
 from fedlora.core.training.loops import Encoded
+from fedlora.privacy.mechanisms import registry as mechanisms
 from fedlora.tasks.models import get_model, initial_state
 from fedlora.tasks.registry import task_of
 
@@ -113,7 +114,7 @@ def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
 def label_counts(cfg: ExperimentConfig, split: Encoded) -> dict[str, list[int]]:
     """``{label-counts: [examples of each label]}`` for a reply's metrics; empty under differential
     privacy (see :data:`fedlora.core.protocol.keys.LABEL_COUNTS`)."""
-    if cfg.privacy.enabled or not task_of(cfg).has_classes:
+    if mechanisms.get(cfg.privacy.mode).private or not task_of(cfg).has_classes:
         return {}
     counts = torch.bincount(split.labels, minlength=len(cfg.data.labels))
     return {protocol.LABEL_COUNTS: [int(c) for c in counts]}

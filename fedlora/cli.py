@@ -603,7 +603,7 @@ def strategies() -> None:
     from strategies import registry  # start-up: the registry imports every strategy (torch)
 
     for name, cls in registry.available().items():
-        modes = [m for m in registry.privacy_modes(name) if m != "none"]
+        modes = registry.dp_modes(name)
         typer.echo(f"{name:<12} {cls.description}  [{', '.join(modes)}]")
 
 

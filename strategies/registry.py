@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import strategies
-from fedlora.core.config import PRIVACY_MODES, ConfigError, ExperimentConfig, coerce
-from fedlora.privacy.mechanisms import mechanism_class
+from fedlora.core.config import ConfigError, ExperimentConfig, coerce
+from fedlora.privacy.mechanisms import registry as mechanisms
 
 if TYPE_CHECKING:
     from strategies.base import LoraStrategy
@@ -86,18 +86,28 @@ def linear_strategies() -> list[str]:
 
 
 def privacy_modes(name: str) -> list[str]:
-    """The ``privacy.mode`` values strategy ``name`` can run under."""
+    """The registered ``privacy.mode`` values strategy ``name`` can run under."""
     linear = get(name).linear_aggregate
-    return [m for m in PRIVACY_MODES if linear or not mechanism_class(m).requires_linear_aggregate]
+    return [m for m, cls in mechanisms.available().items() if linear or not cls.requires_linear_aggregate]
+
+
+def dp_modes(name: str) -> list[str]:
+    """The modes giving differential privacy that strategy ``name`` can run under."""
+    private = mechanisms.private_modes()
+    return [m for m in privacy_modes(name) if m in private]
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check the strategy's name, its options (filled with defaults) and its privacy compatibility."""
+    """Check the privacy settings (:func:`fedlora.privacy.mechanisms.registry.validate`), the strategy's
+    name, its options (filled with defaults) and whether the privacy mode can protect it."""
+    mechanisms.validate(cfg)
     cfg.strategy.options = validate_options(cfg.strategy.name, cfg.strategy.options)
     if cfg.privacy.mode not in privacy_modes(cfg.strategy.name):
+        others = dp_modes(cfg.strategy.name)
         raise ConfigError(
             f"privacy.mode = {cfg.privacy.mode!r} cannot protect strategy '{cfg.strategy.name}': it combines "
             "each client's own factors, which the noise on the sum does not cover; use a strategy with a "
-            f"linear aggregate ({', '.join(linear_strategies())}) or privacy.mode = 'dp-sgd'"
+            f"linear aggregate ({', '.join(linear_strategies())})"
+            + (f" or privacy.mode = {' or '.join(repr(m) for m in others)}" if others else "")
         )
     return cfg

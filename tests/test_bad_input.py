@@ -42,7 +42,7 @@ BAD_FILES: dict[str, tuple[str, str]] = {
     ),
     "unknown privacy mode": (
         '[privacy]\nmode = "dp"\n',
-        "privacy.mode = 'dp' is invalid: expected one of none, dp-sgd, dp-updates",
+        "privacy.mode = 'dp' is invalid: expected one of dp-sgd, dp-updates, none",
     ),
     "unknown strategy": (
         '[strategy]\nname = "fedprox"\n',
@@ -84,6 +84,14 @@ BAD_FILES: dict[str, tuple[str, str]] = {
     "placement without dp-updates": (
         '[privacy]\nplacement = "client"\n',
         "privacy.placement = 'client' only applies to privacy.mode = 'dp-updates'",
+    ),
+    "a dp-sgd key under dp-updates": (
+        '[privacy]\nmode = "dp-updates"\nnoise_multiplier = 1.0\nopacus_mode = "ghost"\n',
+        "privacy.opacus_mode = 'ghost' only applies to privacy.mode = 'dp-sgd' (mode is 'dp-updates')",
+    ),
+    "an accountant Opacus does not have": (
+        '[privacy]\nmode = "dp-sgd"\nnoise_multiplier = 1.0\naccountant = "moments"\n',
+        "privacy.accountant = 'moments' is invalid: expected one of Opacus's accountants (gdp, prv, rdp)",
     ),
     "dp without noise or budget": (
         '[privacy]\nmode = "dp-sgd"\n',

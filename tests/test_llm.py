@@ -17,7 +17,7 @@ from fedlora.core.model.loading import load_tokenizer
 from fedlora.core.training.likelihood import brute_force_logprob, candidate_logprobs
 from fedlora.core.training.loops import IGNORE, score, sequence_loss, train_local
 from fedlora.core.training.prompts import LmEncoded, chat_parts, encode_lm
-from fedlora.run.experiment import check_strategy
+from fedlora.run.experiment import check_strategy, load_experiment
 from fedlora.tasks.models import get_model
 from fedlora.tasks.registry import task_of
 
@@ -266,10 +266,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama, encoded: Lm
 
 
 def test_gradient_checkpointing_with_dp_sgd_is_refused() -> None:
-    with pytest.raises(ConfigError, match="gradient_checkpointing"):
-        from_dict(
-            {
-                "train": {"gradient_checkpointing": True},
-                "privacy": {"mode": "dp-sgd", "noise_multiplier": 1.0},
-            }
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):  # the dp-sgd mechanism's check
+        load_experiment(
+            None,
+            ["train.gradient_checkpointing=true", "privacy.mode='dp-sgd'", "privacy.noise_multiplier=1.0"],
         )

@@ -13,8 +13,9 @@ from opacus.accountants import RDPAccountant
 
 from fedlora.core.config import ConfigError, ExperimentConfig, from_dict
 from fedlora.privacy import accounting
-from fedlora.privacy import settings as privacy
 from fedlora.privacy.dp_updates import client_share, clip, global_norm, private_mean
+from fedlora.privacy.mechanisms import dp_sgd, dp_updates, mechanism_for
+from fedlora.privacy.mechanisms import registry as mechanisms
 from fedlora.run.experiment import check_strategy
 
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
@@ -53,7 +54,8 @@ def test_epsilon_accumulates_over_rounds_and_grows_monotonically() -> None:
     assert accounting.epsilon([(0.0, 0.02, 8)], 1e-5) == math.inf
 
 
-@pytest.mark.parametrize("kind", ["rdp", "prv"])
+@pytest.mark.filterwarnings("ignore:GDP accounting is experimental")
+@pytest.mark.parametrize("kind", ["rdp", "prv", "gdp"])
 @pytest.mark.parametrize("target", [1.0, 3.0, 6.0])
 def test_calibration_lands_at_or_just_below_the_target(kind: str, target: float) -> None:
     sigma = accounting.calibrate(target, 1e-5, 16 / 1500, 64, kind)
@@ -71,12 +73,14 @@ def test_budget_check_and_history_round_trip() -> None:
 
 
 def _cfg(**privacy_keys: object) -> ExperimentConfig:
-    return from_dict({"privacy": dict(privacy_keys), "federation": {"num_clients": 10, "rounds": 8}})
+    """A config with these ``[privacy]`` keys, checked as the experiment loader checks them."""
+    cfg = from_dict({"privacy": dict(privacy_keys), "federation": {"num_clients": 10, "rounds": 8}})
+    return mechanisms.validate(cfg)
 
 
 def test_dp_sgd_plan_spends_the_target_over_the_planned_run() -> None:
     cfg = _cfg(mode="dp-sgd", target_epsilon=3.0)
-    noise, rate, steps = privacy.dp_sgd_plan(cfg, 1000)
+    noise, rate, steps = dp_sgd.plan(cfg, 1000)
     assert rate == 16 / 1000 and steps == 8
     assert 2.95 <= accounting.epsilon([(noise, rate, steps)] * 8, 1e-5) <= 3.0
 
@@ -88,8 +92,8 @@ def test_dp_updates_epsilon_after_k_rounds_is_the_subsampled_gaussian() -> None:
             "federation": {"num_clients": 100, "rounds": 20, "fraction": 0.1},
         }
     )
-    assert privacy.client_rate(cfg) == 0.1 and privacy.expected_clients(cfg) == pytest.approx(10.0)
-    eps = accounting.epsilon(privacy.update_history(cfg, 20), 1e-5)
+    assert dp_updates.client_rate(cfg) == 0.1 and dp_updates.expected_clients(cfg) == pytest.approx(10.0)
+    eps = accounting.epsilon(dp_updates.update_history(cfg, 20), 1e-5)
     assert eps == pytest.approx(_dp_accounting_epsilon(1.2, 0.1, 20, 1e-5), rel=1e-3)
 
 
@@ -97,10 +101,10 @@ def test_privacy_checks_name_the_key_and_the_fix() -> None:
     with pytest.raises(
         ConfigError, match=re.escape("privacy.delta = 0.01 is invalid: it must be below 1 / 1000")
     ):
-        privacy.check(_cfg(mode="dp-sgd", noise_multiplier=1.0, delta=0.01), [400, 1000])
+        mechanism_for(_cfg(mode="dp-sgd", noise_multiplier=1.0, delta=0.01)).preflight([400, 1000])
     too_little = _cfg(mode="dp-updates", noise_multiplier=0.3, target_epsilon=1.0)
     with pytest.raises(ConfigError, match=re.escape("target_epsilon = 1 is exceeded")):
-        privacy.check(too_little, [100] * 10)
+        mechanism_for(too_little).preflight([100] * 10)
     with pytest.raises(ConfigError, match=re.escape("needs privacy.target_epsilon")):
         _cfg(mode="dp-sgd")
     with pytest.raises(ConfigError, match=re.escape("cannot protect strategy 'lora-fair'")):
@@ -203,8 +207,6 @@ def test_noised_mean_without_noise_is_the_clipped_mean_over_the_expected_count()
 
 def test_server_samples_clients_by_poisson_with_rate_m_over_n_and_weighs_them_equally() -> None:
     import random
-
-    from fedlora.privacy.mechanisms import mechanism_for
 
     cfg = from_dict(
         {

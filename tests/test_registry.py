@@ -18,11 +18,11 @@ import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
 import strategies
-from fedlora.core.config import PRIVACY_MODES, ConfigError, from_dict
+from fedlora.core.config import ConfigError, from_dict
 from fedlora.core.model.arrays import State, from_arrays, kind_of, to_arrays
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.protocol.plan import ClientPlan
-from fedlora.privacy.mechanisms import mechanism_class
+from fedlora.privacy.mechanisms import registry as mechanisms
 from fedlora.run.experiment import check_strategy
 from strategies import registry
 from strategies.base import LoraStrategy
@@ -157,8 +157,8 @@ def test_a_strategy_declared_linear_can_aggregate_the_mean_alone(name: str) -> N
 def test_privacy_modes_follow_the_declaration(name: str) -> None:
     modes = registry.privacy_modes(name)
     assert "none" in modes and "dp-sgd" in modes
-    for mode in PRIVACY_MODES:
-        needs_linear = mechanism_class(mode).requires_linear_aggregate
+    for mode, mechanism in mechanisms.available().items():
+        needs_linear = mechanism.requires_linear_aggregate
         assert (mode in modes) == (registry.get(name).linear_aggregate or not needs_linear)
 
 
@@ -218,7 +218,7 @@ def test_the_example_strategy_known_answer(example: ModuleType) -> None:
         torch.testing.assert_close(out[key], value + 1.25)
     with pytest.raises(ConfigError, match=r"server_lr = 2\.5 is invalid"):
         make("fedavg-server-lr", strategy={"name": "fedavg-server-lr", "options": {"server_lr": 2.5}})
-    assert registry.privacy_modes("fedavg-server-lr") == list(PRIVACY_MODES)
+    assert registry.privacy_modes("fedavg-server-lr") == list(mechanisms.available())
 
 
 @pytest.mark.e2e

@@ -349,7 +349,7 @@ def test_a_failed_round_is_retried_then_stops_with_the_reason(monkeypatch: pytes
 @pytest.mark.parametrize("in_directory", [True, False])
 def test_dp_sgd_history_survives_in_the_client_store(tmp_path: Path, in_directory: bool) -> None:
     from fedlora.core.records.store import ClientStore
-    from fedlora.privacy.mechanisms import load_history, save_history
+    from fedlora.privacy.mechanisms.dp_sgd import load_history, save_history
 
     context = Context(run_id=1, node_id=2, node_config={}, state=RecordDict(), run_config={})
     root = str(tmp_path) if in_directory else None

@@ -21,7 +21,7 @@ import torch
 from fedlora.core.config import TARGET_PRESETS, ConfigError, ExperimentConfig, load_config
 from fedlora.core.model.targets import PRESETS, preset_family, target_suffixes, unmatched
 from fedlora.core.model.weights import linear_weight_names, model_dir, model_label, weight_shapes
-from fedlora.privacy.settings import check as check_privacy
+from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.tasks import registry as tasks
 from strategies import registry
 
@@ -59,8 +59,7 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
         check_gpus(cfg)
     check_model(cfg)
     cfg, splits = check_data(cfg)
-    if cfg.privacy.enabled:
-        check_privacy(cfg, splits.train_sizes())
+    mechanism_for(cfg).preflight(splits.train_sizes())
     return cfg
 
 

@@ -23,6 +23,7 @@ from fedlora.core.config import ExperimentConfig
 from fedlora.core.model.adapters import save_adapter
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.records.rundir import RunDirectory, versions
+from fedlora.privacy.mechanisms import registry as mechanisms
 from fedlora.run import checkpoint
 from fedlora.run.evaluation import Evaluator, global_model
 from fedlora.run.rounds import RoundLoop
@@ -145,7 +146,7 @@ def _summary(
 
 def _privacy_summary(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The privacy spent by the whole run (nothing when DP is off)."""
-    if not cfg.privacy.enabled:
+    if not mechanisms.get(cfg.privacy.mode).private:
         return {}
     return {
         "privacy_mode": cfg.privacy.mode,

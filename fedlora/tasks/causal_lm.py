@@ -23,6 +23,7 @@ from fedlora.core.model.adapters import load_trained_lm
 from fedlora.core.model.loading import load_causal_lm, load_tokenizer
 from fedlora.core.model.weights import model_label
 from fedlora.core.training.prompts import chat_parts, encode_lm, prompt_ids, prompt_text
+from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.tasks.base import Task
 from fedlora.tasks.registry import register
 
@@ -49,7 +50,7 @@ class CausalLm(Task):
         come from their own column and cannot be split by label; ghost clipping needs a per-example
         loss of one token."""
         super().check_config()
-        data, privacy = self.cfg.data, self.cfg.privacy
+        data = self.cfg.data
         if data.template and "{text}" not in data.template:
             raise ConfigError(
                 f"data.template = {data.template!r} is invalid: expected a prompt with {{text}} in it, e.g. "
@@ -67,7 +68,7 @@ class CausalLm(Task):
                 f"data.partitioner = {data.partitioner!r} splits by label, but free-text responses "
                 "(data.response) have none; use natural or iid"
             )
-        if privacy.mode == "dp-sgd" and privacy.opacus_mode == "ghost":
+        if getattr(mechanism_for(self.cfg).options, "opacus_mode", "") == "ghost":
             raise ConfigError(
                 "privacy.opacus_mode = 'ghost' is not supported with task = 'causal-lm' (its loss is per "
                 "token); use privacy.opacus_mode = 'hooks'"
