@@ -260,7 +260,7 @@ def test_the_example_runs_a_round_end_to_end_in_process(
             ],
         )
     )  # fmt: skip
-    from fedlora.core.model.adapters import initial_state
+    from fedlora.tasks.models import initial_state
 
     run = run_in_memory(cfg, "clip")
     (row,) = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
