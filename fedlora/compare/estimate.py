@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.compare.grid import Task
-from fedlora.compare.runner import _die_with_parent
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.records.rundir import read_rounds
+from fedlora.run.processes import DIE_WITH_PARENT
 
 
 class CalibrationError(RuntimeError):
@@ -76,7 +76,7 @@ def measure(task: Task, workdir: Path) -> Calibration:
             command,
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=DIE_WITH_PARENT,
         )
     wall = time.monotonic() - started
     rows = read_rounds(run_dir) if (run_dir / "rounds.jsonl").is_file() else []
