@@ -723,7 +723,7 @@ def deploy_keygen(
     the printed line (also in KEY.pub) to the operator, who registers it with `flwr supernode register`.
     """
     # start-up: imported when the command runs, so `fedlora --help` stays fast
-    from fedlora.run.deploy import DeployError, make_node_key
+    from fedlora.run.credentials import DeployError, make_node_key
 
     try:
         public = make_node_key(key, comment)
