@@ -105,6 +105,15 @@ class Estimate:
         """Expected wall seconds of the whole grid (runs spread over ``jobs`` slots)."""
         return sum(self.seconds.values()) / self.jobs
 
+    def per_key(self, tasks: list[Task]) -> list[tuple[tuple[str, str], int, Calibration, float]]:
+        """Per cost key: (key, its number of runs among ``tasks``, its calibration, their expected
+        minutes in total)."""
+        rows = []
+        for key, cal in self.calibrations.items():
+            keys = [t.key for t in tasks if cost_key(t.config) == key]
+            rows.append((key, len(keys), cal, sum(self.seconds[k] for k in keys) / 60))
+        return rows
+
 
 def estimate(
     tasks: list[Task],
