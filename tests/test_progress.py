@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from fedlora.core.protocol.stopping import STOP, exchange
-from fedlora.run.progress import Listener, Replies, log_listener, replies_line, round_line
+from fedlora.run.progress import Listener, RoundProgress, log_listener, progress_line, round_line
 
 ROW = {
     "round": 3,
@@ -80,10 +80,12 @@ def test_the_zero_shot_line_has_the_test_scores_in_the_round_lines_columns() -> 
     assert "{" not in line  # not a raw dict
 
 
-def test_a_replies_line_names_the_phase_and_the_clients() -> None:
-    event = Replies(round=2, phase="evaluate", replied=1, sent=5, elapsed_s=12.4)
-    assert replies_line(event, 8) == "round   2/8  client evaluation: 1/5 clients replied, elapsed 12 s"
-    assert replies_line(event, 8, elapsed=False).endswith("1/5 clients replied")
+def test_a_progress_line_names_the_phase_and_the_clients() -> None:
+    event = RoundProgress(round=2, phase="evaluate", replied=1, sent=5, elapsed_s=12.4)
+    assert progress_line(event, 8) == "round   2/8  client evaluation: 1/5 clients replied, elapsed 12 s"
+    assert progress_line(event, 8, elapsed=False).endswith("1/5 clients replied")
+    test_set = RoundProgress(round=2, phase="test", replied=0, sent=0, elapsed_s=30.2)
+    assert progress_line(test_set, 8) == "round   2/8  evaluating on the test set, elapsed 30 s"
 
 
 def test_the_log_of_flwr_run_shows_a_phases_last_reply_and_throttles_the_rest(
@@ -93,7 +95,8 @@ def test_the_log_of_flwr_run_shows_a_phases_last_reply_and_throttles_the_rest(
     listener = log_listener(8, log, every_s=3600)
     with caplog.at_level(logging.WARNING, logger="test-progress"):
         for replied in range(4):
-            listener.replies(Replies(1, "train", replied, 3, 0.5))
+            listener.progress(RoundProgress(1, "train", replied, 3, 0.5))
+        listener.progress(RoundProgress(1, "test", 0, 0, 0.6))
         listener.round_done(ROW)
     lines = [r.getMessage() for r in caplog.records]
     assert lines == [
@@ -106,7 +109,8 @@ def test_the_log_of_flwr_run_shows_a_phases_last_reply_and_throttles_the_rest(
 def test_an_in_process_round_reports_each_reply_then_its_row(
     tmp_path: Path, tiny_llama: Any, synthetic_tweets: Any, federate: Any
 ) -> None:
-    """Zero-shot first, then per round: the training messages sent, one event per reply, the row."""
+    """Zero-shot first, then per round: the training messages sent, one event per reply, the test set,
+    the row."""
     import pandas as pd
 
     from fedlora.core.data.sources import write_table
@@ -124,17 +128,18 @@ def test_an_in_process_round_reports_each_reply_then_its_row(
     events: list[tuple[str, Any]] = []
     listener = Listener(
         on_round=lambda row: events.append(("round", row["round"])),
-        on_replies=lambda e: events.append(("replies", (e.round, e.phase, e.replied, e.sent))),
+        on_progress=lambda e: events.append(("progress", (e.round, e.phase, e.replied, e.sent))),
         on_zero_shot=lambda row: events.append(("zero-shot", round_line(row, 2))),
     )
     federate(preflight(load_experiment(None, overrides)), tmp_path / "run", listener=listener)
     assert events[0][0] == "zero-shot" and events[0][1].startswith("round   0/2  zero-shot")
     for server_round in (1, 2):
-        train = [e[1][2:] for e in events if e[0] == "replies" and e[1][:2] == (server_round, "train")]
+        train = [e[1][2:] for e in events if e[0] == "progress" and e[1][:2] == (server_round, "train")]
         assert train == [(0, 2), (1, 2), (2, 2)]
     assert [e[1] for e in events if e[0] == "round"] == [1, 2]
-    last_reply = max(i for i, e in enumerate(events) if e[0] == "replies" and e[1][0] == 1)
-    assert events.index(("round", 1)) > last_reply  # a round's row comes after its replies
+    first = [e for e in events[: events.index(("round", 1))] if e[0] == "progress"]
+    assert first[-1][1][:2] == (1, "test")  # the server's test set last, then the round's row
+    assert all(e[1][0] == 1 for e in first)
 
 
 def test_in_a_terminal_the_cli_shows_the_round_live_and_nothing_in_a_pipe() -> None:
@@ -146,13 +151,13 @@ def test_in_a_terminal_the_cli_shows_the_round_live_and_nothing_in_a_pipe() -> N
 
     screen = io.StringIO()
     with RoundStatus(Console(file=screen, force_terminal=True, width=120), 8) as status:
-        status.replies(Replies(1, "train", 0, 2, 0.0))
-        status.replies(Replies(1, "train", 1, 2, 3.0))
+        status.show(RoundProgress(1, "train", 0, 2, 0.0))
+        status.show(RoundProgress(1, "train", 1, 2, 3.0))
         assert status.live is not None
         status.live.refresh()
     assert "round   1/8  training: 1/2 clients replied" in screen.getvalue()
     assert "elapsed 0 s" in screen.getvalue()
     pipe = io.StringIO()
     with RoundStatus(Console(file=pipe, force_terminal=False), 8) as status:
-        status.replies(Replies(1, "train", 1, 2, 3.0))
+        status.show(RoundProgress(1, "train", 1, 2, 3.0))
     assert pipe.getvalue() == ""

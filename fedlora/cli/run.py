@@ -68,8 +68,9 @@ def run(
 
 
 class RoundStatus:
-    """In a terminal, one transient line below the round lines: where the current round stands (clients
-    replied out of sent) and the seconds since it began, counting; in a pipe or a log file, nothing."""
+    """In a terminal, one transient line below the round lines: what the run is doing (the phase of the
+    current round, with its clients replied out of sent) and the seconds since the round began, counting;
+    in a pipe or a log file, nothing."""
 
     def __init__(self, console: Any, rounds: int) -> None:
         # start-up: imported when a run starts, so `fedlora --help` stays fast
@@ -90,16 +91,24 @@ class RoundStatus:
         if self.live is not None:
             self.live.stop()
 
-    def replies(self, event: Any) -> None:
-        """Show a :class:`fedlora.run.progress.Replies` event; a round's (new) training restarts the clock."""
+    def show(self, event: Any) -> None:
+        """Show a :class:`fedlora.run.progress.RoundProgress`; a round's (new) training restarts the clock."""
         # start-up: imported when a run starts, so `fedlora --help` stays fast
-        from fedlora.run.progress import replies_line
+        from fedlora.run.progress import progress_line
 
         if self.live is None:
             return
         if event.phase == "train" and event.replied == 0:
             self.live.reset(self.task)
-        self.live.update(self.task, description=replies_line(event, self.rounds, elapsed=False))
+        self.live.update(self.task, description=progress_line(event, self.rounds, elapsed=False))
+
+    def round_done(self, server_round: int) -> None:
+        """After a round's line: the next round is being prepared, or the run directory written."""
+        if self.live is None:
+            return
+        last = server_round >= self.rounds
+        what = "writing the adapter and the summary" if last else f"round {server_round + 1} starting"
+        self.live.reset(self.task, description=what)
 
 
 def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bool = False) -> None:
@@ -113,13 +122,15 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
     fed = cfg.federation
     console.print(start_line(cfg, run_dir.path, markup), soft_wrap=True)
 
-    def show(row: dict[str, Any]) -> None:
-        console.print(round_line(row, fed.rounds, markup), soft_wrap=True)
-
     try:
         console.print("[dim]starting Ray and the clients (about 10 s)...[/]")
         with RoundStatus(console, fed.rounds) as status:
-            listener = Listener(on_round=show, on_replies=status.replies, on_zero_shot=show)
+
+            def show(row: dict[str, Any]) -> None:
+                console.print(round_line(row, fed.rounds, markup), soft_wrap=True)
+                status.round_done(row["round"])
+
+            listener = Listener(on_round=show, on_progress=status.show, on_zero_shot=show)
             simulate(cfg, run_dir, listener, verbose=verbose, resume=resume)
     except KeyboardInterrupt:
         # simulate() has stopped Ray and every process it started; Flower's ServerApp thread may still

@@ -1,11 +1,12 @@
 """What a running federation reports while it runs, and the progress lines made from it.
 
 A :class:`Listener` is told the zero-shot scores (round 0 of a causal-LM run, before any training),
-each round's row once it is in ``rounds.jsonl``, and, while a round waits for its clients, a
-:class:`Replies` event when the messages go out and after every reply. ``fedlora run`` prints these (a
-live line in a terminal: round, clients replied out of sent, time since the round began); the ServerApp
-of ``flwr run .`` logs them (:func:`log_listener`). Both make their lines with :func:`round_line` and
-:func:`replies_line`; ``mark`` lets the CLI style parts of a line (rich markup) that a log keeps plain.
+each round's row once it is in ``rounds.jsonl``, and within a round a :class:`RoundProgress` event when
+a phase's messages go out, after every reply, and when the server starts on the test set. ``fedlora
+run`` prints these (a live line in a terminal: round, clients replied out of sent, time since the round
+began); the ServerApp of ``flwr run .`` logs them (:func:`log_listener`). Both make their lines with
+:func:`round_line` and :func:`progress_line`; ``mark`` lets the CLI style parts of a line (rich markup)
+that a log keeps plain.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ Row = dict[str, Any]
 Mark = Callable[[str, str], str]
 """``mark(text, style)``: ``text`` as the printer shows it in ``style`` (dim, bold, yellow, magenta)."""
 
-PHASES = {"train": "training", "evaluate": "client evaluation"}
+PHASES = {"train": "training", "evaluate": "client evaluation", "test": "evaluating on the test set"}
 
 
 def plain(text: str, style: str) -> str:
@@ -32,14 +33,15 @@ def plain(text: str, style: str) -> str:
 
 
 @dataclass(frozen=True)
-class Replies:
-    """Where one phase of a round stands while its replies arrive."""
+class RoundProgress:
+    """Where a round stands: a phase began, or one of its replies arrived."""
 
     round: int
     phase: str
-    """``train`` or ``evaluate`` (the clients' evaluation on their validation splits)."""
+    """``train``, ``evaluate`` (the clients on their validation splits) or ``test`` (the server on the
+    test set: no messages)."""
     replied: int
-    """Replies received so far, errors included (0 when the messages have just been sent)."""
+    """Replies received so far in this phase, errors included (0 when its messages have just gone out)."""
     sent: int
     elapsed_s: float
     """Seconds since the round (this attempt of it) began."""
@@ -51,7 +53,7 @@ class Listener:
     must return quickly."""
 
     on_round: Callable[[Row], None] | None = None
-    on_replies: Callable[[Replies], None] | None = None
+    on_progress: Callable[[RoundProgress], None] | None = None
     on_zero_shot: Callable[[Row], None] | None = None
 
     def round_done(self, row: Row) -> None:
@@ -59,10 +61,10 @@ class Listener:
         if self.on_round is not None:
             self.on_round(row)
 
-    def replies(self, event: Replies) -> None:
-        """Messages were sent, or a reply arrived."""
-        if self.on_replies is not None:
-            self.on_replies(event)
+    def progress(self, event: RoundProgress) -> None:
+        """A phase of a round began, or a reply arrived."""
+        if self.on_progress is not None:
+            self.on_progress(event)
 
     def zero_shot(self, row: Row) -> None:
         """The untrained model's scores (round 0), before the first round."""
@@ -94,13 +96,12 @@ def round_line(row: Row, rounds: int, mark: Mark = plain) -> str:
     )
 
 
-def replies_line(event: Replies, rounds: int, *, elapsed: bool = True) -> str:
-    """``round   3/8  training: 4/10 clients replied, elapsed 12 s`` (without the time if not
-    ``elapsed``: a live display that counts it itself)."""
-    text = (
-        f"round {event.round:>3}/{rounds}  {PHASES.get(event.phase, event.phase)}: "
-        f"{event.replied}/{event.sent} clients replied"
-    )
+def progress_line(event: RoundProgress, rounds: int, *, elapsed: bool = True) -> str:
+    """``round   3/8  training: 4/10 clients replied, elapsed 12 s``, or ``round   3/8  evaluating on the
+    test set, ...`` (without the time if not ``elapsed``: a live display that counts it itself)."""
+    text = f"round {event.round:>3}/{rounds}  {PHASES.get(event.phase, event.phase)}"
+    if event.phase != "test":
+        text += f": {event.replied}/{event.sent} clients replied"
     return text + (f", elapsed {event.elapsed_s:.0f} s" if elapsed else "")
 
 
@@ -169,18 +170,21 @@ def summary_line(summary: Row, run_dir: Path, mark: Mark = plain) -> str:
 
 def log_listener(rounds: int, log: logging.Logger, *, every_s: float = 10.0) -> Listener:
     """A listener that logs the zero-shot and round lines, and where a round's replies stand at most
-    every ``every_s`` seconds per phase, plus the phase's last reply (what ``flwr run --stream`` shows)."""
+    every ``every_s`` seconds per phase, plus the phase's last reply (what ``flwr run --stream`` shows).
+    The test-set phase is not logged: the round's line follows it."""
     last = {"logged": 0.0}
 
-    def replies(event: Replies) -> None:
+    def replies(event: RoundProgress) -> None:
         now = time.monotonic()
+        if event.phase == "test":
+            return
         if event.replied == 0:
             last["logged"] = now  # the phase began: its first line comes after every_s, or when done
         elif event.replied == event.sent or now - last["logged"] >= every_s:
             last["logged"] = now
-            log.warning("fedlora: %s", replies_line(event, rounds))
+            log.warning("fedlora: %s", progress_line(event, rounds))
 
     def line(row: Row) -> None:
         log.warning("fedlora: %s", round_line(row, rounds))
 
-    return Listener(on_round=line, on_replies=replies, on_zero_shot=line)
+    return Listener(on_round=line, on_progress=replies, on_zero_shot=line)

@@ -19,7 +19,7 @@ from fedlora.core.config import ExperimentConfig
 from fedlora.core.model.arrays import State, from_arrays, to_arrays
 from fedlora.core.protocol.stopping import STOP, exchange
 from fedlora.run.evaluation import Evaluator
-from fedlora.run.progress import Listener, Replies
+from fedlora.run.progress import Listener, RoundProgress
 from fedlora.server.replies import RoundFailedError
 from strategies.base import LoraStrategy
 
@@ -80,7 +80,7 @@ class RoundLoop:
         """Send and collect one phase's messages, telling the listener as replies arrive."""
 
         def arrived(replied: int, sent: int) -> None:
-            self.listener.replies(Replies(server_round, phase, replied, sent, time.monotonic() - t0))
+            self.listener.progress(RoundProgress(server_round, phase, replied, sent, time.monotonic() - t0))
 
         return exchange(self.grid, messages, self.cfg.federation.round_timeout, arrived)
 
@@ -111,6 +111,8 @@ class RoundLoop:
                 server_round, self._exchange(asked, server_round, "evaluate", t0)
             )
         STOP.check()
+        if evaluating:
+            self.listener.progress(RoundProgress(server_round, "test", 0, 0, time.monotonic() - t0))
         scores = self.evaluate(self.global_state, strategy.base_offsets) if evaluating else None
         metrics: dict[str, Any] = dict(train_metrics or {})
         row: dict[str, Any] = {
