@@ -112,6 +112,8 @@ class RoundStatus:
 
 
 def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bool = False) -> None:
+    """Run the simulation, printing its start, every round (and the zero-shot round 0), a live line in a
+    terminal, and its summary; exit 130 when interrupted, 1 when it failed."""
     # start-up: imported when the command runs, so `fedlora --help` stays fast
     from rich.console import Console
 
