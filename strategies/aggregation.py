@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-State = dict[str, torch.Tensor]
+from fedlora.core.model.arrays import State
 
 
 def normalised_weights(num_examples: Sequence[float]) -> list[float]:

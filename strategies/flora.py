@@ -76,14 +76,6 @@ def flora_stacks(
     return result
 
 
-def flora_offsets(
-    offsets: State, updates: Sequence[State], weights: Sequence[float], scales: Sequence[float]
-) -> State:
-    """``offsets`` plus, per adapted layer, the merged stacked update sum_k p_k s_k B_k A_k (merged from
-    the stacks in the dtype they travel in, as a client merges them)."""
-    return stacked.apply_stacks(offsets, flora_stacks(updates, weights, scales, 1), after=0)
-
-
 def _nbytes(state: State) -> int:
     """Raw tensor bytes (what :func:`fedlora.core.model.arrays.payload_bytes` counts, less array headers)."""
     return sum(v.numel() * v.element_size() for v in state.values())

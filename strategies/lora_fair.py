@@ -45,7 +45,7 @@ from fedlora.core.config import ConfigError
 from fedlora.core.model.arrays import State
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
-from strategies.lowrank import layer_groups
+from strategies.lowrank import layer_groups, product_average
 from strategies.registry import register
 
 _TINY = 1e-30  # guards divisions by a zero norm
@@ -99,18 +99,6 @@ class FairResult:
     cos_before: float  # cos(ΔW, B̄Ā)
     cos_after: float  # cos(ΔW, (B̄ + ΔB)Ā)
     delta_norm: float  # ‖ΔB‖_F
-
-
-def ideal_update(a_list: Sequence[Tensor], b_list: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
-    """ΔW = Σ p_k B_k A_k (d_out x d_in), weights p_k already normalised; summed in float64, cast back."""
-    if not a_list or len(a_list) != len(b_list) or len(a_list) != len(weights):
-        raise ValueError(
-            f"need one A, one B and one weight per client, got {len(a_list)}, {len(b_list)}, {len(weights)}"
-        )
-    acc = torch.zeros(b_list[0].shape[0], a_list[0].shape[1], dtype=torch.float64, device=a_list[0].device)
-    for a, b, p in zip(a_list, b_list, weights, strict=True):
-        acc += p * (b.to(torch.float64) @ a.to(torch.float64))
-    return acc.to(a_list[0].dtype)
 
 
 def best_cosine(a_bar: Tensor, delta_w: Tensor) -> float:
@@ -303,7 +291,7 @@ def fair_aggregate(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     layers = {}
     for layer, (key_a, key_b) in layer_groups(state).items():
-        delta_w = ideal_update([u[key_a] for u in updates], [u[key_b] for u in updates], weights)
+        delta_w = product_average([u[key_a] for u in updates], [u[key_b] for u in updates], weights)
         layers[layer] = (state[key_a].to(device), state[key_b].to(device), delta_w.to(device))
     results = fair_correct_layers(layers, settings)
     for layer, (_, key_b) in layer_groups(state).items():

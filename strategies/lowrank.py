@@ -83,11 +83,17 @@ def product_average(
     Ranks may differ between clients. Computed in float64, returned in the inputs' dtype.
     """
     p, s, dtype = _check_factors(a_list, b_list, weights, scales)
+    return _product_sum64(a_list, b_list, [pk * sk for pk, sk in zip(p, s, strict=True)]).to(dtype)
+
+
+def _product_sum64(a_list: Sequence[Tensor], b_list: Sequence[Tensor], coeffs: Sequence[float]) -> Tensor:
+    """sum_k c_k B_k @ A_k in float64, on the device of the first A: the weighted sum of the clients'
+    products, for every strategy that needs it (FedEx-LoRA's residual, LoRA-FAIR's ΔW)."""
     ref = a_list[0]
     acc = torch.zeros(b_list[0].shape[0], ref.shape[1], dtype=torch.float64, device=ref.device)
-    for pk, sk, a, b in zip(p, s, a_list, b_list, strict=True):
-        acc += (pk * sk) * (_f64(b, ref) @ _f64(a, ref))
-    return acc.to(dtype)
+    for ck, a, b in zip(coeffs, a_list, b_list, strict=True):
+        acc += ck * (_f64(b, ref) @ _f64(a, ref))
+    return acc
 
 
 def fedex_residual(
@@ -110,29 +116,10 @@ def fedex_residual(
     if len(ranks) != 1:
         raise ValueError(f"FedEx-LoRA needs one rank for every client, got ranks {sorted(ranks)}")
     ref = a_list[0]
-    a_bar = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
-    b_bar = torch.zeros(b_list[0].shape, dtype=torch.float64, device=ref.device)
-    exact = torch.zeros(b_list[0].shape[0], ref.shape[1], dtype=torch.float64, device=ref.device)
-    for pk, a, b in zip(p, a_list, b_list, strict=True):
-        a64, b64 = _f64(a, ref), _f64(b, ref)
-        a_bar += pk * a64
-        b_bar += pk * b64
-        exact += pk * (b64 @ a64)
+    a_bar = torch.stack([pk * _f64(a, ref) for pk, a in zip(p, a_list, strict=True)]).sum(dim=0)
+    b_bar = torch.stack([pk * _f64(b, ref) for pk, b in zip(p, b_list, strict=True)]).sum(dim=0)
+    exact = _product_sum64(a_list, b_list, p)
     return (float(scale) * (exact - b_bar @ a_bar)).to(dtype)
-
-
-def _stack64(
-    a_list: Sequence[Tensor],
-    b_list: Sequence[Tensor],
-    weights: Sequence[float],
-    scales: Sequence[float],
-) -> tuple[Tensor, Tensor, torch.dtype]:
-    """FLoRA stacks in float64 (A_stack, B_stack) plus the dtype to return them in."""
-    p, s, dtype = _check_factors(a_list, b_list, weights, scales)
-    ref = a_list[0]
-    a_stack = torch.cat([_f64(a, ref) for a in a_list], dim=0)
-    b_stack = torch.cat([(pk * sk) * _f64(b, ref) for pk, sk, b in zip(p, s, b_list, strict=True)], dim=1)
-    return a_stack, b_stack, dtype
 
 
 def flora_stack(
@@ -150,29 +137,17 @@ def flora_stack(
       normalised weight p_k and LoRA scale s_k: shape (d_out, sum r_k).
 
     The weights and scales go on B only (once), so the stacked pair carries no extra scale: a client
-    that loads it must use scale 1 for it, or merge it with :func:`flora_merge`. The product is exact,
-    not an approximation, because block-matrix multiplication pairs column block k of B_stack only with
+    that loads it must use scale 1 for it (:func:`fedlora.core.model.offsets.merge_stack`). The product is
+    exact, not an approximation, because block-matrix multiplication pairs column block k of B_stack only with
     row block k of A_stack: B_stack @ A_stack = sum_k (p_k s_k B_k) @ A_k, with no cross terms B_j A_k
     (unlike FedIT's B_bar @ A_bar). Rows of A_k and columns of B_k with the same client index line up
     because both are concatenated in client order. Returned in the inputs' dtype.
     """
-    a_stack, b_stack, dtype = _stack64(a_list, b_list, weights, scales)
+    p, s, dtype = _check_factors(a_list, b_list, weights, scales)
+    ref = a_list[0]
+    a_stack = torch.cat([_f64(a, ref) for a in a_list], dim=0)
+    b_stack = torch.cat([(pk * sk) * _f64(b, ref) for pk, sk, b in zip(p, s, b_list, strict=True)], dim=1)
     return a_stack.to(dtype), b_stack.to(dtype)
-
-
-def flora_merge(
-    a_list: Sequence[Tensor],
-    b_list: Sequence[Tensor],
-    weights: Sequence[float],
-    scales: Sequence[float],
-) -> Tensor:
-    """FLoRA's full-rank update B_stack @ A_stack = sum_k p_k s_k B_k A_k, shape (d_out, d_in).
-
-    This is what the server adds to the frozen base weights W0 of the layer; clients then re-initialise
-    LoRA for the next round. The product is taken in float64 before the cast back to the inputs' dtype.
-    """
-    a_stack, b_stack, dtype = _stack64(a_list, b_list, weights, scales)
-    return (b_stack @ a_stack).to(dtype)
 
 
 def layer_groups(state_keys: Iterable[str]) -> dict[str, tuple[str, str]]:

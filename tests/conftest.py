@@ -401,10 +401,11 @@ class InProcessGrid:
         return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
 
 
-def federate_in_process(cfg: Any, out: Path, *, resume: bool = False) -> Path:
+def federate_in_process(cfg: Any, out: Path, *, resume: bool = False, listener: Any = None) -> Path:
     """Run the experiment ``cfg`` (an ExperimentConfig that passed ``preflight``) through
     :class:`InProcessGrid` into the run directory ``out`` (created; with ``resume``, continued from its
-    checkpoint); clients keep their state in it, where a simulation keeps it. Returns ``out``."""
+    checkpoint); clients keep their state in it, where a simulation keeps it. ``listener``: a
+    :class:`fedlora.run.progress.Listener` told of the run's progress. Returns ``out``."""
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedlora.core.records.rundir import RunDirectory
@@ -418,7 +419,7 @@ def federate_in_process(cfg: Any, out: Path, *, resume: bool = False) -> Path:
     try:
         grid = InProcessGrid(cfg.federation.num_clients)
         state = run_dir.client_state_path
-        run_federation(grid, cfg, run_dir, resume=resume, client_state_dir=state)  # type: ignore[arg-type]
+        run_federation(grid, cfg, run_dir, listener, resume=resume, client_state_dir=state)  # type: ignore[arg-type]
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
     return out
@@ -436,5 +437,6 @@ def run_in_memory(tmp_path: Path) -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def federate() -> Callable[..., Path]:
-    """:func:`federate_in_process` for fixtures of any scope: ``federate(cfg, out, resume=False)``."""
+    """:func:`federate_in_process` for fixtures of any scope: ``federate(cfg, out, resume=False,
+    listener=None)``."""
     return federate_in_process

@@ -38,7 +38,9 @@ from cryptography.hazmat.primitives.serialization import (
 
 from fedlora.core.data.sources import Origin, read_table, write_table
 from fedlora.core.data.tweets import TOPICS, corpus_path, topics_frame
-from fedlora.run.deploy import LocalDeployment, free_ports, make_credentials, running, write_flwr_home
+from fedlora.run.credentials import make_credentials
+from fedlora.run.deploy import LocalDeployment, write_flwr_home
+from fedlora.run.processes import free_ports, running
 from tests.helpers import node_files
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -138,6 +138,9 @@ def test_flwr_run_dot_completes_a_run(tmp_path: Path) -> None:
         assert len(runs) == 1, proc.stdout[-3000:]
         assert (runs[0] / "summary.json").is_file(), proc.stdout[-3000:]
         assert (runs[0] / "adapter" / "adapter_model.safetensors").is_file()
+        streamed = proc.stdout + proc.stderr  # the ServerApp's progress, as `flwr run --stream` shows it
+        assert "round   1/1  training: 3/3 clients replied, elapsed" in streamed, streamed[-3000:]
+        assert "round   1/1  clients   3  train_loss" in streamed, streamed[-3000:]
     finally:
         _stop_group(superlink)
         shutil.rmtree(home, ignore_errors=True)

@@ -117,3 +117,22 @@ def test_the_client_app_loads_without_torch() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.cli
+def test_help_loads_none_of_the_heavy_libraries() -> None:
+    """`fedlora --help` (and a command's) answers at once: torch, transformers, peft, Ray and Flower are
+    imported by the commands when they run, never by the command line itself."""
+    code = (
+        "import sys\n"
+        "from fedlora.cli import app\n"
+        "for args in (['--help'], ['run', '--help'], ['compare', '--help'], ['deploy', 'local', '--help']):\n"
+        "    try:\n"
+        "        app(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print(sorted({'torch', 'transformers', 'peft', 'ray', 'flwr'} & set(sys.modules)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

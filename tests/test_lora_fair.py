@@ -1,4 +1,4 @@
-"""LoRA-FAIR math: ideal update, the ΔB correction and its guarantees (seeded, no Flower, no model)."""
+"""LoRA-FAIR math: the ΔB correction and its guarantees (seeded, no Flower, no model)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from strategies.lora_fair import (
     best_cosine,
     fair_correct,
     fair_correct_layers,
-    ideal_update,
 )
+from strategies.lowrank import product_average
 
 Layer = tuple[Tensor, Tensor, Tensor]  # (Ā, B̄, ΔW)
 
@@ -61,26 +61,13 @@ def _layer(seed: int, k: int, drift: str = "strong", **shape: int) -> Layer:
     a_list, b_list, p = _clients(seed, k, drift, **shape)
     weights = torch.tensor(p, dtype=torch.float64)
     a_bar, b_bar = (torch.einsum("k,kij->ij", weights, torch.stack(x)) for x in (a_list, b_list))  # FedIT
-    return a_bar.float(), b_bar.float(), ideal_update(a_list, b_list, p).float()
+    return a_bar.float(), b_bar.float(), product_average(a_list, b_list, p).float()
 
 
 def _product_ratio(layer: Layer, res: FairResult) -> float:
     """‖(B̄ + ΔB)Ā‖_F / ‖ΔW‖_F."""
     a, b, w = (t.double() for t in layer)
     return float(((b + res.delta_b.double()) @ a).norm() / w.norm())
-
-
-def test_ideal_update_known_answer() -> None:
-    a1, b1 = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])
-    a2, b2 = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0], [2.0]])
-    out = ideal_update([a1, a2], [b1, b2], [0.25, 0.75])
-    torch.testing.assert_close(out, torch.tensor([[0.25, 0.0], [0.0, 1.5]]))
-    assert out.dtype == torch.float32
-    a = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]])  # r = 2
-    b = torch.tensor([[1.0, 0.0], [2.0, 1.0]])
-    torch.testing.assert_close(ideal_update([a, 2 * a], [b, b], [0.5, 0.5]), 1.5 * (b @ a))
-    with pytest.raises(ValueError, match="one A, one B and one weight"):
-        ideal_update([a], [b, b], [1.0])
 
 
 def test_settings_are_validated() -> None:
@@ -99,7 +86,7 @@ def test_shape_mismatch_is_rejected() -> None:
 def test_identical_clients_aggregate_to_themselves(match_norm: bool) -> None:
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(8, 64, generator=g) / 8, 1e-3 * torch.randn(48, 8, generator=g)
-    delta_w = ideal_update([a, a, a], [b, b, b], [0.2, 0.3, 0.5])
+    delta_w = product_average([a, a, a], [b, b, b], [0.2, 0.3, 0.5])
     torch.testing.assert_close(delta_w, b @ a)
     res = fair_correct(a, b, delta_w, FairSettings(match_norm=match_norm))
     assert res.cos_before == pytest.approx(1.0, abs=1e-6)

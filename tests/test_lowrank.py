@@ -9,7 +9,6 @@ from strategies.aggregation import weighted_average
 from strategies.lowrank import (
     base_weight_key,
     fedex_residual,
-    flora_merge,
     flora_stack,
     layer_groups,
     product_average,
@@ -114,16 +113,12 @@ def test_flora_stack_is_exact_with_mixed_ranks(d_in: int, d_out: int) -> None:
     assert b_stack.shape == (d_out, sum(ranks))
     expected = _reference(a64, b64, p, scales)
     torch.testing.assert_close(b_stack @ a_stack, expected)
-    torch.testing.assert_close(flora_merge(a64, b64, weights, scales), expected)
     # weights and scales sit on B only; A rows are the clients' A_k unchanged, in client order
     torch.testing.assert_close(a_stack[: ranks[0]], a64[0])
     torch.testing.assert_close(b_stack[:, : ranks[0]], p[0] * scales[0] * b64[0])
 
     a32 = [a.float() for a in a64]
     b32 = [b.float() for b in b64]
-    merged32 = flora_merge(a32, b32, weights, scales)
-    assert merged32.dtype == torch.float32
-    torch.testing.assert_close(merged32, expected.float())
     a_stack32, b_stack32 = flora_stack(a32, b32, weights, scales)
     assert a_stack32.dtype == b_stack32.dtype == torch.float32
     torch.testing.assert_close(b_stack32 @ a_stack32, expected.float(), rtol=1e-5, atol=1e-5)
@@ -133,7 +128,6 @@ def test_flora_identical_clients_merge_to_single_adapter() -> None:
     a_list, b_list = _factors([8], 24, 16, torch.float32, seed=5)
     s = 16 / 8**0.5  # rsLoRA scale, passed in by the caller
     single = s * (b_list[0] @ a_list[0])
-    torch.testing.assert_close(flora_merge(a_list * 4, b_list * 4, [0.25] * 4, [s] * 4), single)
     a_stack, b_stack = flora_stack(a_list * 4, b_list * 4, [1, 1, 1, 1], [s] * 4)
     assert a_stack.shape == (32, 24) and b_stack.shape == (16, 32)
     torch.testing.assert_close(b_stack @ a_stack, single)
@@ -175,7 +169,6 @@ def test_identical_clients_aggregate_to_themselves() -> None:
     weights = [5, 1, 9]
     torch.testing.assert_close(product_average([a] * n, [b] * n, weights, [s] * n), s * (b @ a))
     torch.testing.assert_close(fedex_residual([a] * n, [b] * n, weights, s), torch.zeros(16, 24))
-    torch.testing.assert_close(flora_merge([a] * n, [b] * n, weights, [s] * n), s * (b @ a))
     a_stack, b_stack = flora_stack([a] * n, [b] * n, weights, [s] * n)
     torch.testing.assert_close(b_stack @ a_stack, s * (b @ a))
     avg_b = weighted_average([{"b": b}] * n, weights)["b"]

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlora.compare.grid import Task
-from fedlora.compare.runner import _die_with_parent
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.records.rundir import read_rounds
+from fedlora.run.processes import DIE_WITH_PARENT
 
 
 class CalibrationError(RuntimeError):
@@ -76,7 +76,7 @@ def measure(task: Task, workdir: Path) -> Calibration:
             command,
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=DIE_WITH_PARENT,
         )
     wall = time.monotonic() - started
     rows = read_rounds(run_dir) if (run_dir / "rounds.jsonl").is_file() else []
@@ -104,6 +104,15 @@ class Estimate:
     def total_s(self) -> float:
         """Expected wall seconds of the whole grid (runs spread over ``jobs`` slots)."""
         return sum(self.seconds.values()) / self.jobs
+
+    def per_key(self, tasks: list[Task]) -> list[tuple[tuple[str, str], int, Calibration, float]]:
+        """Per cost key: (key, its number of runs among ``tasks``, its calibration, their expected
+        minutes in total)."""
+        rows = []
+        for key, cal in self.calibrations.items():
+            keys = [t.key for t in tasks if cost_key(t.config) == key]
+            rows.append((key, len(keys), cal, sum(self.seconds[k] for k in keys) / 60))
+        return rows
 
 
 def estimate(

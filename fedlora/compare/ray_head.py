@@ -15,7 +15,6 @@ with the same log (the comparison is run again).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shutil
 import signal
@@ -28,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from fedlora.run.environment import QUIET_ENV
-from fedlora.run.processes import free_ports
+from fedlora.run.processes import DIE_WITH_PARENT, free_ports
 
 STARTED = "Ray runtime started"
 PORT_FLAGS = (
@@ -56,12 +55,6 @@ class RayHeadError(RuntimeError):
 def _ray_executable() -> str:
     beside = Path(sys.executable).with_name("ray")
     return str(beside) if beside.is_file() else (shutil.which("ray") or "ray")
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the head gets SIGTERM (it stops its daemons) if `fedlora compare` itself dies."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class RayHead:
@@ -113,7 +106,7 @@ class RayHead:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C reaches `fedlora compare` only
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+                preexec_fn=DIE_WITH_PARENT,
                 env={**os.environ, **QUIET_ENV},
             )
         deadline = time.monotonic() + timeout

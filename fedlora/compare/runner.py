@@ -19,7 +19,6 @@ compared. The first SIGINT/SIGTERM stops the runs gracefully, a second stops eve
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -36,7 +35,7 @@ from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.records.rundir import RunDirectory, RunDirError, atomic_write, read_rounds
 from fedlora.report import tuning
 from fedlora.report.results import is_finished, write_json
-from fedlora.run.processes import ProcessTracker
+from fedlora.run.processes import DIE_WITH_PARENT, ProcessTracker
 
 POLL_S = 0.2
 
@@ -135,12 +134,6 @@ def prepare(grid: Grid, tasks: list[Task], root: Path) -> None:
         atomic_write(path, task.config.to_toml())
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the run gets SIGTERM (a graceful stop) if `fedlora compare` itself is killed."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def resumable(run_dir: Path, task: Task) -> bool:
     """An unfinished run with a checkpoint of the same config continues from its last round."""
     try:
@@ -188,7 +181,7 @@ def _start(
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,  # a terminal's Ctrl-C reaches only us; we forward one SIGTERM
-        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+        preexec_fn=DIE_WITH_PARENT,
         env=run_environment(jobs),
     )
     return proc, log

@@ -23,9 +23,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fedlora.core.model.arrays import global_norm
-
-State = dict[str, torch.Tensor]
+from fedlora.core.model.arrays import State, global_norm
 
 
 def difference(new: Mapping[str, torch.Tensor], old: Mapping[str, torch.Tensor]) -> State:

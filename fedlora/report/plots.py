@@ -10,6 +10,7 @@ import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -41,6 +42,22 @@ def _finish(fig: Figure, ax: Axes, path: Path, title: str, *, legend: bool = Tru
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def _style_panel(ax: Axes, title: str, legend_loc: Literal["upper right", "lower right"]) -> None:
+    """One small-multiple panel's title, grid, legend and whole-number round ticks."""
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc=legend_loc)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
+
+
+def _finish_panels(fig: Figure, axes: list[Axes], ylabel: str, path: Path, title: str) -> Path:
+    """Label the bottom row's x axes and the first panel's y axis, then save the figure."""
+    for ax in axes[-min(3, len(axes)) :]:
+        ax.set_xlabel("round")
+    axes[0].set_ylabel(ylabel)
+    return _save(fig, path, title)
 
 
 def _majority(ax: Axes, cells: list[CellStats]) -> None:
@@ -121,14 +138,8 @@ def accuracy_per_round(
         seeds = f", {len(cell.runs)} seeds" if len(cell.runs) > 1 else ""
         ax.plot(rounds, mean, color=colour, marker="o", markersize=3, label=f"{cell.label}{seeds}")
         ax.axhline(majority, color="grey", linestyle=":", linewidth=1)
-        ax.set_title(cell.label, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
-    for ax in axes[-min(3, len(axes)) :]:
-        ax.set_xlabel("round")
-    axes[0].set_ylabel("test accuracy (%)")
-    return _save(fig, path, title)
+        _style_panel(ax, cell.label, "lower right")
+    return _finish_panels(fig, axes, "test accuracy (%)", path, title)
 
 
 def loss_per_round(cells: list[CellStats], path: Path, title: str) -> Path | None:
@@ -146,14 +157,8 @@ def loss_per_round(cells: list[CellStats], path: Path, title: str) -> Path | Non
             ax.fill_between(
                 rounds, low, high, alpha=0.15, linewidth=0, color="tab:blue" if style == "-" else "grey"
             )
-        ax.set_title(cell.label, fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="upper right")
-        ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
-    for ax in axes[-min(3, len(axes)) :]:
-        ax.set_xlabel("round")
-    axes[0].set_ylabel("loss")
-    return _save(fig, path, title)
+        _style_panel(ax, cell.label, "upper right")
+    return _finish_panels(fig, axes, "loss", path, title)
 
 
 def traffic_per_round(cells: list[CellStats], path: Path, title: str) -> Path:
@@ -264,14 +269,8 @@ def client_accuracy_per_round(cells: list[CellStats], path: Path, title: str) ->
         ax.plot(rounds, mean, color=colour, marker="o", markersize=3, label="mean client")
         ax.plot(rounds, worst, color=colour, linestyle="--", label="worst client")
         kind = "personalised" if any(r.strategy in PERSONALISED for r in cell.runs) else "global adapter"
-        ax.set_title(f"{cell.label} ({kind})", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
-        ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
-    for ax in axes[-min(3, len(axes)) :]:
-        ax.set_xlabel("round")
-    axes[0].set_ylabel("client validation accuracy (%)")
-    return _save(fig, path, title)
+        _style_panel(ax, f"{cell.label} ({kind})", "lower right")
+    return _finish_panels(fig, axes, "client validation accuracy (%)", path, title)
 
 
 def accuracy_vs_uplink(cells: list[CellStats], path: Path, title: str) -> Path:

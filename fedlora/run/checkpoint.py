@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-State = dict[str, torch.Tensor]
+from fedlora.core.model.arrays import State
+
 _META = "fedlora"
 _GROUPS = ("global", "offsets")
 

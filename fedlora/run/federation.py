@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from fedlora.core.records.rundir import RunDirectory, versions
 from fedlora.privacy.mechanisms import registry as mechanisms
 from fedlora.run import checkpoint
 from fedlora.run.evaluation import Evaluator, global_model
+from fedlora.run.progress import Listener
 from fedlora.run.rounds import RoundLoop
 from fedlora.tasks.models import initial_state
 from fedlora.tasks.registry import task_of
@@ -33,26 +33,26 @@ from strategies import registry
 
 log = logging.getLogger(__name__)
 
-RoundCallback = Callable[[dict[str, Any]], None]
-
 
 def run_federation(
     grid: Grid,
     cfg: ExperimentConfig,
     run_dir: RunDirectory,
-    on_round: RoundCallback | None = None,
+    listener: Listener | None = None,
     *,
     resume: bool = False,
     client_state_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run every round of ``cfg`` on ``grid``, writing the run directory; returns the summary.
 
-    With ``resume`` the run continues after the checkpoint's round. With ``client_state_dir`` (a
-    simulation) clients keep their state there by partition, versioned by round
+    ``listener`` hears the zero-shot scores, each finished round's row, and replies as they arrive
+    (:mod:`fedlora.run.progress`). With ``resume`` the run continues after the checkpoint's round. With
+    ``client_state_dir`` (a simulation) clients keep their state there by partition, versioned by round
     (:mod:`fedlora.core.records.store`); any virtual node can then play any partition, so the server assigns
     partitions to nodes instead of asking every node for its own (:mod:`fedlora.server.sampling`).
     """
     started = time.monotonic()
+    listener = listener or Listener()
     strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
     strategy.sampler.assigns = client_state_dir is not None
     strategy.summary()
@@ -60,9 +60,11 @@ def run_federation(
     config: dict[str, Any] = {protocol.EXPERIMENT: cfg.to_toml()}
     if client_state_dir is not None:
         config[protocol.STATE_DIR] = str(Path(client_state_dir).resolve())
-    loop = RoundLoop(grid, cfg, strategy, evaluate, ConfigRecord(config))
+    loop = RoundLoop(grid, cfg, strategy, evaluate, ConfigRecord(config), listener)
     rows: list[dict[str, Any]] = []
     zero_shot = _zero_shot(cfg, evaluate)
+    if zero_shot:
+        listener.zero_shot(zero_shot)
     before_s = 0.0
     if resume:
         saved = checkpoint.load(run_dir.checkpoint_path)
@@ -81,8 +83,7 @@ def run_federation(
         checkpoint.save(run_dir.checkpoint_path, state)
         run_dir.append_round(row)
         rows.append(row)
-        if on_round is not None:
-            on_round(row)
+        listener.round_done(row)
     save_adapter(global_model(cfg, loop.global_state, {}), run_dir.adapter_path)
     if strategy.base_offsets:  # FedEx-LoRA, FLoRA: what was folded into the frozen weights
         offsets = {k: v.contiguous() for k, v in strategy.base_offsets.items()}
@@ -95,7 +96,7 @@ def run_federation(
 
 def _zero_shot(cfg: ExperimentConfig, evaluate: Evaluator) -> dict[str, Any]:
     """Round 0 of a task that has one (:attr:`fedlora.tasks.base.Task.zero_shot`): the untouched model
-    (B = 0) on the test set; nothing for a fresh classifier head, which has no zero-shot meaning. Logged,
+    (B = 0) on the test set; nothing for a fresh classifier head, which has no zero-shot meaning. Reported,
     and kept in ``summary.json``."""
     task = task_of(cfg)
     if not task.zero_shot:
@@ -108,7 +109,6 @@ def _zero_shot(cfg: ExperimentConfig, evaluate: Evaluator) -> dict[str, Any]:
         "eval_macro_f1": scores.macro_f1,
         **task.round_metrics(scores),
     }
-    log.warning("fedlora: round 0 (zero-shot): %s", {k: round(v, 4) for k, v in row.items()})
     return row
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import signal
 import socket
+import sys
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 import psutil
@@ -122,3 +127,25 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the child gets SIGTERM (a graceful stop) when the process that started it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+DIE_WITH_PARENT: Callable[[], None] | None = _die_with_parent if sys.platform.startswith("linux") else None
+"""``preexec_fn`` of a child that must not outlive the process that starts it (None off Linux)."""
+
+
+def running(pids: list[int]) -> list[int]:
+    """The PIDs of ``pids`` still running (zombies count as gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.Error:
+            continue
+    return alive

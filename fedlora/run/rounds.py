@@ -12,13 +12,14 @@ import math
 import time
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.model.arrays import State, from_arrays, to_arrays
 from fedlora.core.protocol.stopping import STOP, exchange
 from fedlora.run.evaluation import Evaluator
+from fedlora.run.progress import Listener, RoundProgress
 from fedlora.server.replies import RoundFailedError
 from fedlora.tasks.registry import task_of
 from strategies.base import LoraStrategy
@@ -36,12 +37,14 @@ class RoundLoop:
         strategy: LoraStrategy,
         evaluate: Evaluator,
         config: ConfigRecord,
+        listener: Listener | None = None,
     ) -> None:
         self.grid = grid
         self.cfg = cfg
         self.strategy = strategy
         self.evaluate = evaluate
         self.config = config
+        self.listener = listener or Listener()
         self.arrays: ArrayRecord = to_arrays(strategy.global_state)
         self.client_rows: list[dict[str, Any]] = []
         """The last round's per-client lines for ``clients.jsonl``, by phase and partition."""
@@ -74,6 +77,14 @@ class RoundLoop:
             return row
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def _exchange(self, messages: list[Message], server_round: int, phase: str, t0: float) -> list[Message]:
+        """Send and collect one phase's messages, telling the listener as replies arrive."""
+
+        def arrived(replied: int, sent: int) -> None:
+            self.listener.progress(RoundProgress(server_round, phase, replied, sent, time.monotonic() - t0))
+
+        return exchange(self.grid, messages, self.cfg.federation.round_timeout, arrived)
+
     def evaluates(self, server_round: int) -> bool:
         """Whether ``server_round`` evaluates: every ``federation.evaluate_every`` rounds, and the last."""
         fed = self.cfg.federation
@@ -83,10 +94,9 @@ class RoundLoop:
         """Train, aggregate, evaluate (on evaluation rounds; other rounds' rows have ``eval_loss``,
         ``eval_accuracy`` and ``eval_macro_f1`` null); returns the round's row (without ``attempts``)."""
         t0 = time.monotonic()
-        timeout = self.cfg.federation.round_timeout
         strategy = self.strategy
         messages = list(strategy.configure_train(server_round, self.arrays, self.config, self.grid))
-        replies = exchange(self.grid, messages, timeout)
+        replies = self._exchange(messages, server_round, "train", t0)
         t_agg = time.monotonic()
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         aggregate_s = time.monotonic() - t_agg
@@ -98,8 +108,12 @@ class RoundLoop:
         if evaluating:
             asked = list(strategy.configure_evaluate(server_round, self.arrays, self.config, self.grid))
         if asked:
-            client_eval = strategy.aggregate_evaluate(server_round, exchange(self.grid, asked, timeout))
+            client_eval = strategy.aggregate_evaluate(
+                server_round, self._exchange(asked, server_round, "evaluate", t0)
+            )
         STOP.check()
+        if evaluating:
+            self.listener.progress(RoundProgress(server_round, "test", 0, 0, time.monotonic() - t0))
         scores = self.evaluate(self.global_state, strategy.base_offsets) if evaluating else None
         metrics: dict[str, Any] = dict(train_metrics or {})
         row: dict[str, Any] = {

@@ -14,7 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.records.rundir import RunDirectory
 from fedlora.run.experiment import load_experiment, preflight
-from fedlora.run.federation import RoundCallback, run_federation
+from fedlora.run.federation import run_federation
+from fedlora.run.progress import Listener, log_listener
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 def make_server_app(
     cfg: ExperimentConfig,
     run_dir: RunDirectory,
-    on_round: RoundCallback | None = None,
+    listener: Listener | None = None,
     *,
     resume: bool = False,
     client_state_dir: Path | None = None,
@@ -32,7 +33,7 @@ def make_server_app(
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, run_dir, on_round, resume=resume, client_state_dir=client_state_dir)
+        run_federation(grid, cfg, run_dir, listener, resume=resume, client_state_dir=client_state_dir)
 
     return server_app
 
@@ -59,15 +60,4 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = RunDirectory(out)
     run_dir.create(cfg)
     log.warning("fedlora: writing run directory %s", out.resolve())
-    run_federation(grid, cfg, run_dir, on_round=_log_round)
-
-
-def _log_round(row: dict[str, object]) -> None:
-    """One line per finished round in the run's log (what ``flwr run --stream`` and ``flwr log`` show)."""
-    log.warning(
-        "fedlora: round %s done: %s clients, train loss %s, eval accuracy %s",
-        row.get("round"),
-        row.get("num_clients"),
-        row.get("train_loss"),
-        row.get("eval_accuracy"),
-    )
+    run_federation(grid, cfg, run_dir, log_listener(cfg.federation.rounds, log))

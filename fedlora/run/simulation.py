@@ -30,6 +30,7 @@ from fedlora.core.records.rundir import RunDirectory
 from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.run.environment import quiet_environment
 from fedlora.run.processes import ProcessTracker
+from fedlora.run.progress import Listener
 from fedlora.run.server_app import make_server_app
 from fedlora.server.sampling import virtual_nodes
 
@@ -132,7 +133,7 @@ def _install(signals: dict[signal.Signals, Any], handler: Any, in_main: bool) ->
 def simulate(
     cfg: ExperimentConfig,
     run_dir: RunDirectory,
-    on_round: Any = None,
+    listener: Listener | None = None,
     *,
     verbose: bool = False,
     resume: bool = False,
@@ -170,7 +171,7 @@ def simulate(
             _install(previous, _stop_handler(tracker), in_main)
             run_simulation(
                 server_app=make_server_app(
-                    cfg, run_dir, on_round, resume=resume, client_state_dir=run_dir.client_state_path
+                    cfg, run_dir, listener, resume=resume, client_state_dir=run_dir.client_state_path
                 ),
                 client_app=client_app,
                 num_supernodes=virtual_nodes(cfg, mechanism_for(cfg), pool_size_from_resources(resources)),

@@ -376,21 +376,11 @@ def label_names(cfg: DataConfig) -> tuple[str, ...]:
 
 def load_test(cfg: DataConfig, names: Sequence[str]) -> datasets.Dataset:
     """``data.test_path`` as a labelled Dataset whose labels must all be in ``names`` (seen in training)."""
-    origin = Origin("data.test_path", cfg.test_path)
-    plain = DataConfig(
-        source=cfg.test_path,
-        text=cfg.text,
-        text_pair=cfg.text_pair,
-        label=cfg.label,
-        response=cfg.response,
-        partitioner="iid",
-    )
-    return labelled(
-        read_table(origin),
-        plain,
-        origin,
+    return _labelled_file(
+        Origin("data.test_path", cfg.test_path),
+        cfg,
         names,
-        unknown_labels="these test labels never occur in data.source; remove those rows from the test file "
+        "these test labels never occur in data.source; remove those rows from the test file "
         "or add training examples of them",
     )
 
@@ -402,20 +392,24 @@ def load_node_file(path: str, cfg: DataConfig, key: str = "data-path") -> datase
         raise ConfigError(
             "the experiment names no data.labels (the server fills them in); run a server that does"
         )
-    origin = Origin(f"node config {key}" if key == "data-path" else key, path)
+    return _labelled_file(
+        Origin(f"node config {key}" if key == "data-path" else key, path),
+        cfg,
+        cfg.labels,
+        "this node's labels must be among the federation's (data.labels on the server); "
+        "remove those rows or add the classes to data.labels",
+    )
+
+
+def _labelled_file(origin: Origin, cfg: DataConfig, names: Sequence[str], unknown: str) -> datasets.Dataset:
+    """The file ``origin`` names, read with ``cfg``'s columns and labelled with ``names``; ``unknown`` says
+    what to do about a label outside them."""
     plain = DataConfig(
-        source=path,
+        source=origin.path,
         text=cfg.text,
         text_pair=cfg.text_pair,
         label=cfg.label,
         response=cfg.response,
         partitioner="iid",
     )
-    return labelled(
-        read_table(origin),
-        plain,
-        origin,
-        cfg.labels,
-        unknown_labels="this node's labels must be among the federation's (data.labels on the server); "
-        "remove those rows or add the classes to data.labels",
-    )
+    return labelled(read_table(origin), plain, origin, names, unknown_labels=unknown)

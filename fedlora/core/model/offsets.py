@@ -19,7 +19,8 @@ from collections.abc import Mapping
 
 import torch
 
-State = dict[str, torch.Tensor]
+from fedlora.core.model.arrays import State
+
 VERSION_KEY = "__offsets_version__"
 """Key of a 0-d int64 tensor holding the version in the offsets a client stores (one atomic file)."""
 
@@ -34,11 +35,6 @@ def _parse(key: str) -> tuple[int, str, str]:
     if not version.startswith("v") or factor not in ("A", "B"):
         raise ValueError(f"malformed stacked-factor key {key!r}")
     return int(version[1:]), offset_key, factor
-
-
-def stack_versions(stacks: Mapping[str, torch.Tensor]) -> list[int]:
-    """The versions present in a stack record, ascending."""
-    return sorted({_parse(k)[0] for k in stacks})
 
 
 def merge_stack(a_stack: torch.Tensor, b_stack: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,6 @@ REASON = "reason"
 
 # Node config keys (set by the simulation engine, or by --node-config on a SuperNode).
 NODE_PARTITION_ID = "partition-id"
-LABEL_COUNTS = "label-counts"
-"""The examples of each label (in ``data.labels`` order) in the split a client trained (train replies)
-or evaluated on (evaluate replies). Sent only without differential privacy: a label histogram is data
-about the client that no mechanism here protects."""
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_STATE_DIR = "state-dir"
 NODE_DATA_PATH = "data-path"

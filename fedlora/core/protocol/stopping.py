@@ -10,7 +10,7 @@ done and shuts Ray down itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -51,19 +51,30 @@ class StopFlag:
 STOP = StopFlag()
 
 
-def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None) -> list[Message]:
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    timeout: float | None,
+    on_reply: Callable[[int, int], None] | None = None,
+) -> list[Message]:
     """Send ``messages`` and collect the replies that arrive within ``timeout`` seconds (None: wait).
 
     Like ``Grid.send_and_receive`` but raises :class:`RunInterrupted` as soon as a stop is requested.
+    ``on_reply(replied, sent)`` is called once the messages are sent (``replied`` 0) and after each reply.
     """
     STOP.check()
     pending = set(grid.push_messages(messages))
+    sent = len(pending)
+    if on_reply is not None:
+        on_reply(0, sent)
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     while pending and (deadline is None or time.monotonic() < deadline):
-        arrived = list(grid.pull_messages(pending))
-        replies.extend(arrived)
-        pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        for reply in grid.pull_messages(pending):
+            replies.append(reply)
+            pending.discard(reply.metadata.reply_to_message_id)
+            if on_reply is not None:
+                on_reply(len(replies), sent)
         if pending:
             STOP.check()
             time.sleep(POLL_S)

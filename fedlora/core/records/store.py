@@ -18,13 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import ConfigRecord, Context
 from safetensors.torch import load_file, save_file
 
-from fedlora.core.model.arrays import from_arrays, to_arrays
+from fedlora.core.model.arrays import State, from_arrays, to_arrays
 
-State = dict[str, torch.Tensor]
 _VERSION = re.compile(r"^(?P<name>.+)\.r(?P<round>\d+)\.(?P<ext>safetensors|json)$")
 
 
