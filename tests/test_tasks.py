@@ -117,3 +117,44 @@ def test_the_example_task_refuses_labels_that_are_not_numbers(regression, tiny_b
     )
     with pytest.raises(ConfigError, match=r"reads each label as a number, but data\.label has 'one'"):
         preflight(load_experiment(None, _settings(tiny_bert.path, source, "data.test_size=10")))
+
+
+def test_dp_sgd_clips_the_example_tasks_own_loss(regression, ratings, tiny_bert) -> None:  # type: ignore[no-untyped-def]
+    """Under DP-SGD with no noise and a huge clip, one private step equals one plain step of the task's
+    own loss (the squared error, not a cross-entropy); ghost clipping, which would apply cross-entropy, is
+    refused in one line."""
+    import copy
+
+    from fedlora.core.model.adapters import set_trainable
+    from fedlora.core.model.loading import load_tokenizer
+    from fedlora.core.training.loops import make_optimizer
+    from fedlora.privacy.dp_sgd import PrivateTrainer
+    from fedlora.tasks.models import get_model
+
+    cfg = preflight(
+        load_experiment(None, _settings(tiny_bert.path, ratings, "lora.dropout=0", "train.optimizer=sgd"))
+    )
+    data = registry.task_of(cfg).encode(_first_rows(cfg, 8), load_tokenizer(tiny_bert.path))
+    batch = data.batch(list(range(8)))
+    plain, private = get_model(cfg), copy.deepcopy(get_model(cfg))
+    set_trainable(plain)
+    set_trainable(private)
+    opt = make_optimizer(plain, cfg.train)
+    torch.manual_seed(0)  # the same dropout masks in both forward passes
+    data.loss(plain, batch).backward()
+    opt.step()
+    with PrivateTrainer(private, cfg.train, noise_multiplier=0.0, clip_norm=1e6, expected_batch=8) as trainer:
+        torch.manual_seed(0)
+        trainer.step(dict(batch), data.loss_of)
+    for (name, a), (_, b) in zip(plain.named_parameters(), private.named_parameters(), strict=True):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    ghost = ["privacy.mode=dp-sgd", "privacy.noise_multiplier=1.0", "privacy.opacus_mode=ghost"]
+    with pytest.raises(ConfigError, match=r"opacus_mode = 'ghost' is not supported with task = 'regression'"):
+        load_experiment(None, _settings(tiny_bert.path, ratings, *ghost))
+
+
+def _first_rows(cfg, n: int):  # type: ignore[no-untyped-def]
+    from fedlora.core.data.splits import get_splits
+
+    return get_splits(cfg.data, cfg.federation.num_clients, cfg.seed).client_train(0).select(range(n))

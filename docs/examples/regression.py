@@ -67,6 +67,7 @@ class Regression(Task):
     """A one-output head predicts each example's number; the label names are the numbers."""
 
     description = "a one-output head predicts the label's number (mean squared error)"
+    ghost_clipping = False  # Opacus's ghost clipping would apply cross-entropy, not the squared error
 
     def class_names(self) -> tuple[str, ...]:
         """The label names, each of which must be a number (ConfigError naming the first that is not)."""

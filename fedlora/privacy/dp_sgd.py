@@ -12,6 +12,7 @@ Dataset sizes are treated as public, as in Opacus.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.core.config import PrivacyConfig, TrainConfig
-from fedlora.core.training.loops import Encoded, make_optimizer, num_steps, sequence_loss
+from fedlora.core.training.loops import Encoded, make_optimizer, num_steps
+
+LossOf = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A split's loss of a batch from its logits and labels (:meth:`Encoded.loss_of`)."""
 
 if TYPE_CHECKING:
     from fedlora.privacy.accounting import Entry
@@ -95,6 +99,7 @@ class PrivateTrainer:
             grad_sample_mode=mode,
             noise_generator=self.generator,
         )
+        self.mode = mode
         if mode == "ghost":
             self.module, self.optimizer, self.criterion, _ = made
         else:
@@ -109,8 +114,12 @@ class PrivateTrainer:
     ) -> None:
         self.module._close()  # removes Opacus's hooks and per-sample gradients from the model
 
-    def step(self, batch: dict[str, torch.Tensor] | None) -> float:
-        """A DP-SGD step on ``batch`` (None: an empty Poisson sample); returns its mean loss (0 if empty)."""
+    def step(self, batch: dict[str, torch.Tensor] | None, loss_of: LossOf | None = None) -> float:
+        """A DP-SGD step on ``batch`` (None: an empty Poisson sample); returns its mean loss (0 if empty).
+
+        ``loss_of(logits, labels)``: the batch's mean of per-example losses (the split's
+        :meth:`~fedlora.core.training.loops.Encoded.loss_of`); default: cross-entropy of the class. Ghost
+        clipping always uses the criterion Opacus wrapped (cross-entropy)."""
         if batch is None:
             self._noise_only_step()
             return 0.0
@@ -122,8 +131,8 @@ class PrivateTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             labels = chunk.pop("labels")
             logits = self.module(**chunk).logits
-            # a causal LM's token labels (batch x length): each sequence's mean loss over its response
-            loss = sequence_loss(logits, labels) if labels.dim() == 2 else self.criterion(logits, labels)
+            ghost = self.mode == "ghost"
+            loss = self.criterion(logits, labels) if ghost or loss_of is None else loss_of(logits, labels)
             loss.backward()
             if i < len(chunks) - 1:  # virtual batch: clip and accumulate now, noise and step at the end
                 self.optimizer.signal_skip_step(do_skip=True)
@@ -173,7 +182,7 @@ def train_private(
         for _ in range(steps):
             index = poisson_sample(n, rate, sampler)
             batch = _to(data.batch(index), device) if len(index) else None
-            loss = trainer.step(batch)
+            loss = trainer.step(batch, data.loss_of)
             total += loss * len(index)
             seen += len(index)
     return PrivateRound(total / max(seen, 1), seen, steps, rate, noise_multiplier)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedlora.core.config import TASK_DATA_KEYS, ConfigError, ExperimentConfig
+from fedlora.privacy.mechanisms import mechanism_for
 
 if TYPE_CHECKING:
     import datasets
@@ -32,6 +33,10 @@ class Task:
     zero_shot: ClassVar[bool] = False
     """Whether round 0 (the untouched model, B = 0) is evaluated before training: meaningful for a
     pretrained model that can already do the task, not for a fresh head."""
+    ghost_clipping: ClassVar[bool] = True
+    """Whether DP-SGD's ghost clipping (``privacy.opacus_mode = "ghost"``) fits this task: Opacus then
+    applies its own cross-entropy criterion, so a task with another per-example loss sets False and the
+    combination is refused in one line."""
     long_evaluation: ClassVar[bool] = False
     """Whether evaluation is long enough that the server should pin torch to ``federation.client_cpus``
     threads (a CPU shared with the client actors is otherwise oversubscribed)."""
@@ -51,6 +56,12 @@ class Task:
                     f"data.{key} = {value!r} does not apply to task = {self.name!r}; remove data.{key} or "
                     f"choose a task that reads it"
                 )
+        if not self.ghost_clipping and getattr(mechanism_for(self.cfg).options, "opacus_mode", "") == "ghost":
+            raise ConfigError(
+                f"privacy.opacus_mode = 'ghost' is not supported with task = {self.name!r} (Opacus's ghost "
+                "clipping applies its own cross-entropy, not this task's loss); use "
+                "privacy.opacus_mode = 'hooks'"
+            )
 
     def check_model(self, directory: Path, config: dict[str, Any]) -> None:
         """Pre-flight: can this task use the model folder ``directory`` (``config``: its config.json)?

@@ -23,7 +23,6 @@ from fedlora.core.model.adapters import load_trained_lm
 from fedlora.core.model.loading import load_causal_lm, load_tokenizer
 from fedlora.core.model.weights import model_label
 from fedlora.core.training.prompts import chat_parts, encode_lm, prompt_ids, prompt_text
-from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.tasks.base import Task
 from fedlora.tasks.registry import register
 
@@ -43,12 +42,12 @@ class CausalLm(Task):
     peft_task_type = "CAUSAL_LM"
     data_keys = ("template", "response")
     zero_shot = True
+    ghost_clipping = False  # the loss is a mean over each sequence's response tokens
     long_evaluation = True
 
     def check_config(self) -> None:
         """A template names ``{text}`` (and ``{text_pair}`` only with a pair column); free-text responses
-        come from their own column and cannot be split by label; ghost clipping needs a per-example
-        loss of one token."""
+        come from their own column and cannot be split by label."""
         super().check_config()
         data = self.cfg.data
         if data.template and "{text}" not in data.template:
@@ -67,11 +66,6 @@ class CausalLm(Task):
             raise ConfigError(
                 f"data.partitioner = {data.partitioner!r} splits by label, but free-text responses "
                 "(data.response) have none; use natural or iid"
-            )
-        if getattr(mechanism_for(self.cfg).options, "opacus_mode", "") == "ghost":
-            raise ConfigError(
-                "privacy.opacus_mode = 'ghost' is not supported with task = 'causal-lm' (its loss is per "
-                "token); use privacy.opacus_mode = 'hooks'"
             )
 
     def check_model(self, directory: Path, config: dict[str, Any]) -> None:
