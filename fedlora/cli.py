@@ -14,6 +14,7 @@ import typer
 
 from fedlora.core.config import ConfigError, apply_overrides, from_dict
 from fedlora.core.records.rundir import RunDirectory, RunDirError, read_summary
+from fedlora.run.failure import failure_message
 
 app = typer.Typer(
     help="Federated LoRA fine-tuning of pretrained transformers, simulated on Flower and Ray.",
@@ -138,13 +139,8 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
-    except Exception as exc:  # one line for the user; the cause in full with --verbose
-        cause = exc.__cause__ or exc
-        _fail(
-            f"the run failed: {type(cause).__name__}: {cause} (finished rounds are kept; continue with "
-            f"--resume {run_dir.path} once fixed, or rerun with --verbose for details)",
-            code=1,
-        )
+    except Exception as exc:  # one line for the user: the cause, and --resume only if a round finished
+        _fail(failure_message(exc, run_dir), code=1)
     if run_dir.summary_path.is_file():
         s = read_summary(run_dir.path)
         zero = s.get("zero_shot")
