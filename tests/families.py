@@ -79,6 +79,13 @@ def _configs() -> dict[str, Callable[[], Any]]:
         "falcon": lambda: t.FalconConfig(
             vocab_size=v, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, **SPECIAL
         ),
+        # presets checked in tests/test_targets.py, not in the matrix
+        "gptj": lambda: t.GPTJConfig(
+            vocab_size=v, n_embd=32, n_layer=2, n_head=2, n_positions=80, rotary_dim=8, **SPECIAL
+        ),
+        "phi": lambda: t.PhiConfig(**SIZE, **SPECIAL),
+        "bloom": lambda: t.BloomConfig(vocab_size=v, hidden_size=32, n_layer=2, n_head=2, **SPECIAL),
+        "qwen3": lambda: t.Qwen3Config(**DECODER, head_dim=16),
         # refused: XLNet keeps its attention weights as raw tensors, ViT is no text model
         "xlnet": lambda: t.XLNetConfig(vocab_size=v, d_model=32, n_layer=2, n_head=2, d_inner=64, **SPECIAL),
         "vit": lambda: t.ViTConfig(
@@ -110,7 +117,10 @@ FAMILIES = (
     "xlnet",
     "vit",
 )
-DECODERS = ("gpt2", "gpt_neox", "opt", "llama", "qwen2", "mistral", "phi3", "gemma", "falcon", "xlnet")
+DECODERS = (
+    *("gpt2", "gpt_neox", "opt", "llama", "qwen2", "mistral", "phi3", "gemma", "falcon", "xlnet"),
+    *("gptj", "phi", "bloom", "qwen3"),
+)
 """Families with a causal-LM class in transformers (XLNet's is refused for its targets)."""
 
 
@@ -143,6 +153,14 @@ def save_family(directory: Path, family: str, *, kind: str = "base", dtype: str 
     directory.mkdir(parents=True)
     model.to(getattr(torch, dtype)).save_pretrained(directory)
     save_tokenizer(directory)
+    return str(directory)
+
+
+def save_config(directory: Path, family: str) -> str:
+    """Only the ``config.json`` of a tiny ``family`` model (enough for its meta-device module tree)."""
+    config = _configs()[family]()
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
     return str(directory)
 
 
