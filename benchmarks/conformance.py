@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.families import Cell, table  # noqa: E402  (the cells the tests define)
+from tests.families import Cell, cells, table  # noqa: E402  (the cells the tests define)
 
 
 def main() -> int:
@@ -43,7 +43,9 @@ def main() -> int:
         print(proc.stdout[-3000:] + proc.stderr[-3000:])
         return proc.returncode or 1
     fields = ("family", "task", "dtype", "kind", "strategy")
-    print(table([(Cell(*(r[k] for k in fields)), r["outcome"]) for r in rows]))
+    order = {cell: i for i, (cell, _) in enumerate(cells())}  # by family, as the tests define them
+    outcomes = [(Cell(*(r[k] for k in fields)), r["outcome"]) for r in rows]
+    print(table(sorted(outcomes, key=lambda row: order[row[0]])))
     trains = sum(r["outcome"] == "trains" for r in rows)
     print(f"\n{len(rows)} cells: {trains} train, {len(rows) - trains} refused in pre-flight; {wall:.1f} s")
     print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "")
