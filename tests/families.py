@@ -186,7 +186,7 @@ EXPECTED_REFUSALS = {
     ("xlnet", "causal-lm"): "xlnet models have no attention projection LoRA can adapt",
     ("vit", "classification"): "is a vit model, which has no sequence-classification class",
     ("bert", "causal-lm"): "task = 'causal-lm' needs a decoder language model",
-    ("distilbert", "causal-lm"): "is a distilbert model, which has no causal-LM class",
+    ("distilbert", "causal-lm"): "task = 'causal-lm' needs a decoder language model",
 }
 """The cells pre-flight must refuse, and a fragment of each one's line."""
 

@@ -195,6 +195,16 @@ def test_unknown_and_unbuildable_configs_are_refused_in_one_line(tmp_path: Path,
         assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_family_without_the_task_class_is_refused(tmp_path: Path) -> None:
+    """DistilBERT has no causal-LM class, ViT no sequence-classification class."""
+    for family, causal, fragment in [
+        ("distilbert", True, "is a distilbert model, which has no causal-LM class in transformers; use a"),
+        ("vit", False, "is a vit model, which has no sequence-classification class in transformers;"),
+    ]:
+        with pytest.raises(ConfigError, match=fragment):
+            model_tree(save_config(tmp_path / family, family), causal=causal)
+
+
 def test_a_folder_with_a_head_gets_a_new_one_and_a_notice(folder) -> None:  # type: ignore[no-untyped-def]
     """A 2-label DistilBERT classifier for a 3-label task: new pre_classifier and classifier (from the
     seed, the same on every load), the encoder's weights as saved; a notice names what is replaced."""

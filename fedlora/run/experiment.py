@@ -144,6 +144,8 @@ def check_model(cfg: ExperimentConfig) -> None:
         keys = list(weight_shapes(directory))
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    if cfg.causal:
+        check_causal(directory, cfg.model.path)
     tree = model_tree(cfg.model.path, cfg.causal)
     targets = resolve(tree, cfg.lora.targets, model_label(cfg.model.path))
     missing = missing_weights(tree, targets.modules, keys)
@@ -153,8 +155,6 @@ def check_model(cfg: ExperimentConfig) -> None:
             f"config.json describes (no weight for {missing[0]}); copy the model's files again from the "
             "original, config.json and weights together"
         )
-    if cfg.causal:
-        check_causal(directory, cfg.model.path)
 
 
 def model_notice(cfg: ExperimentConfig) -> str:
