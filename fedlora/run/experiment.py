@@ -10,17 +10,19 @@ raise :class:`~fedlora.core.config.ConfigError` with one line.
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import functools
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from fedlora.core.config import TARGET_PRESETS, ConfigError, ExperimentConfig, load_config
-from fedlora.core.model.targets import PRESETS, preset_family, target_suffixes, unmatched
-from fedlora.core.model.weights import linear_weight_names, model_dir, model_label, weight_shapes
+from fedlora.core.config import ConfigError, ExperimentConfig, load_config
+from fedlora.core.model.targets import resolve
+from fedlora.core.model.tree import head_notice, missing_weights, model_tree
+from fedlora.core.model.weights import model_dir, model_label, weight_shapes
 from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.tasks import registry as tasks
 from strategies import registry
@@ -53,6 +55,9 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
     ``simulation``: this process will run the clients on Ray (``fedlora run``); without
     ``federation.ray_address`` that Ray is started here, so ``federation.client_gpus`` must find a GPU
     here. A ``flwr run`` ServerApp leaves it off: its host may have no GPU while the clients do.
+
+    Once every check has passed, a one-line notice goes to stderr when the classifier's new head replaces
+    one the model folder holds (:func:`model_notice`).
     """
     if simulation and not cfg.federation.ray_address:
         check_cpus(cfg)
@@ -60,7 +65,16 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
     check_model(cfg)
     cfg, splits = check_data(cfg)
     mechanism_for(cfg).preflight(splits.train_sizes())
+    notice = model_notice(cfg)
+    if notice:
+        _note_once(notice)
     return cfg
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+    """Print a notice on stderr, once per process (a comparison checks many runs of one model)."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def check_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, FederatedSplits]:
@@ -119,16 +133,40 @@ def check_gpus(cfg: ExperimentConfig) -> None:
 
 
 def check_model(cfg: ExperimentConfig) -> None:
-    """The model directory has a config.json and readable weights, and every module ``lora.targets``
-    names is a linear layer in them. Only the weights' headers are read, and the model's code is not
-    imported (that alone takes seconds), so a wrong target fails fast."""
+    """The model directory has a config.json and readable weights, transformers has a class for the task
+    and the folder's family, and ``lora.targets`` resolves on the task's module tree, built on the meta
+    device from config.json (no weight read), with the function training uses
+    (:func:`fedlora.core.model.targets.resolve`); the adapted layers' weights must be in the folder."""
     try:
         directory = model_dir(cfg.model.path)
-        shapes = weight_shapes(directory)
-        check_targets(cfg.lora.targets, cfg.model.path, linear_weight_names(shapes))
+        keys = list(weight_shapes(directory))
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
-    check_task_model(cfg, directory)
+    check_task_model(cfg, directory)  # the task's own, more specific line first
+    tree = model_tree(cfg.model.path, _causal(cfg))
+    targets = resolve(tree, cfg.lora.targets, model_label(cfg.model.path))
+    missing = missing_weights(tree, targets.modules, keys)
+    if missing:
+        raise ConfigError(
+            f"model.path: the weights of {model_label(cfg.model.path)} do not hold the layers its "
+            f"config.json describes (no weight for {missing[0]}); copy the model's files again from the "
+            "original, config.json and weights together"
+        )
+
+
+def model_notice(cfg: ExperimentConfig) -> str:
+    """A one-line notice when the run's classifier head replaces what the folder holds (a classification
+    head of any size, or a causal LM's head); empty otherwise and for causal-lm. ``cfg`` as
+    :func:`preflight` returns it (``data.labels`` filled in)."""
+    if _causal(cfg):
+        return ""
+    keys = list(weight_shapes(model_dir(cfg.model.path)))
+    return head_notice(cfg.model.path, model_tree(cfg.model.path, False), keys, len(cfg.data.labels))
+
+
+def _causal(cfg: ExperimentConfig) -> bool:
+    """Whether the task's model is a causal LM (else a sequence classifier, whose head is new)."""
+    return tasks.task_of(cfg).peft_task_type == "CAUSAL_LM"
 
 
 def check_task_model(cfg: ExperimentConfig, directory: Path) -> None:
@@ -138,34 +176,3 @@ def check_task_model(cfg: ExperimentConfig, directory: Path) -> None:
     except (OSError, ValueError):
         config = {}
     tasks.task_of(cfg).check_model(directory, config if isinstance(config, dict) else {})
-
-
-def check_targets(targets: list[str], model_path: str, names: list[str]) -> None:
-    """ConfigError naming the valid module names when a ``lora.targets`` entry matches no linear layer."""
-    missing = unmatched(target_suffixes(targets, names), names)
-    if not missing:
-        return
-    what = "module" if len(missing) == 1 else "modules"
-    preset = f" (preset '{targets[0]}')" if len(targets) == 1 and targets[0] in TARGET_PRESETS else ""
-    close = difflib.get_close_matches(missing[0], _leaves(names), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close and not preset else ""
-    raise ConfigError(
-        f"lora.targets: {what} {', '.join(repr(m) for m in missing)}{preset} not found in "
-        f"{model_label(model_path)}{hint}; {_valid_targets(names)}"
-    )
-
-
-def _leaves(names: list[str]) -> list[str]:
-    """The last component of each name, each once, in module order."""
-    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
-
-
-def _valid_targets(names: list[str]) -> str:
-    """The target names this model accepts: its attention projections, other linear layers, presets."""
-    attention = [s for s in PRESETS[preset_family(names)]["qkvo"] if not unmatched([s], names)]
-    others = [leaf for leaf in _leaves(names) if leaf not in attention]
-    parts = [f"valid attention projections: {', '.join(attention)}"] if attention else []
-    parts += [f"other linear layers: {', '.join(others)}"] if others else []
-    if attention:
-        parts.append(f"or a preset: {', '.join(TARGET_PRESETS)}")
-    return "; ".join(parts)

@@ -17,31 +17,17 @@ from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict,
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from fedlora.core.config import TARGET_PRESETS, LoraConfig
+from fedlora.core.config import LoraConfig
 from fedlora.core.model.arrays import State, base_weight_name, kind_of
-from fedlora.core.model.loading import load_causal_lm, load_classifier
-from fedlora.core.model.targets import target_suffixes, unmatched
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Full names of the model's linear layers (what LoRA can adapt), in module order."""
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+from fedlora.core.model.loading import load_causal_lm, load_classifier, load_tokenizer
+from fedlora.core.model.targets import head_modules, resolve
 
 
 def resolve_targets(model: nn.Module, targets: list[str]) -> list[str]:
-    """Module-name suffixes for peft's ``target_modules``: a preset name or explicit names.
-
-    Raises ValueError naming the targets that match no linear layer of the model.
-    """
-    names = linear_names(model)
-    suffixes = target_suffixes(targets, names)
-    missing = unmatched(suffixes, names)
-    if missing:
-        raise ValueError(
-            f"lora.targets = {targets!r}: no linear layer named {missing}; "
-            f"use a preset ({', '.join(TARGET_PRESETS)}) or names such as {names[0].rsplit('.', 1)[-1]!r}"
-        )
-    return suffixes
+    """Module-name suffixes for ``lora.targets`` (a preset resolved for the model's family, or the names
+    given), by :func:`fedlora.core.model.targets.resolve`, the function pre-flight uses on the model's
+    meta-device tree; ConfigError naming what fits when a target matches no adaptable layer."""
+    return resolve(model, targets).names
 
 
 def inject_lora(model: nn.Module, lora: LoraConfig, *, seed: int, task_type: str = "SEQ_CLS") -> PeftModel:
@@ -49,13 +35,18 @@ def inject_lora(model: nn.Module, lora: LoraConfig, *, seed: int, task_type: str
     ``TaskType`` name; ``SEQ_CLS`` (default) also trains the classification head, ``CAUSAL_LM`` adds
     adapters only (the LM head stays frozen)."""
 
+    targets = resolve(model, lora.targets)
     spec = PeftLoraConfig(
         task_type=TaskType[task_type],
         r=lora.rank,
         lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft annotates int, accepts float
         lora_dropout=lora.dropout,
         use_rslora=lora.rslora,
-        target_modules=resolve_targets(model, lora.targets),
+        target_modules=targets.modules,  # full names: exactly the modules pre-flight resolved
+        fan_in_fan_out=targets.fan_in_fan_out,  # transformers' Conv1D (GPT-2) stores W transposed
+        modules_to_save=None
+        if task_type == "CAUSAL_LM"
+        else head_modules(model),  # every new head module is trained
     )
     torch.manual_seed(seed)
     with warnings.catch_warnings():
@@ -131,15 +122,23 @@ def set_base_offsets(model: nn.Module, offsets: Mapping[str, torch.Tensor]) -> N
         w0 = pristine.setdefault(key, base.weight.detach().clone())
         with torch.no_grad():
             offset = offsets.get(key)
+            if offset is not None and getattr(module, "fan_in_fan_out", False):
+                offset = offset.T  # a Conv1D (GPT-2) stores W as d_in x d_out; offsets are d_out x d_in
             base.weight.copy_(w0 if offset is None else w0 + offset.to(w0.dtype).to(w0.device))
 
 
-def save_adapter(model: PeftModel, directory: Path) -> None:
-    """Write the adapter in peft's format plus the base model's ``config.json``, whose ``id2label`` and
-    ``label2id`` name the classes (see :func:`load_trained`)."""
+def save_adapter(model: PeftModel, directory: Path, model_path: str | None = None) -> None:
+    """Write a self-contained adapter folder: the adapter in peft's format, the base model's
+    ``config.json`` (its ``id2label`` and ``label2id`` name the classes, see :func:`load_trained`) and the
+    tokenizer the run used (with the pad token it set), so that ``AutoTokenizer.from_pretrained`` and
+    ``PeftModel.from_pretrained`` on the folder reproduce the run's predictions (docs/data.md).
+
+    ``model_path``: the run's ``model.path`` (default: the folder the base model was loaded from)."""
+    base: PreTrainedModel = model.get_base_model()  # type: ignore[assignment]
     model.save_pretrained(str(directory))
-    config: PretrainedConfig = model.get_base_model().config  # type: ignore[assignment]
+    config: PretrainedConfig = base.config
     config.save_pretrained(str(directory))
+    load_tokenizer(base.name_or_path if model_path is None else model_path).save_pretrained(str(directory))
 
 
 def load_trained_lm(directory: Path, model_path: str) -> PeftModel:

@@ -58,16 +58,6 @@ def weight_keys(directory: Path) -> list[str]:
     return list(weight_shapes(directory))
 
 
-def linear_weight_names(shapes: dict[str, tuple[int, ...]]) -> list[str]:
-    """Names of the layers whose weight is a matrix, embeddings aside: the linear layers LoRA can adapt,
-    known from the weights' headers without importing the model's code (the new head is not there)."""
-    return [
-        key.removesuffix(".weight")
-        for key, shape in shapes.items()
-        if key.endswith(".weight") and len(shape) == 2 and "embed" not in key
-    ]
-
-
 def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape in a model directory's weights, read from the file headers only (no data).
 
