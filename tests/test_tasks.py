@@ -146,7 +146,7 @@ def test_dp_sgd_clips_the_example_tasks_own_loss(regression, ratings, tiny_bert)
     with PrivateTrainer(private, cfg.train, noise_multiplier=0.0, clip_norm=1e6, expected_batch=8) as trainer:
         torch.manual_seed(0)
         trainer.step(dict(batch), data.loss_of)
-    for (name, a), (_, b) in zip(plain.named_parameters(), private.named_parameters(), strict=True):
+    for (_, a), (_, b) in zip(plain.named_parameters(), private.named_parameters(), strict=True):
         if a.requires_grad:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     ghost = ["privacy.mode=dp-sgd", "privacy.noise_multiplier=1.0", "privacy.opacus_mode=ghost"]

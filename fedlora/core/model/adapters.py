@@ -44,9 +44,8 @@ def inject_lora(model: nn.Module, lora: LoraConfig, *, seed: int, task_type: str
         use_rslora=lora.rslora,
         target_modules=targets.modules,  # full names: exactly the modules pre-flight resolved
         fan_in_fan_out=targets.fan_in_fan_out,  # transformers' Conv1D (GPT-2) stores W transposed
-        modules_to_save=None
-        if task_type == "CAUSAL_LM"
-        else head_modules(model),  # every new head module is trained
+        # every new head module is trained; a causal LM's head stays frozen
+        modules_to_save=None if task_type == "CAUSAL_LM" else head_modules(model),
     )
     torch.manual_seed(seed)
     with warnings.catch_warnings():
