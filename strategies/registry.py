@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import strategies
-from fedlora.core.config import ConfigError, ExperimentConfig, coerce
+from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.core.typed_toml import coerce
 from fedlora.privacy.mechanisms import registry as mechanisms
 
 if TYPE_CHECKING:

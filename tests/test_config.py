@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlora.core.config import ConfigError, ExperimentConfig, apply_overrides, from_dict, load_config
+from fedlora.core.config import ConfigError, ExperimentConfig, from_dict, load_config
+from fedlora.core.typed_toml import apply_overrides
 from fedlora.run.experiment import check_strategy
 from strategies import registry
 

@@ -21,8 +21,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fedlora.core.config import ConfigError, apply_overrides, parse_override
+from fedlora.core.config import ConfigError
 from fedlora.core.model.weights import weight_keys
+from fedlora.core.typed_toml import apply_overrides, parse_override
 from fedlora.run.experiment import load_experiment, preflight
 
 ROOT = Path(__file__).resolve().parents[1]

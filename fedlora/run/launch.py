@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedlora.core.config import ExperimentConfig, apply_overrides, from_dict
+from fedlora.core.config import ExperimentConfig, from_dict
 from fedlora.core.records.rundir import RunDirectory
+from fedlora.core.typed_toml import apply_overrides
 from fedlora.run.experiment import load_experiment, preflight
 
 DEFAULT_EXPERIMENT = Path("sims/quickstart.toml")
