@@ -1,7 +1,12 @@
-"""``fedlora run`` (the real CLI in a new process, Ray included) on tiny random folders of the families of
-issue 27: GPT-2 (fused Conv1D attention), Phi-3 (fused qkv_proj), Qwen2, DeBERTa-v2 and a DistilBERT
-folder saved with a 2-label head, for classification and for the decoders causal-lm, one round each with
-a preset; and a family that cannot be trained refused before Ray: one line, exit 2, nothing written.
+"""Tiny random folders of the families of issue 27: GPT-2 (fused Conv1D attention), Phi-3 (fused
+qkv_proj), Qwen2, DeBERTa-v2 and a DistilBERT folder saved with a 2-label head, for classification and for
+the decoders causal-lm, one round each with a preset, from the same ``--set`` values a user types; and a
+family that cannot be trained refused before Ray: one line, exit 2, nothing written.
+
+Three cases run ``fedlora run`` itself (the real CLI in a new process, Ray included); the others go
+through the same loader and pre-flight into an in-process federation (``federate``), which saves a Ray
+start and a process's imports each and proves the same model path (the fast tier's conformance matrix
+covers every family that way too).
 
 Each case prints its wall time (timings belong in benchmarks; not asserted).
 """
@@ -21,13 +26,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.cli]
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
-CASES = [
+CLI_CASES = [
     ("gpt2", "base", "classification", "qkvo", "is a causal language model (GPT2LMHeadModel)"),
+    ("distilbert", "head", "classification", "qv", "holds a classification head (pre_classifier, classifier"),
+    ("gpt2", "base", "causal-lm", "qv", ""),
+]
+IN_PROCESS_CASES = [
     ("phi3", "base", "classification", "qv", "is a causal language model (Phi3ForCausalLM)"),
     ("qwen2", "base", "classification", "mlp", "is a causal language model (Qwen2ForCausalLM)"),
     ("deberta-v2", "base", "classification", "qkvo", ""),
-    ("distilbert", "head", "classification", "qv", "holds a classification head (pre_classifier, classifier"),
-    ("gpt2", "base", "causal-lm", "qv", ""),
     ("phi3", "base", "causal-lm", "qkvo", ""),
     ("qwen2", "base", "causal-lm", "vo", ""),
 ]
@@ -67,7 +74,7 @@ def _sets(model: str, data: Path, task: str, preset: str) -> list[str]:
     return sets
 
 
-@pytest.mark.parametrize(("family", "kind", "task", "preset", "notice"), CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize(("family", "kind", "task", "preset", "notice"), CLI_CASES, ids=lambda v: str(v))
 def test_fedlora_run_trains_a_tiny_family(
     run_cli: Run, root: Path, family: str, kind: str, task: str, preset: str, notice: str
 ) -> None:
@@ -83,6 +90,26 @@ def test_fedlora_run_trains_a_tiny_family(
     }
     notes = [line for line in lines if line.startswith("note: ")]
     assert (notes == []) if not notice else (len(notes) == 1 and notice in notes[0]), notes
+
+
+@pytest.mark.parametrize(
+    ("family", "kind", "task", "preset", "notice"), IN_PROCESS_CASES, ids=lambda v: str(v)
+)
+def test_the_loader_and_a_federation_train_a_tiny_family(
+    federate: Callable[..., Path], root: Path, family: str, kind: str, task: str, preset: str, notice: str
+) -> None:
+    from fedlora.run.experiment import load_experiment, model_notice, preflight
+
+    model = root / f"{family}-{kind}"
+    if not model.exists():
+        save_family(model, family, kind=kind)
+    cfg = preflight(load_experiment(None, _sets(str(model), write_data(root), task, preset)))
+    out = federate(cfg, root / "in-process" / f"{family}-{kind}-{task}-{preset}")
+    assert (out / "summary.json").is_file()
+    assert {"adapter_model.safetensors", "tokenizer_config.json", "config.json"} <= {
+        p.name for p in (out / "adapter").iterdir()
+    }
+    assert (notice in model_notice(cfg)) if notice else model_notice(cfg) == ""
 
 
 def test_a_family_that_cannot_be_trained_is_refused_before_ray(run_cli: Run, root: Path) -> None:
