@@ -161,3 +161,18 @@ def test_in_a_terminal_the_cli_shows_the_round_live_and_nothing_in_a_pipe() -> N
     with RoundStatus(Console(file=pipe, force_terminal=False), 8) as status:
         status.show(RoundProgress(1, "train", 1, 2, 3.0))
     assert pipe.getvalue() == ""
+
+
+def test_a_free_text_run_is_summarised_by_its_perplexity_not_an_accuracy_it_has_not() -> None:
+    from fedlora.run.progress import summary_line
+
+    summary = {
+        "wall_s": 12.0,
+        "final_eval_accuracy": float("nan"),
+        "final_eval_loss": 3.2068,
+        "final_eval_perplexity": 24.699,
+        "zero_shot": {"eval_perplexity": 133.435},
+    }
+    line = summary_line(summary, Path("runs/pairs"))
+    assert "perplexity 24.699 (zero-shot 133.435)" in line and "accuracy n/a" not in line
+    assert "final eval_loss 3.2068" in line and "no accuracy" in line

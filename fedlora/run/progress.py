@@ -12,6 +12,7 @@ that a log keeps plain.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,8 +154,20 @@ def start_line(cfg: ExperimentConfig, run_dir: Path, mark: Mark = plain) -> str:
 
 def summary_line(summary: Row, run_dir: Path, mark: Mark = plain) -> str:
     """A finished run from its ``summary.json``: time, final and best accuracy against the majority
-    class (and the zero-shot model), macro-F1, perplexity."""
+    class (and the zero-shot model), macro-F1, perplexity; a run whose examples have no classes (free-text
+    responses) has no accuracy: its loss and perplexity against the zero-shot model's."""
     s, zero = summary, summary.get("zero_shot")
+    if not _finite(s.get("final_eval_accuracy")) and _finite(s.get("final_eval_perplexity")):
+        before = (
+            f" (zero-shot {zero['eval_perplexity']:.3f})"
+            if zero and _finite(zero.get("eval_perplexity"))
+            else ""
+        )
+        return (
+            f"{mark('done', 'green')} in {s['wall_s']:.1f} s: final eval_loss {s['final_eval_loss']:.4f}, "
+            f"perplexity {s['final_eval_perplexity']:.3f}{before} (free-text responses: no accuracy) "
+            f"-> {run_dir}"
+        )
     return (
         f"{mark('done', 'green')} in {s['wall_s']:.1f} s: "
         f"final eval_accuracy {pct(s['final_eval_accuracy'])} "
@@ -166,6 +179,11 @@ def summary_line(summary: Row, run_dir: Path, mark: Mark = plain) -> str:
         + (f", perplexity {s['final_eval_perplexity']:.3f}" if s.get("final_eval_perplexity") else "")
         + f" -> {run_dir}"
     )
+
+
+def _finite(value: object) -> bool:
+    """Whether ``value`` is a finite number (summary.json writes undefined metrics as null or NaN)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def log_listener(rounds: int, log: logging.Logger, *, every_s: float = 10.0) -> Listener:
