@@ -185,11 +185,11 @@ def test_resume_errors_name_the_problem(tmp_path: Path) -> None:
     run.mkdir()
     (run / "config.toml").write_text("")
     (run / "rounds.jsonl").write_text("")
-    proc = _cli("--resume", str(run))
-    assert proc.returncode == 2
+    result = CliRunner().invoke(app, ["run", "--resume", str(run)])
+    assert result.exit_code == 2
     assert (
         "has no checkpoint (it stopped before round 1 finished); start it again with --overwrite"
-        in proc.stderr
+        in result.stderr
     )
     (run / "summary.json").write_text("{}")
     result = CliRunner().invoke(app, ["run", "--resume", str(run)])

@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -148,6 +147,10 @@ def presets_of(tree: nn.Module) -> Presets:
     found: dict[str, list[str]] = {}
     if family is not None:
         found = {p: s for p, s in family.presets().items() if s and all(matches(x, names) for x in s)}
+    # start-up: importing peft's constants imports all of peft (about 3 s); only pre-flight's model
+    # check and LoRA injection get here, never a config error
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
     peft_default = list(PEFT_DEFAULTS.get(model_type, []))
     if peft_default and all(matches(s, names) for s in peft_default):
         found["qv"] = peft_default
