@@ -92,8 +92,10 @@ def privacy_modes(name: str) -> list[str]:
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check the strategy's name, its options (filled with defaults) and its privacy compatibility."""
+    """Check the strategy's name, its options (filled with defaults), its own rules
+    (:meth:`strategies.base.LoraStrategy.check`) and its privacy compatibility."""
     cfg.strategy.options = validate_options(cfg.strategy.name, cfg.strategy.options)
+    get(cfg.strategy.name).check(cfg)
     if cfg.privacy.mode not in privacy_modes(cfg.strategy.name):
         raise ConfigError(
             f"privacy.mode = {cfg.privacy.mode!r} cannot protect strategy '{cfg.strategy.name}': it combines "
