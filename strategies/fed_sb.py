@@ -50,7 +50,15 @@ import torch
 from torch import Tensor
 
 from fedlora.core.config import ConfigError, ExperimentConfig
-from fedlora.core.model.arrays import State, core_key, is_head, is_lora_b, lora_scale, orthogonal_a
+from fedlora.core.model.arrays import (
+    State,
+    core_key,
+    is_head,
+    is_lora_b,
+    is_lora_r,
+    lora_scale,
+    orthogonal_a,
+)
 from fedlora.core.protocol.plan import ClientPlan
 from strategies.aggregation import weighted_average
 from strategies.base import LoraStrategy
@@ -169,14 +177,12 @@ class FedSb(LoraStrategy):
         """The head averaged; R averaged over the fixed frame, or, in the warm-up, the frame and R from the
         top-r SVD of s_w·B̄_w·A_w. Any A or B in ``updates`` after the warm-up is ignored."""
         mean = weighted_average(updates, weights)
-        result = {k: v for k, v in mean.items() if is_head(k)}
         groups = layer_groups(global_state)
         if self.framed(global_state):
             self._diagnostics = {"sb_warmup": 0.0, "sb_kept_energy": math.nan}
-            for layer, (key_a, key_b) in groups.items():
-                result[key_a], result[key_b] = global_state[key_a], global_state[key_b]
-                result[core_key(layer)] = mean[core_key(layer)]
-            return result
+            frame = {k: global_state[k] for pair in groups.values() for k in pair}
+            return {**frame, **{k: v for k, v in mean.items() if is_head(k) or is_lora_r(k)}}
+        result = {k: v for k, v in mean.items() if is_head(k)}
         lora, a_w = self.cfg.lora, self.warmup_a(global_state)
         scale_w = lora_scale(dataclasses.replace(lora, rank=self.warmup_rank))
         energy = []
