@@ -1,8 +1,9 @@
 """A client's work on a train or evaluate message (``clients/app.py`` hands these messages here).
 
 Each handler parses the message, reads the plan the strategy sent for this client (rank, kinds frozen,
-kinds kept local, re-initialisation, what to reply with), calls the library and the privacy mechanism
-of the experiment, and builds the reply. Nothing here knows which strategy or privacy mode runs.
+kinds kept local, re-initialisation, what to reply with, a core R between A and B, local alternation),
+calls the library and the privacy mechanism of the experiment, and builds the reply. Nothing here knows
+which strategy or privacy mode runs.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, 
 from clients import runtime
 from fedlora.core.model.adapters import adapter_state, load_adapter_state, set_base_offsets, set_trainable
 from fedlora.core.model.arrays import from_arrays, to_arrays
+from fedlora.core.model.cores import set_cores
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.protocol.plan import ClientPlan
 from fedlora.core.records.store import ClientStore
 from fedlora.core.training import faults
+from fedlora.core.training.alternation import set_alternation
 from fedlora.core.training.loops import evaluate as evaluate_model
 from fedlora.privacy.mechanisms import mechanism_for
 
@@ -67,8 +70,10 @@ def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
     state = runtime.start_state(local_cfg, plan)
     state.update(runtime.load_local(store, plan, include_current=evaluating))
     state.update(received)
+    set_cores(model, plan.core)  # the process's model is shared by messages with other plans
     load_adapter_state(model, state)
     set_trainable(model, plan.freeze)
+    set_alternation(model, plan.alternate_every)
     data = runtime.data_for(text, pid, str(context.node_config.get(protocol.NODE_DATA_PATH) or ""))
     runtime.log_startup(message)
     return cfg, pid, plan, model, data, received, server_round, store

@@ -95,6 +95,11 @@ class LoraStrategy(Strategy):
         """The round being played: set by :meth:`configure_train`, read by hooks that depend on it."""
 
     # ----- hooks (override these) -----------------------------------------------------------
+    @classmethod
+    def check(cls, cfg: ExperimentConfig) -> None:
+        """Refuse, with one ConfigError line, settings this strategy cannot run with; called when the
+        experiment is loaded, after the options are checked (default: nothing to refuse)."""
+
     def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
         """Instructions for one client in one round (default: train everything, reply with what came)."""
         return ClientPlan(rank=self.cfg.lora.rank)

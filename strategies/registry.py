@@ -100,9 +100,11 @@ def dp_modes(name: str) -> list[str]:
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check the privacy settings (:func:`fedlora.privacy.mechanisms.registry.validate`), the strategy's
-    name, its options (filled with defaults) and whether the privacy mode can protect it."""
+    name, its options (filled with defaults), its own rules (:meth:`strategies.base.LoraStrategy.check`)
+    and whether the privacy mode can protect it."""
     mechanisms.validate(cfg)
     cfg.strategy.options = validate_options(cfg.strategy.name, cfg.strategy.options)
+    get(cfg.strategy.name).check(cfg)
     if cfg.privacy.mode not in privacy_modes(cfg.strategy.name):
         others = dp_modes(cfg.strategy.name)
         raise ConfigError(

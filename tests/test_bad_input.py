@@ -46,7 +46,7 @@ BAD_FILES: dict[str, tuple[str, str]] = {
     ),
     "unknown strategy": (
         '[strategy]\nname = "fedprox"\n',
-        "strategy.name = 'fedprox' is unknown; valid strategies: fedex-lora",
+        "strategy.name = 'fedprox' is unknown; valid strategies: fed-sb, fedex-lora",
     ),
     "fraction above 1": (
         "[federation]\nfraction = 1.5\n",

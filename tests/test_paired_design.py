@@ -3,9 +3,11 @@ the clients sampled in every round and the initial adapter bit-identical, so per
 between cells measure the strategy and nothing else.
 
 What differs by design is asserted precisely: FLoRA's clients re-initialise LoRA every round (its
-paper's protocol: the previous round is merged into the base weights), and FFA-LoRA's optional
+paper's protocol: the previous round is merged into the base weights), FFA-LoRA's optional
 ``a_init = "orthogonal"`` replaces the shared A by orthonormal rows (an extension; the paper's A is
-the usual random initialisation, which is the default and identical to every other strategy's).
+the usual random initialisation, which is the default and identical to every other strategy's), and
+Fed-SB's global adapter also holds its cores R (zero until round 1 fixes the frame) while its clients
+train round 1 at full width over an orthonormal A (its warm-up, ``strategies/fed_sb.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from clients.runtime import start_state
 from fedlora.compare.grid import parse_grid
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data.splits import build_splits
-from fedlora.core.model.arrays import is_lora_a, is_lora_b
+from fedlora.core.model.arrays import is_head, is_lora_a, is_lora_b, is_lora_r
 from fedlora.run.experiment import load_experiment
 from fedlora.tasks.models import initial_state
 from strategies import registry
@@ -124,7 +126,9 @@ def test_the_initial_adapter_is_bit_identical() -> None:
     assert any(is_lora_a(k) for k in reference) and any(is_lora_b(k) for k in reference)
     for name, cfg in found.items():
         strategy = registry.get(name)(cfg, initial_state(cfg))
-        assert strategy.global_state.keys() == reference.keys(), name
+        cores = {k: v for k, v in strategy.global_state.items() if is_lora_r(k)}
+        assert strategy.global_state.keys() - cores.keys() == reference.keys(), name
+        assert bool(cores) == (name == "fed-sb") and not any(bool(v.any()) for v in cores.values())
         for key, value in reference.items():
             assert torch.equal(strategy.global_state[key], value), (name, key)
 
@@ -134,7 +138,14 @@ def test_clients_start_round_one_from_the_same_adapter_except_floras_fresh_draw(
     reference = initial_state(found["fedit"])
     for name, cfg in found.items():
         strategy = registry.get(name)(cfg, initial_state(cfg))
-        start = start_state(cfg, strategy.client_plan(partition_id=2, server_round=1))
+        plan = strategy.client_plan(partition_id=2, server_round=1)
+        if name == "fed-sb":  # round 1 at full width: A orthonormal, B zero, the same head
+            assert plan.rank == 384 and plan.a_init == "orthogonal"
+            sent = strategy.outgoing(strategy.global_state)
+            assert all(torch.equal(sent[k], v) for k, v in reference.items() if is_head(k))
+            assert all(not sent[k].any() for k in sent if is_lora_b(k))
+            continue
+        start = start_state(cfg, plan)
         for key, value in reference.items():
             same = torch.equal(start[key], value)
             if name == "flora" and is_lora_a(key):

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from fedlora.core.config import PrivacyConfig, TrainConfig
+from fedlora.core.training.alternation import Alternation
 from fedlora.core.training.loops import Encoded, make_optimizer, num_steps
 
 LossOf = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -178,8 +179,9 @@ def train_private(
         max_physical_batch=privacy.max_physical_batch,
         seed=seed + 1,
     )
-    with trainer:
-        for _ in range(steps):
+    with trainer, Alternation(model) as alternation:  # LA-LoRA: a frozen factor is not clipped nor noised
+        for step in range(steps):
+            alternation.before_step(step)
             index = poisson_sample(n, rate, sampler)
             batch = _to(data.batch(index), device) if len(index) else None
             loss = trainer.step(batch, data.loss_of)

@@ -19,7 +19,8 @@ from peft import PeftModel
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data.splits import get_splits, majority_accuracy
 from fedlora.core.model.adapters import load_adapter_state, set_base_offsets
-from fedlora.core.model.arrays import State
+from fedlora.core.model.arrays import State, fold_cores
+from fedlora.core.model.cores import set_cores
 from fedlora.core.model.loading import load_tokenizer
 from fedlora.core.training.loops import Scores, macro_f1, score
 from fedlora.tasks.models import get_model
@@ -56,8 +57,10 @@ class Evaluator:
 
 
 def global_model(cfg: ExperimentConfig, state: State, base_offsets: State) -> PeftModel:
-    """The process's model holding the global adapter and base offsets."""
+    """The process's model holding the global adapter and base offsets, in peft's plain form: a core R
+    (Fed-SB) is folded into A (B (R A) = B R A), so the saved adapter loads with ``PeftModel``."""
     model = get_model(cfg)
+    set_cores(model, False)  # in-process clients may share this model and have added cores
     set_base_offsets(model, base_offsets)
-    load_adapter_state(model, state)
+    load_adapter_state(model, fold_cores(state))
     return model

@@ -79,9 +79,10 @@ def adapter_state_keys(model: PeftModel) -> list[str]:
 
 
 def set_trainable(model: nn.Module, frozen: frozenset[str] = frozenset()) -> None:
-    """Train every adapter and head parameter except the kinds in ``frozen`` ('lora_A', 'lora_B', 'head')."""
+    """Train every adapter and head parameter except the kinds in ``frozen`` ('lora_A', 'lora_B', 'lora_R',
+    'head')."""
     for name, param in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name or "modules_to_save" in name:
+        if ".lora_A." in name or ".lora_B." in name or ".lora_R." in name or "modules_to_save" in name:
             param.requires_grad_(kind_of(name) not in frozen)
 
 

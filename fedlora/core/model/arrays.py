@@ -27,14 +27,36 @@ def is_lora_b(key: str) -> bool:
     return ".lora_B." in key
 
 
+def is_lora_r(key: str) -> bool:
+    """True for a core R (r x r) between A and B: W = W0 + s * B @ R @ A (Fed-SB's trained matrix)."""
+    return ".lora_R." in key
+
+
 def is_head(key: str) -> bool:
     """True for the classification head (trained and shared, not a LoRA factor)."""
-    return not (is_lora_a(key) or is_lora_b(key))
+    return not (is_lora_a(key) or is_lora_b(key) or is_lora_r(key))
 
 
 def layer_of(key: str) -> str:
     """The adapted module a LoRA key belongs to (the key without ``.lora_A.weight``)."""
-    return key.split(".lora_A.")[0].split(".lora_B.")[0]
+    return key.split(".lora_A.")[0].split(".lora_B.")[0].split(".lora_R.")[0]
+
+
+def core_key(layer: str) -> str:
+    """The key of the core R of an adapted layer, named like peft's state dict (``<layer>.lora_R.weight``)."""
+    return f"{layer}.lora_R.weight"
+
+
+def fold_cores(state: Mapping[str, torch.Tensor]) -> State:
+    """``state`` with every core folded into its A (A := R @ A) and the R keys dropped: plain LoRA factors
+    with the same product, B (R A) = B R A, which peft saves and loads as any adapter."""
+    out: State = {k: v for k, v in state.items() if not is_lora_r(k)}
+    for key, core in state.items():
+        if is_lora_r(key):
+            a_key = f"{layer_of(key)}.lora_A.weight"
+            product = core.double() @ state[a_key].double()
+            out[a_key] = product.to(state[a_key].dtype)
+    return out
 
 
 def lora_scale(lora: LoraConfig) -> float:
@@ -59,7 +81,9 @@ def payload_bytes(record) -> int:  # type: ignore[no-untyped-def]
 
 
 def kind_of(key: str) -> str:
-    """'lora_A', 'lora_B' or 'head' for an adapter state key."""
+    """'lora_A', 'lora_B', 'lora_R' or 'head' for an adapter state key."""
+    if is_lora_r(key):
+        return "lora_R"
     return "lora_A" if is_lora_a(key) else "lora_B" if is_lora_b(key) else "head"
 
 

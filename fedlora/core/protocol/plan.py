@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord
 
 from fedlora.core.model.arrays import kind_of
 
-KINDS = ("lora_A", "lora_B", "head")
+KINDS = ("lora_A", "lora_B", "lora_R", "head")
 REPLIES = ("received", "trained", "adapter")
 A_INITS = ("kaiming", "orthogonal")
 
@@ -23,7 +23,7 @@ class ClientPlan:
     """A strategy's instructions to one client for one round.
 
     rank: the LoRA rank of this client's adapter.
-    freeze: kinds ('lora_A', 'lora_B', 'head') that are not trained this round.
+    freeze: kinds ('lora_A', 'lora_B', 'lora_R', 'head') that are not trained this round.
     keep_local: kinds kept in the node's persistent state between rounds and never sent.
     reinit_seed: if set, LoRA is re-initialised (A random from this seed, B zero) before training.
     reply: 'received' (reply with the keys received), 'trained' (the keys received whose kind is not
@@ -31,6 +31,11 @@ class ClientPlan:
         adapter and head key); always minus keep_local.
     a_init: 'kaiming' (peft's initialisation from the experiment seed) or 'orthogonal' (orthonormal rows
         from the experiment seed, scaled like Kaiming-uniform); used by FFA-LoRA's frozen A.
+    core: the adapter has a trainable r x r core R between A and B in every adapted layer,
+        W = W0 + s * B @ R @ A (Fed-SB; the R tensors travel under ``<layer>.lora_R.weight``).
+    alternate_every: 0 (train every unfrozen kind at every local step) or k >= 1: the local steps
+        alternate between training B (A frozen) and training A (B frozen) every k steps, B first; the head
+        trains at every step (LA-LoRA). Honoured by plain and DP-SGD training.
     """
 
     rank: int
@@ -39,13 +44,17 @@ class ClientPlan:
     reinit_seed: int | None = None
     reply: str = "received"
     a_init: str = "kaiming"
+    core: bool = False
+    alternate_every: int = 0
 
     def __post_init__(self) -> None:
         bad = sorted((self.freeze | self.keep_local) - set(KINDS))
-        if bad or self.rank < 1 or self.reply not in REPLIES or self.a_init not in A_INITS:
+        valid = self.rank >= 1 and self.reply in REPLIES and self.a_init in A_INITS
+        if bad or not valid or self.alternate_every < 0:
             raise ValueError(
                 f"invalid client plan: rank {self.rank}, kinds {bad} (valid: {', '.join(KINDS)}), "
-                f"reply {self.reply!r} (valid: {', '.join(REPLIES)}), a_init {self.a_init!r}"
+                f"reply {self.reply!r} (valid: {', '.join(REPLIES)}), a_init {self.a_init!r}, "
+                f"alternate_every {self.alternate_every}"
             )
 
     def reply_keys(self, received: Iterable[str], adapter: Iterable[str]) -> list[str]:
@@ -65,6 +74,8 @@ class ClientPlan:
                 "reinit-seed": -1 if self.reinit_seed is None else self.reinit_seed,
                 "reply": self.reply,
                 "a-init": self.a_init,
+                "core": self.core,
+                "alternate-every": self.alternate_every,
             }
         )
 
@@ -80,6 +91,8 @@ class ClientPlan:
                 reinit_seed=None if seed < 0 else seed,
                 reply=str(record["reply"]),
                 a_init=str(record["a-init"]),
+                core=bool(record["core"]),
+                alternate_every=int(record["alternate-every"]),  # type: ignore[call-overload]
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"the message's client plan is malformed ({exc!r})") from None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedlora.core.config import TrainConfig
+from fedlora.core.training.alternation import Alternation
 
 if TYPE_CHECKING:
     import datasets
@@ -119,7 +120,9 @@ def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimize
 def train_local(model: nn.Module, data: Encoded, train: TrainConfig, *, seed: int) -> tuple[float, int]:
     """Run this round's local steps; returns (mean training loss, examples seen).
 
-    A fresh optimizer is made every round (clients keep no optimizer state between rounds).
+    A fresh optimizer is made every round (clients keep no optimizer state between rounds). With the
+    model's ``alternate_every`` set (LA-LoRA, :mod:`fedlora.core.training.alternation`) the steps alternate
+    between training B and training A.
     """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
@@ -129,15 +132,17 @@ def train_local(model: nn.Module, data: Encoded, train: TrainConfig, *, seed: in
     batches = _shuffled_batches(len(data), train.batch_size, generator)
     total, seen = 0.0, 0
     steps = num_steps(train, len(data))
-    for _ in range(steps):
-        batch = {k: v.to(device) for k, v in data.batch(next(batches)).items()}
-        optimizer.zero_grad(set_to_none=True)
-        with mixed_precision(device):
-            loss = data.loss(model, batch)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(batch["labels"])
-        seen += len(batch["labels"])
+    with Alternation(model) as alternation:
+        for step in range(steps):
+            alternation.before_step(step)
+            batch = {k: v.to(device) for k, v in data.batch(next(batches)).items()}
+            optimizer.zero_grad(set_to_none=True)
+            with mixed_precision(device):
+                loss = data.loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch["labels"])
+            seen += len(batch["labels"])
     return total / max(seen, 1), seen
 
 
