@@ -147,7 +147,7 @@ def test_options_and_check_refuse_a_warmup_rank_below_the_lora_rank() -> None:
         make(warmup_rank=2)
     with pytest.raises(ConfigError, match="warmup_rank = -1 is invalid"):
         make(warmup_rank=-1)
-    assert registry.privacy_modes("fed-sb") == ["none", "dp-sgd", "dp-updates"]
+    assert registry.privacy_modes("fed-sb") == ["dp-sgd", "dp-updates", "none"]
 
 
 # ----- the client side, on a tiny BERT ------------------------------------------------------------

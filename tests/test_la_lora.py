@@ -186,7 +186,7 @@ def test_plan_aggregate_and_checks() -> None:
     out = strategy.aggregate(strategy.global_state, updates, weights)
     for key, value in weighted_average(updates, weights).items():  # FedAvg of A, B and the head
         torch.testing.assert_close(out[key], value)
-    assert registry.privacy_modes("la-lora") == ["none", "dp-sgd", "dp-updates"]
+    assert registry.privacy_modes("la-lora") == ["dp-sgd", "dp-updates", "none"]
     with pytest.raises(ConfigError, match="alternate_every = 0 is invalid"):
         make(strategy={"name": "la-lora", "options": {"alternate_every": 0}})
     with pytest.raises(ConfigError, match=r"cannot run with privacy\.opacus_mode = .ghost.") as refused:
