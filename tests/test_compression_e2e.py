@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data.sources import write_table
@@ -142,3 +143,23 @@ def test_a_nan_reply_is_still_rejected_after_int8(runs) -> None:  # type: ignore
     nan = {(r, pid) for r in (1, 2) for pid, fault in faults.assignment(cfg, r).items() if fault == "nan"}
     assert seen and nan & set(seen)
     assert all((status == "rejected") == (key in nan) for key, status in seen.items())
+
+
+def test_flora_stacks_travel_in_float32(runs) -> None:  # type: ignore[no-untyped-def]
+    """FLoRA's head goes down with the codec, its stacked factors in float32 (each client merges them
+    into offsets it keeps, where a rounding error would stay); the fresh adapters go up encoded."""
+    cfg, run = runs('strategy.name="flora"', *both_ways("int8"))
+    state = initial_state(cfg)
+    head = {k: v for k, v in state.items() if ".lora_" not in k}
+    head_bytes = sum(encoded_bytes(tuple(v.shape), "int8") for v in head.values())
+    stacked = CLIENTS_PER_ROUND * cfg.lora.rank
+    stacks: dict[str, torch.Tensor] = {}
+    for layer in {layer_of(k) for k in state if ".lora_A." in k}:
+        d_in, d_out = state[f"{layer}.lora_A.weight"].shape[1], state[f"{layer}.lora_B.weight"].shape[0]
+        stacks[f"{layer}.A"], stacks[f"{layer}.B"] = torch.zeros(stacked, d_in), torch.zeros(d_out, stacked)
+    first, second = rows(run)
+    assert first["downlink_bytes"] == CLIENTS_PER_ROUND * head_bytes
+    # round 2: every client holds round 0's offsets (all it confirmed), so gets round 1's stacks
+    assert second["downlink_bytes"] == CLIENTS_PER_ROUND * (head_bytes + payload_bytes(to_arrays(stacks)))
+    adapter = sum(encoded_bytes(tuple(v.shape), "int8") for v in state.values())
+    assert first["uplink_bytes"] == CLIENTS_PER_ROUND * adapter
