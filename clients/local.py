@@ -14,8 +14,10 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
 from clients import runtime
+from fedlora.core.config import CompressionConfig
+from fedlora.core.model import codecs
 from fedlora.core.model.adapters import adapter_state, load_adapter_state, set_base_offsets, set_trainable
-from fedlora.core.model.arrays import from_arrays, to_arrays
+from fedlora.core.model.arrays import State, from_arrays, to_arrays
 from fedlora.core.model.cores import set_cores
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.protocol.plan import ClientPlan
@@ -86,7 +88,8 @@ def train(message: Message, context: Context) -> Message:
     (:mod:`fedlora.core.training.faults`). Training and the reply go through the experiment's
     privacy mechanism (:mod:`fedlora.privacy.mechanisms`): under dp-sgd a client whose budget this
     round would exceed declines (a reply without arrays, with the reason); under dp-updates with client
-    placement the reply carries the clipped update plus this client's share of the noise.
+    placement the reply carries the clipped update plus this client's share of the noise. With a
+    ``compression.uplink`` codec the reply carries the encoded update instead (:func:`encode_reply`).
     """
 
     cfg, pid, plan, model, data, received, server_round, store = _prepare(message, context)
@@ -110,9 +113,24 @@ def train(message: Message, context: Context) -> Message:
             **runtime.label_counts(cfg, data.train),
         }
     )
-    return Message(
-        RecordDict({protocol.ARRAYS: to_arrays(reply), protocol.METRICS: metrics}), reply_to=message
-    )
+    arrays = encode_reply(cfg.compression, store, received, reply)
+    return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=message)
+
+
+def encode_reply(compression: CompressionConfig, store: ClientStore, received: State, reply: State) -> Any:
+    """The reply's ArrayRecord: the arrays as they are without an uplink codec; with one, the update
+    (``reply`` minus ``received``) encoded, plus, with error feedback, what the codec lost of earlier
+    updates (kept in the client's store, which keeps this round's loss for the next time)."""
+    if compression.uplink == "none":
+        return to_arrays(reply)
+    update = codecs.deltas(reply, received)
+    if compression.error_feedback:
+        previous = store.load_arrays(protocol.RESIDUAL) or {}
+        update = codecs.with_residual(update, previous)
+    record = to_arrays(update, compression.uplink)
+    if compression.error_feedback:
+        store.save_arrays(protocol.RESIDUAL, codecs.residual_of(update, from_arrays(record), previous))
+    return record
 
 
 def _declined(message: Message, pid: int, reason: str, extra: dict[str, float]) -> Message:

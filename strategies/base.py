@@ -14,6 +14,10 @@ only what differs from FedAvg on LoRA:
   with every message and counted in the downlink (:meth:`LoraStrategy.offsets_message` decides how);
 * ``Options`` - a dataclass of the strategy's options (``[strategy.options]``), checked at load.
 
+With ``[compression]`` (:mod:`fedlora.core.model.codecs`) the arrays and full base offsets travel down
+encoded, and replies carry encoded updates that are decoded and added to what was sent before anything
+else reads them.
+
 Sampling (:mod:`fedlora.server.sampling`), reply bookkeeping (:mod:`fedlora.server.replies`), traffic
 (:mod:`fedlora.server.traffic`) and privacy (:mod:`fedlora.privacy.mechanisms`) live in their modules.
 """
@@ -164,12 +168,12 @@ class LoraStrategy(Strategy):
     ) -> list[Message]:
         """Messages to the chosen nodes (partition -> node), sharing one copy of the arrays."""
         shared: dict[str, Any] = {
-            protocol.ARRAYS: to_arrays(self.outgoing(self.global_state)),
+            protocol.ARRAYS: to_arrays(self.outgoing(self.global_state), self.cfg.compression.downlink),
             protocol.CONFIG: ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round}),
         }
         offsets: dict[str, Any] = {}
         if self.base_offsets:
-            offsets[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets)
+            offsets[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets, self.cfg.compression.downlink)
         config = shared[protocol.CONFIG]
         per_client = {pid: self.offsets_message(pid, offsets) for pid in chosen}
         return [
@@ -248,9 +252,17 @@ class LoraStrategy(Strategy):
             log.warning("round %s: rejected the reply of client %s: %s", server_round, who, problem)
         return valid
 
+    @property
+    def _updates(self) -> bool:
+        """Whether replies carry updates (the reply minus what was received) rather than values: with
+        any ``compression.uplink`` codec, which then loses far less (docs/usage.md, Compression)."""
+        return self.cfg.compression.uplink != "none"
+
     def _problem(self, reply: Message, server_round: int) -> str | None:
         expected = self.expected_reply(reply_of.partition_of(reply), server_round)
-        return reply_of.problem(reply, expected, self._sent, self.cfg.robustness.max_update_norm)
+        return reply_of.problem(
+            reply, expected, self._sent, self.cfg.robustness.max_update_norm, updates=self._updates
+        )
 
     def _check_enough(self, server_round: int, replies: Sequence[Message], answered: int) -> None:
         """Fail the round when fewer than min_clients valid replies arrived (or than were sampled, if
@@ -269,7 +281,7 @@ class LoraStrategy(Strategy):
 
     def _aggregate_replies(self, server_round: int, trained: Sequence[Message]) -> None:
         """New global state from the clients that trained, released through the privacy mechanism."""
-        updates = [from_arrays(r.content[protocol.ARRAYS]) for r in trained]
+        updates = [reply_of.arrays_of(r, self._sent, updates=self._updates) for r in trained]
         counts = [float(r.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in trained]  # type: ignore[arg-type]
         losses = [float(r.content[protocol.METRICS][protocol.TRAIN_LOSS]) for r in trained]  # type: ignore[arg-type]
         p = self.privacy.weights(counts) if counts else []

@@ -113,4 +113,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             f"linear aggregate ({', '.join(linear_strategies())})"
             + (f" or privacy.mode = {' or '.join(repr(m) for m in others)}" if others else "")
         )
+    check_error_feedback(cfg)
     return cfg
+
+
+def check_error_feedback(cfg: ExperimentConfig) -> None:
+    """Error feedback only for strategies whose aggregate is a weighted sum of what travels: there, what
+    the codec lost in one round arrives in a later one and the sums add up; a strategy that multiplies
+    or stacks each client's factors would meet a residual beside factors it does not belong to."""
+    if cfg.compression.error_feedback and not get(cfg.strategy.name).linear_aggregate:
+        raise ConfigError(
+            f"compression.error_feedback = true cannot be used with strategy '{cfg.strategy.name}': it "
+            "combines each client's own factors, so a residual delivered later would meet other factors; "
+            f"use a strategy with a linear aggregate ({', '.join(linear_strategies())}) or set it to false"
+        )

@@ -1,7 +1,8 @@
 """Typed experiment configuration: one parser for the CLI, the ServerApp and the ClientApp.
 
 An experiment is a TOML file whose tables mirror the dataclasses below
-(``[data]``, ``[model]``, ``[lora]``, ``[train]``, ``[federation]``, ``[strategy]``, ``[privacy]``),
+(``[data]``, ``[model]``, ``[lora]``, ``[train]``, ``[federation]``, ``[strategy]``, ``[privacy]``,
+``[robustness]``, ``[faults]``, ``[compression]``),
 plus ``--set section.key=value`` overrides. Unknown keys, wrong types and
 impossible values raise :class:`ConfigError` with one line that names the key,
 the value got and the valid choices.
@@ -26,6 +27,8 @@ TARGET_PRESETS = ("qv", "qkvo", "vo", "mlp")
 TASK_DATA_KEYS = ("template", "response")
 """``[data]`` keys that only some tasks read (each task names those it reads; others refuse them)."""
 OPTIMIZERS = ("adamw", "sgd")
+CODECS = ("none", "fp16", "bf16", "int8")
+"""``compression.uplink`` / ``downlink`` values (:mod:`fedlora.core.model.codecs`)."""
 CORPUS_SIZE = 38_158
 """Tweets in the corpus (docs/data.md); lets the config refuse impossible sizes before loading it (other
 sources are checked once loaded, by the experiment's pre-flight)."""
@@ -370,6 +373,40 @@ class PrivacyConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Lossy codecs for the arrays that travel (``[compression]``, :mod:`fedlora.core.model.codecs`)."""
+
+    uplink: str = _help(
+        "codec of the clients' updates (reply minus what was received): none, fp16, bf16 or int8 "
+        "(per-row scales)",
+        "none",
+    )
+    downlink: str = _help(
+        "codec of the arrays the server sends (adapter, head, full base offsets): none, fp16, bf16 or int8",
+        "none",
+    )
+    error_feedback: bool = _help(
+        "each client keeps what the uplink codec lost and adds it to its next update (linear strategies)",
+        False,
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("uplink", "downlink"):
+            value = getattr(self, key)
+            _check(value in CODECS, f"compression.{key}", value, f"one of {', '.join(CODECS)}")
+        if self.error_feedback and self.uplink == "none":
+            raise ConfigError(
+                "compression.error_feedback = true needs compression.uplink = fp16, bf16 or int8 "
+                "(with none nothing is lost to feed back)"
+            )
+
+    @property
+    def active(self) -> bool:
+        """Whether any array travels compressed."""
+        return self.uplink != "none" or self.downlink != "none"
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: everything a server and its clients need to agree on."""
 
@@ -389,6 +426,7 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.task.strip()), "task", self.task, "a registered task (see `fedlora tasks`)")
@@ -422,6 +460,7 @@ def _check_cross(config: ExperimentConfig) -> None:
     """Checks that involve more than one section."""
     _check_sizes(config)
     _check_faults(config)
+    _check_compression(config)
 
 
 def _check_sizes(config: ExperimentConfig) -> None:
@@ -461,6 +500,18 @@ def _check_faults(config: ExperimentConfig) -> None:
             f"faults: {broken:g} of the clients would never send a valid update, so no round could finish; "
             "keep faults.raise_fraction + nan_fraction + corrupt_fraction (+ straggle_fraction when "
             "straggle_s > federation.round_timeout) below 1"
+        )
+
+
+def _check_compression(config: ExperimentConfig) -> None:
+    """Compression and secure aggregation exclude each other: secure aggregation quantises what it masks
+    itself, into its own integer field. Reads the ``[secure_aggregation]`` table's ``enabled`` switch
+    wherever that table exists."""
+    secure = getattr(config, "secure_aggregation", None)
+    if config.compression.active and bool(getattr(secure, "enabled", False)):
+        raise ConfigError(
+            "[compression] cannot be combined with secure aggregation (it quantises the masked updates "
+            "itself); set compression.uplink and compression.downlink to none"
         )
 
 

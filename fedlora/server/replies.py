@@ -8,6 +8,7 @@ from typing import Any
 from flwr.app import Message
 
 from fedlora.core.model.arrays import State, from_arrays
+from fedlora.core.model.codecs import add_deltas
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.protocol.validation import Spec, check_metrics, check_reply
 
@@ -38,9 +39,19 @@ class RoundCounts:
         }
 
 
-def problem(reply: Message, expected: Spec, sent: State, max_norm: float) -> str | None:
+def arrays_of(reply: Message, sent: State, *, updates: bool = False) -> State:
+    """The arrays of a trained reply as float32 tensors (decoded whatever the codec). With ``updates``
+    (``compression.uplink`` is on) the reply carries the client's update, which is added to ``sent``,
+    what the server sent it (:func:`fedlora.core.model.codecs.add_deltas`)."""
+    arrays = from_arrays(reply.content[protocol.ARRAYS])
+    return add_deltas(arrays, sent) if updates else arrays
+
+
+def problem(
+    reply: Message, expected: Spec, sent: State, max_norm: float, *, updates: bool = False
+) -> str | None:
     """Why a trained reply cannot be aggregated (None: it can): metrics without a partition id or
-    with bad counts, missing or unreadable arrays, or arrays that fail
+    with bad counts, missing or unreadable arrays, or arrays (:func:`arrays_of`) that fail
     :func:`fedlora.core.protocol.validation.check_reply` against ``expected`` (keys, shapes, dtypes, finite
     values, update norm at most ``max_norm`` from ``sent``; 0 = no bound)."""
     metrics = reply.content.metric_records.get(protocol.METRICS)
@@ -50,7 +61,7 @@ def problem(reply: Message, expected: Spec, sent: State, max_norm: float) -> str
     if bad or protocol.ARRAYS not in reply.content.array_records:
         return bad or "no arrays"
     try:
-        arrays = from_arrays(reply.content[protocol.ARRAYS])
+        arrays = arrays_of(reply, sent, updates=updates)
     except Exception as exc:  # a malformed record from a buggy client must not stop the round
         return f"unreadable arrays ({type(exc).__name__}: {exc})"
     return check_reply(arrays, expected, sent, max_norm)

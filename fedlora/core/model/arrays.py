@@ -13,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord
 
 from fedlora.core.config import LoraConfig
+from fedlora.core.model.codecs import decode_array, encode_tensor
 
 State = dict[str, torch.Tensor]
 
@@ -64,15 +65,16 @@ def lora_scale(lora: LoraConfig) -> float:
     return lora.alpha / (lora.rank**0.5 if lora.rslora else lora.rank)
 
 
-def to_arrays(state: Mapping[str, torch.Tensor]):  # type: ignore[no-untyped-def]
-    """Named tensors -> a Flower ArrayRecord (order preserved)."""
+def to_arrays(state: Mapping[str, torch.Tensor], codec: str = "none"):  # type: ignore[no-untyped-def]
+    """Named tensors -> a Flower ArrayRecord (order preserved), each encoded by ``codec``
+    (:mod:`fedlora.core.model.codecs`; ``none``: NumPy's float32 format)."""
 
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()})
+    return ArrayRecord({k: encode_tensor(v, codec) for k, v in state.items()})
 
 
 def from_arrays(record) -> State:  # type: ignore[no-untyped-def]
-    """A Flower ArrayRecord -> named float tensors (copies, writable)."""
-    return {k: torch.from_numpy(arr.numpy().copy()) for k, arr in record.items()}
+    """A Flower ArrayRecord -> named float tensors (copies, writable); encoded arrays restored to float32."""
+    return {k: decode_array(arr) for k, arr in record.items()}
 
 
 def payload_bytes(record) -> int:  # type: ignore[no-untyped-def]

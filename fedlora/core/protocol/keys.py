@@ -44,6 +44,9 @@ about the client that no mechanism here protects."""
 LOCAL_ADAPTER = "fedlora-local-adapter"
 """Node state key of the adapter tensors a client keeps between rounds (FedSA-LoRA's B)."""
 
+RESIDUAL = "fedlora-compression-residual"
+"""Node state key of what the uplink codec lost of a client's updates (``compression.error_feedback``)."""
+
 DP_HISTORY = "fedlora-dp-history"
 """Node state key of a DP-SGD client's accountant history (all rounds it trained in)."""
 
