@@ -51,6 +51,7 @@ def compare(
     from fedlora.compare import session
     from fedlora.compare.runner import prepare
 
+    started = time.monotonic()
     try:
         chosen_seeds = _seed_list(seeds) if seeds is not None else None
         plan = session.plan_comparison(
@@ -73,6 +74,7 @@ def compare(
     grid, root = plan.grid, plan.root
     prepare(grid, plan.tasks, root)
     _compare_with_progress(grid, plan.todo, plan.done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
+    chosen: dict[str, Any] = {}
     if grid.tune_seeds:  # the tuning runs have finished (else the call above exits): the chosen ones next
         chosen, todo, done = session.tuned(plan)
         typer.echo(
@@ -83,6 +85,33 @@ def compare(
         _compare_with_progress(
             grid, todo, done, root, jobs=jobs, verbose=verbose, shared_ray=shared, what=what
         )
+    if grid.stop is not None:
+        _seeds_until_clear(plan, chosen, started, jobs=jobs, verbose=verbose, shared_ray=shared)
+
+
+def _seeds_until_clear(
+    plan: Any, chosen: dict[str, Any], started: float, *, jobs: int, verbose: bool, shared_ray: bool
+) -> None:
+    """``compare.stop``: one more seed in every cell while some comparison is undecided (and the rule's
+    seeds and minutes allow), each with its progress bar and report."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.compare import session
+
+    seeds = list(plan.grid.seeds)
+    while True:
+        found = session.seed_progress(plan, seeds, elapsed_s=time.monotonic() - started, jobs=jobs)
+        if found.next_seed is None:
+            typer.echo(f"stopped after {len(seeds)} seeds: {found.reason}")
+            session.write_comparison_report(plan.root, command=" ".join(["fedlora", *sys.argv[1:]]))
+            return
+        typer.echo(f"{found.reason}: adding seed {found.next_seed}")
+        seeds.append(found.next_seed)
+        plan, new = session.seed_phase(plan, chosen, seeds)
+        what = f"{len(new)} cells x seed {found.next_seed}"
+        _compare_with_progress(
+            plan.grid, plan.todo, plan.done, plan.root, jobs=jobs, verbose=verbose, shared_ray=shared_ray,
+            what=what,
+        )  # fmt: skip
 
 
 def _print_estimate(grid: Any, todo: list[Any], done: int, jobs: int) -> None:

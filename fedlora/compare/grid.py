@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.compare.seeds import StopRule, parse_stop
 from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.report.results import DEFAULT_TARGET
 from fedlora.run.experiment import load_experiment
@@ -51,6 +52,8 @@ GRID_KEYS = {
     "baseline",
     "tune",
     "tune_seeds",
+    "tune_budget",
+    "stop",
 }
 AXIS_KEYS = {"key", "values", "name", "levels"}
 
@@ -139,6 +142,8 @@ class Grid:
     tune_seeds: list[int] = field(default_factory=list)
     """``compare.tune_seeds``: the seeds every setting runs at (empty: all seeds). The other seeds run
     only each cell's chosen setting, after the tuning runs have finished."""
+    stop: StopRule | None = None
+    """``compare.stop``: seeds after ``seeds`` are added while comparisons are undecided."""
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +237,7 @@ class Grid:
                 else {}
             ),
             **({"tune_seeds": self.tune_seeds} if self.tune_seeds else {}),
+            **({"stop": self.stop.manifest()} if self.stop else {}),
         }
 
 
@@ -296,6 +302,12 @@ def parse_grid(table: dict[str, Any], *, base_dir: Path, source: Path | None = N
         raise ConfigError(f'compare.baseline = {baseline!r} is invalid: expected a cell label, e.g. "fedit"')
     settings = _parse_tune(table.get("tune", {}))
     tune_seeds = _parse_tune_seeds(table.get("tune_seeds", []), seeds, settings)
+    stop = parse_stop(table.get("stop"), seeds)
+    if stop is not None and settings and not tune_seeds:
+        raise ConfigError(
+            "compare.stop with a list of settings in compare.tune needs compare.tune_seeds: the seeds it "
+            "adds run each cell's chosen setting only; add e.g. tune_seeds = [0]"
+        )
     return Grid(
         name,
         base_dir / experiment,
@@ -307,6 +319,7 @@ def parse_grid(table: dict[str, Any], *, base_dir: Path, source: Path | None = N
         baseline,
         settings,
         tune_seeds,
+        stop,
     )
 
 

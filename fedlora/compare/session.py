@@ -9,6 +9,7 @@ Every run of both phases is checked before the first one starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -18,9 +19,10 @@ from pathlib import Path
 from fedlora.compare.grid import Grid, Setting, Task, load_grid
 from fedlora.compare.ray_head import RayHead, worker_ports
 from fedlora.compare.runner import Comparison, Event, choose_settings, execute, plan, prepare
+from fedlora.compare.seeds import Progress, progress
 from fedlora.core.config import ConfigError
-from fedlora.core.records.rundir import read_summary
-from fedlora.report.writer import collect, write_report
+from fedlora.core.records.rundir import atomic_write, read_summary
+from fedlora.report.writer import STOPPING, collect, write_report
 from fedlora.run.experiment import preflight
 
 
@@ -107,6 +109,34 @@ def tuned(comparison: Plan) -> tuple[dict[str, Setting], list[Task], list[Task]]
     todo, done = plan(rest, root)
     prepare(grid, [*comparison.tasks, *rest], root)
     return chosen, todo, done
+
+
+def seed_progress(comparison: Plan, seeds: list[int], *, elapsed_s: float, jobs: int = 1) -> Progress:
+    """With ``compare.stop``: whether another seed is needed after ``seeds`` (all run), from the finished
+    runs; written to ``stopping.json`` (the report says why the comparison stopped). One seed is taken to
+    cost the wall time of the last seed's runs spread over ``jobs``."""
+    grid, root = comparison.grid, comparison.root
+    if grid.stop is None:
+        raise ValueError("seed_progress needs a grid with compare.stop")
+    try:
+        found = collect([root])
+    except ConfigError:  # no run finished (all failed): another seed would fail the same way
+        return Progress(seeds, [], 0, None, "no run finished")
+    seed_s = sum(r.wall_s for r in found.results if r.seed == seeds[-1]) / max(1, jobs)
+    found_progress = progress(found, grid.stop, seeds, elapsed_s=elapsed_s, seed_s=seed_s)
+    atomic_write(root / STOPPING, json.dumps(found_progress.manifest(), indent=2) + "\n")
+    return found_progress
+
+
+def seed_phase(comparison: Plan, chosen: dict[str, Setting], seeds: list[int]) -> tuple[Plan, list[Task]]:
+    """The comparison grown to ``seeds`` (its manifest rewritten), and the runs of the last of them (each
+    cell's chosen setting when tuned), checked and split into to do and finished."""
+    grid = with_seeds(comparison.grid, seeds)
+    new = [t for t in checked(grid.tasks(comparison.extra, chosen or None)) if t.seed == seeds[-1]]
+    todo, done = plan(new, comparison.root)
+    prepare(grid, new, comparison.root)
+    grown = dataclasses.replace(comparison, grid=grid, tasks=[*comparison.tasks, *new], todo=todo, done=done)
+    return grown, new
 
 
 def shape(grid: Grid) -> str:

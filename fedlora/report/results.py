@@ -266,13 +266,14 @@ def table(cells: list[CellStats], target: float) -> tuple[list[str], list[list[s
     return header, rows
 
 
-def _personalised(cell: CellStats) -> bool:
+def personalised(cell: CellStats) -> bool:
+    """Whether the cell's clients use models of their own (its test accuracy is the shared part only)."""
     return any(r.strategy in PERSONALISED for r in cell.runs)
 
 
 def _label(cell: CellStats) -> str:
     """A cell's label, marked ‡ when its test accuracy is not the model its clients use (FedSA-LoRA)."""
-    return f"{cell.label} ‡" if _personalised(cell) else cell.label
+    return f"{cell.label} ‡" if personalised(cell) else cell.label
 
 
 def client_table(cells: list[CellStats]) -> tuple[list[str], list[list[str]]] | None:
@@ -373,7 +374,7 @@ def legend(cells: list[CellStats], target: float) -> str:
         parts.append(
             "Client acc.: mean over clients of their own validation accuracy (last evaluated round)."
         )
-    if any(_personalised(c) for c in cells):
+    if any(personalised(c) for c in cells):
         parts.append(
             "‡ FedSA-LoRA: the test accuracy is the shared part alone (B = 0, each client's B never leaves "
             "it); its client acc. is the personalised accuracy (shared A, the client's own B)."

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError
-from fedlora.report import html, paired, plots, tuning
+from fedlora.report import html, paired, plots, sequential, tuning
 from fedlora.report.results import (
     DEFAULT_TARGET,
     CellStats,
@@ -33,6 +33,8 @@ from fedlora.report.results import (
 )
 
 MANIFEST = "comparison.json"
+STOPPING = "stopping.json"
+"""Beside the manifest with ``[compare] stop``: the seeds run, why the comparison stopped or goes on."""
 IGNORED_KEYS = {"seed", "name", "federation.ray_address"}
 
 
@@ -50,6 +52,14 @@ class Collected:
     label, ``{axis: level}``, or a list of these."""
     tunings: list[tuning.Tuning] = field(default_factory=list)
     """Per tuned cell (``compare.tune``): every setting's validation scores and the chosen one."""
+    rule: sequential.Rule | None = None
+    """``compare.stop``'s decision rule: intervals are then confidence sequences."""
+    stopping: dict[str, Any] = field(default_factory=dict)
+    """``stopping.json``: the seeds run and why the comparison stopped (empty without ``compare.stop``)."""
+
+    def pairings(self) -> list[paired.Pairing]:
+        """Who is compared with whom among the finished runs (KeyError: the baseline matches no cell)."""
+        return paired.pairings(group(self.results), self.baseline, self.rule)
 
     def series(self, cell: CellStats) -> str:
         """A cell's line in the ε plot: its levels on the non-privacy axes (the strategy by default)."""
@@ -85,7 +95,7 @@ def collect(dirs: list[Path], target: float | None = None, baseline: str | None 
     if baseline is not None:
         found.baseline = baseline
     try:
-        paired.pairings(group(found.results), found.baseline)
+        found.pairings()
     except KeyError as exc:
         labels = list(dict.fromkeys(r.cell for r in found.results))
         raise ConfigError(
@@ -104,6 +114,10 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     found.target = target or float(manifest.get("target_accuracy", DEFAULT_TARGET))
     found.privacy_axes.update(manifest.get("privacy_axes", []))
+    if manifest.get("stop"):
+        found.rule = sequential.Rule(float(manifest["stop"]["smallest_effect"]))
+        if (path / STOPPING).is_file():
+            found.stopping = json.loads((path / STOPPING).read_text(encoding="utf-8"))
     if found.baseline is None and manifest.get("baseline"):
         found.baseline = manifest["baseline"]
     for cell in manifest["cells"]:
@@ -190,13 +204,14 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     cells = group(found.results)
     seeds = max(len(c.runs) for c in cells)
-    pairings = paired.pairings(cells, found.baseline)
+    pairings = found.pairings()
     files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md", "paired": out / "paired.csv"}
     write_csv(found.results, files["csv"])
     paired.write_csv(cells, pairings, files["paired"])
     clients = client_table(cells)
     files["markdown"].write_text(
-        "".join(
+        _stopping_text(found)
+        + "".join(
             f"## Paired differences against {p.title}\n\n" + paired.markdown(cells, p, found.target) + "\n"
             for p in pairings
         )
@@ -222,6 +237,22 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
     files["html"] = out / "report.html"
     files["html"].write_text(_html(found, cells, pairings, files, seeds, command), encoding="utf-8")
     return files
+
+
+def _stopping_text(found: Collected) -> str:
+    """With ``compare.stop``: how many seeds ran and why the comparison stopped (or goes on)."""
+    if not found.stopping:
+        return ""
+    seeds = found.stopping.get("seeds", [])
+    undecided = found.stopping.get("undecided", [])
+    going = found.stopping.get("next_seed") is not None
+    text = (
+        f"Seeds added until the answer was clear: {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
+        + ("going on: " if going else "stopped: ")
+        + str(found.stopping.get("reason", ""))
+        + ("." if not undecided else f" (undecided: {'; '.join(undecided)}).")
+    )
+    return text + "\n\n"
 
 
 def _plots(
@@ -286,6 +317,8 @@ def _html(
         )
         for i, p in enumerate(pairings)
     ]
+    if found.stopping:
+        sections.insert(0, ("Seeds until the answer was clear", html.legend(_stopping_text(found).strip())))
     sections += [
         ("Per cell", html.table(*table(cells, found.target)) + html.legend(legend(cells, found.target))),
         *(
