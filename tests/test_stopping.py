@@ -89,7 +89,7 @@ def test_bad_stop_rules_are_refused(stop: Any, message: str) -> None:
 
 
 def test_a_listed_tuning_with_stop_needs_tuning_seeds() -> None:
-    with pytest.raises(ConfigError, match="needs compare.tune_seeds"):
+    with pytest.raises(ConfigError, match=r"needs compare\.tune_seeds"):
         grid(tune={"train.lr": [1e-3, 1e-2]}, set=["federation.fraction_evaluate=0.5"])
 
 

@@ -60,18 +60,29 @@ def compare(
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         return
+    trials = session.search_budget(plan.grid, plan.extra)
+    chosen_later = plan.grid.all_tasks(plan.extra) if trials else []
     if dry_run:
+        if trials:
+            typer.echo(
+                f"a search per cell first: at most {len(trials)} trials in all at seed "
+                f"{plan.grid.tune_seeds[0]} (fewer run to the end: successive halving stops weak ones), "
+                f"then {len(chosen_later)} runs of each cell's chosen values at seeds "
+                + ", ".join(map(str, plan.grid.seeds))
+            )
         for task in plan.tasks:
             typer.echo(f"{'done' if task in plan.done else 'todo'}  {task.label:<40} seed {task.seed}")
         if plan.later:
             typer.echo(f"then {len(plan.later)} run(s) of each cell's chosen setting at the other seeds")
         return
     if estimate:
-        _print_estimate(plan.grid, [*plan.todo, *plan.later], len(plan.done), jobs)
+        _print_estimate(plan.grid, [*trials, *chosen_later, *plan.todo, *plan.later], len(plan.done), jobs)
         return
     # a grid (or --set) that names a Ray cluster runs there; otherwise the comparison brings its own
     shared = shared_ray and not plan.on_a_cluster
     grid, root = plan.grid, plan.root
+    if grid.search is not None:
+        plan = _search_with_progress(plan, len(trials), jobs=jobs, verbose=verbose, shared_ray=shared)
     prepare(grid, plan.tasks, root)
     _compare_with_progress(grid, plan.todo, plan.done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
     chosen: dict[str, Any] = {}
@@ -87,6 +98,30 @@ def compare(
         )
     if grid.stop is not None:
         _seeds_until_clear(plan, chosen, started, jobs=jobs, verbose=verbose, shared_ray=shared)
+
+
+def _search_with_progress(plan: Any, most: int, *, jobs: int, verbose: bool, shared_ray: bool) -> Any:
+    """Every cell's search (``compare.tune`` with ranges), then each cell's choice printed with its edge
+    flags; returns the comparison of the chosen values at every seed."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.compare import session
+
+    tuner = session.start_search(plan)
+    what = f"search of {len(plan.grid.cells)} cells, at most {most} trials"
+    _compare_with_progress(
+        plan.grid, tuner, [], plan.root, jobs=jobs, verbose=verbose, shared_ray=shared_ray, what=what,
+        total=most,
+    )  # fmt: skip
+    try:
+        plan, chosen = session.after_search(plan, tuner)
+    except ConfigError as exc:
+        fail(str(exc), code=1)
+    found = {c["cell"]: c for c in session.search_results(plan.root)}
+    for cell, setting in chosen.items():
+        edges = found.get(cell, {}).get("edges") or []
+        flag = f"  [on the edge: {'; '.join(edges)}]" if edges else ""
+        typer.echo(f"tuned {cell} -> {setting.label} (validation {100 * found[cell]['value']:.1f}%){flag}")
+    return plan
 
 
 def _seeds_until_clear(
@@ -174,7 +209,7 @@ def _seed_list(text: str) -> list[int]:
 
 def _compare_with_progress(
     grid: Any,
-    todo: list[Any],
+    todo: Any,
     done: list[Any],
     root: Path,
     *,
@@ -182,6 +217,7 @@ def _compare_with_progress(
     verbose: bool,
     shared_ray: bool,
     what: str = "",
+    total: int | None = None,
 ) -> None:
     """One phase of a comparison with a progress bar, a line per run that ends, and the report after."""
     # start-up: imported when the command runs, so `fedlora --help` stays fast
@@ -193,7 +229,7 @@ def _compare_with_progress(
     from fedlora.compare.runner import Event
 
     console = Console()
-    tally = session.Tally(total=len(todo) + len(done), completed=len(done))
+    tally = session.Tally(total=len(todo) + len(done) if total is None else total, completed=len(done))
     console.print(
         f"[bold]fedlora compare[/] {grid.name}: {what or session.shape(grid)} = "
         f"{tally.total} runs, {len(done)} already finished, {jobs} at a time -> {root}",
@@ -211,10 +247,12 @@ def _compare_with_progress(
             tally.count(event)
             if event.kind == "finished":
                 progress.advance(bar)
-                accuracy = 100 * session.final_accuracy(root, event.task)
                 console.print(
-                    f"[green]done[/] {name} in {event.seconds:.0f} s: final accuracy {accuracy:.1f}%"
+                    f"[green]done[/] {name} in {event.seconds:.0f} s: {session.outcome(root, event.task)}"
                 )
+            elif event.kind == "pruned":
+                progress.advance(bar)
+                console.print(f"[dim]pruned[/] {name} after {event.seconds:.0f} s (successive halving)")
             elif event.kind == "failed":
                 progress.advance(bar)
                 console.print(

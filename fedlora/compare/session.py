@@ -15,13 +15,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedlora.compare.grid import Grid, Setting, Task, load_grid
 from fedlora.compare.ray_head import RayHead, worker_ports
-from fedlora.compare.runner import Comparison, Event, choose_settings, execute, plan, prepare
+from fedlora.compare.runner import (
+    Comparison,
+    Event,
+    Source,
+    choose_settings,
+    comparable,
+    execute,
+    plan,
+    prepare,
+    resolved_config,
+)
 from fedlora.compare.seeds import Progress, progress
+from fedlora.compare.tuner import RESULTS as TUNING_RESULTS
+from fedlora.compare.tuner import Tuner
 from fedlora.core.config import ConfigError
-from fedlora.core.records.rundir import atomic_write, read_summary
+from fedlora.core.records.rundir import atomic_write, read_rounds, read_summary
+from fedlora.report.results import is_finished
+from fedlora.report.tuning import validation_accuracy
 from fedlora.report.writer import STOPPING, collect, write_report
 from fedlora.run.experiment import preflight
 
@@ -61,6 +76,8 @@ def plan_comparison(
     grid = load_grid(grid_file)
     if seeds is not None:
         grid = with_seeds(grid, seeds)
+    if grid.search is not None:  # the trials' extreme values and the seeds' runs, checked now
+        checked(grid.trial_checks(extra))
     tasks = checked(grid.tasks(extra))
     root = out or Path("runs") / grid.name
     if overwrite and root.exists():
@@ -74,9 +91,50 @@ def plan_comparison(
 
 
 def with_seeds(grid: Grid, seeds: list[int]) -> Grid:
-    """``grid`` run at ``seeds``; its tuning seeds become those of them it tuned on (or the first)."""
+    """``grid`` run at ``seeds``; its tuning seeds become those of them it tuned on (or the first); a
+    search keeps its tuning seed."""
+    if grid.search is not None:
+        return dataclasses.replace(grid, seeds=seeds)
     tune_seeds = [s for s in grid.tune_seeds if s in seeds] or seeds[:1]
     return dataclasses.replace(grid, seeds=seeds, tune_seeds=tune_seeds if grid.tune_seeds else [])
+
+
+def search_budget(grid: Grid, extra: list[str]) -> list[Task]:
+    """The most trials a search can run (every cell's budget of trials, none pruned), each at the first
+    extreme of the ranges: what ``--estimate`` and ``--dry-run`` count before the search starts."""
+    if grid.search is None:
+        return []
+    values = grid.search.extremes()[0]
+    return [grid.trial(c, n, values, extra) for c in grid.cells for n in range(grid.search.budget.trials)]
+
+
+def start_search(comparison: Plan) -> Tuner:
+    """The search of every cell (``compare.tune`` with ranges), resumed from ``tuning/journal.log``; the
+    manifest is written first (``fedlora report`` reads it)."""
+    prepare(comparison.grid, [], comparison.root)
+    return Tuner(comparison.grid, comparison.extra, comparison.root)
+
+
+def after_search(comparison: Plan, tuner: Tuner) -> tuple[Plan, dict[str, Setting]]:
+    """Once the search has ended: each cell's chosen values (written to ``tuning.json``), and the
+    comparison of the chosen values at every seed, checked. The best trial is that seed's run when it
+    ran at a compared seed with the same config (copied, not run again)."""
+    grid, root = comparison.grid, comparison.root
+    chosen = tuner.choices()
+    if missing := [c.label for c in grid.cells if c.label not in chosen]:
+        raise ConfigError(
+            f"no trial of {', '.join(missing)} finished (see {root / 'logs'}); the comparison cannot go on"
+        )
+    tasks = checked(grid.tasks(comparison.extra, chosen))
+    for task in tasks:
+        trial = root / "runs" / task.cell.slug / "tuning" / f"trial-{tuner.best[task.cell.label]}"
+        target = Comparison(root).run_dir(task)
+        reusable = task.seed == grid.tune_seeds[0] and is_finished(trial) and not target.exists()
+        if reusable and resolved_config(trial) == comparable(task.config):
+            shutil.copytree(trial, target, symlinks=True)
+    todo, done = plan(tasks, root)
+    prepare(grid, tasks, root)
+    return dataclasses.replace(comparison, tasks=tasks, todo=todo, done=done, later=[]), chosen
 
 
 def checked(tasks: list[Task]) -> list[Task]:
@@ -147,7 +205,7 @@ def shape(grid: Grid) -> str:
 
 
 def run_phase(
-    todo: list[Task],
+    todo: list[Task] | Source,
     root: Path,
     on_event: Callable[[Event], None],
     *,
@@ -164,7 +222,7 @@ def run_phase(
         addresses = None
         if shared_ray:
             started = time.monotonic()
-            addresses = start_heads(heads, root, min(jobs, len(todo)))
+            addresses = start_heads(heads, root, min(jobs, len(todo)) if isinstance(todo, list) else jobs)
             if heads and on_heads is not None:
                 on_heads(addresses, time.monotonic() - started)
         return execute(todo, root, on_event, jobs=jobs, verbose=verbose, ray_addresses=addresses)
@@ -196,12 +254,12 @@ class Tally:
     failed: list[str] = field(default_factory=list)
 
     def count(self, event: Event) -> None:
-        """Count a run that ended (finished or failed; an interrupted one will run again)."""
+        """Count a run that ended (finished, failed or pruned; an interrupted one will run again)."""
         if event.kind == "finished":
             self.durations.append(event.seconds)
         elif event.kind == "failed":
             self.failed.append(name(event.task))
-        if event.kind in ("finished", "failed"):
+        if event.kind in ("finished", "failed", "pruned"):
             self.completed += 1
 
     def minutes_left(self, jobs: int) -> int | None:
@@ -222,6 +280,22 @@ def name(task: Task) -> str:
 def final_accuracy(root: Path, task: Task) -> float:
     """A finished run's final test accuracy (a fraction)."""
     return float(read_summary(Comparison(root).run_dir(task))["final_eval_accuracy"])
+
+
+def outcome(root: Path, task: Task) -> str:
+    """What a finished run's progress line says: a trial's validation accuracy (what it is chosen on),
+    else the final test accuracy."""
+    run_dir = Comparison(root).run_dir(task)
+    if task.trial is not None:
+        value = validation_accuracy(read_rounds(run_dir))
+        return "no client validation" if value is None else f"validation accuracy {100 * value:.1f}%"
+    return f"final accuracy {100 * final_accuracy(root, task):.1f}%"
+
+
+def search_results(root: Path) -> list[dict[str, Any]]:
+    """``tuning.json``'s cells: chosen values, validation accuracy, edge flags, every trial."""
+    path = root / TUNING_RESULTS
+    return list(json.loads(path.read_text(encoding="utf-8"))["cells"]) if path.is_file() else []
 
 
 def write_comparison_report(root: Path, command: str) -> dict[str, Path] | None:

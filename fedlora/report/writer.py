@@ -54,6 +54,8 @@ class Collected:
     """Per tuned cell (``compare.tune``): every setting's validation scores and the chosen one."""
     rule: sequential.Rule | None = None
     """``compare.stop``'s decision rule: intervals are then confidence sequences."""
+    searches: list[dict[str, Any]] = field(default_factory=list)
+    """``tuning.json``'s cells (``compare.tune`` with ranges): chosen values, trials, edge flags."""
     stopping: dict[str, Any] = field(default_factory=dict)
     """``stopping.json``: the seeds run and why the comparison stopped (empty without ``compare.stop``)."""
 
@@ -118,6 +120,7 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
         found.rule = sequential.Rule(float(manifest["stop"]["smallest_effect"]))
         if (path / STOPPING).is_file():
             found.stopping = json.loads((path / STOPPING).read_text(encoding="utf-8"))
+    searched = _add_searches(found, path) if manifest.get("search") else {}
     if found.baseline is None and manifest.get("baseline"):
         found.baseline = manifest["baseline"]
     for cell in manifest["cells"]:
@@ -127,12 +130,22 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
         for seed in manifest["seeds"]:
             run_dir = path / "runs" / cell["slug"] / f"seed-{seed}"
             if is_finished(run_dir):
-                found.results.append(
-                    load_run(run_dir, cell=cell["label"], levels=cell["levels"], target=found.target)
-                )
+                result = load_run(run_dir, cell=cell["label"], levels=cell["levels"], target=found.target)
+                found.results.append(dataclasses.replace(result, tuned=searched.get(cell["label"], "")))
             else:
                 found.unfinished.append(run_dir)
     return str(manifest["name"])
+
+
+def _add_searches(found: Collected, path: Path) -> dict[str, str]:
+    """A search's ``tuning.json`` (when the search has ended): its cells into ``found``; returns each
+    cell's chosen values as a label."""
+    results = path / "tuning.json"
+    if not results.is_file():
+        return {}
+    cells = json.loads(results.read_text(encoding="utf-8"))["cells"]
+    found.searches.extend(cells)
+    return {c["cell"]: c["label"] for c in cells if c.get("label")}
 
 
 def _add_tuned(found: Collected, path: Path, cell: dict[str, Any], manifest: dict[str, Any]) -> None:
@@ -221,6 +234,15 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
             ""
             if clients is None
             else "\n## Per client\n\n" + _markdown_table(*clients) + "\n" + client_legend() + "\n"
+        )
+        + (
+            "\n## Tuning (searched on validation)\n\n"
+            + _markdown_table(*tuning.search_table(found.searches))
+            + "\n"
+            + tuning.search_legend()
+            + "\n"
+            if found.searches
+            else ""
         )
         + (
             "\n## Tuning (chosen on validation)\n\n"
@@ -329,6 +351,17 @@ def _html(
                 )
             ]
             if found.tunings
+            else []
+        ),
+        *(
+            [
+                (
+                    "Tuning (searched on validation)",
+                    html.table(*tuning.search_table(found.searches), text_columns=(1, 4, 5))
+                    + html.legend(tuning.search_legend()),
+                )
+            ]
+            if found.searches
             else []
         ),
         (
