@@ -289,6 +289,9 @@ def outcome(root: Path, task: Task) -> str:
     if task.trial is not None:
         value = validation_accuracy(read_rounds(run_dir))
         return "no client validation" if value is None else f"validation accuracy {100 * value:.1f}%"
+    summary = read_summary(run_dir)
+    if summary.get("accuracy_of") == "personalised":
+        return f"final personalised accuracy {100 * float(summary['final_accuracy']):.1f}%"
     return f"final accuracy {100 * final_accuracy(root, task):.1f}%"
 
 

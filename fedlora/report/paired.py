@@ -116,10 +116,12 @@ class Paired:
     interval: Interval | None
     rule: sequential.Rule | None = None
     """The stopping rule when seeds were added until the answer was clear (confidence sequence)."""
+    note: str = ""
+    """Why there is no comparison on this metric (a personalised accuracy against a test accuracy)."""
 
     @property
     def verdict(self) -> str:
-        return verdict(self.interval, rule=self.rule)
+        return self.note or verdict(self.interval, rule=self.rule)
 
     @property
     def decided(self) -> bool:
@@ -141,6 +143,9 @@ def pair(cell: CellStats, baseline: CellStats, metric: str, rule: sequential.Rul
     """The paired differences of ``metric`` between ``cell`` and ``baseline`` on their shared seeds
     (with a stopping ``rule``: in seed order, with the confidence sequence's interval)."""
     mine, theirs = by_seed(cell.runs), by_seed(baseline.runs)
+    if metric != CLIENT_METRIC[0] and personalised(cell) != personalised(baseline):
+        note = "personalised against global accuracy: compare client acc."
+        return Paired(cell.label, baseline.label, metric, [], [], len(mine), len(theirs), None, rule, note)
     seeds = sorted(set(mine) & set(theirs))
     seeds = [
         s for s in seeds if getattr(mine[s], metric) is not None and getattr(theirs[s], metric) is not None
