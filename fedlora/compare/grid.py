@@ -13,6 +13,8 @@ A grid file has one ``[compare]`` table::
     set = ["federation.rounds=6"]        # overrides applied to every cell
     tune = { "train.lr" = [1e-4, 1e-3] } # optional: every cell runs each setting, chosen on validation
     tune_seeds = [0]                     # optional: tune on these seeds only; the rest run the chosen one
+                                         # (or ranges, searched per cell: fedlora.compare.search)
+    stop = { max_seeds = 10, smallest_effect = 0.01 }  # optional: seeds until clear (compare.seeds)
 
     [[compare.axes]]                     # one config key, one level per value
     key = "strategy.name"
@@ -21,6 +23,10 @@ A grid file has one ``[compare]`` table::
     [[compare.axes]]                     # named levels, each a list of overrides
     name = "privacy"
     levels = { "no DP" = [], "eps 3" = ["privacy.mode='dp-sgd'", "privacy.target_epsilon=3"] }
+
+    [[compare.axes]]                     # the base model: folders (a level is the folder's name), or
+    key = "model.path"                   # named levels setting model.path and lora.targets together
+    values = ["/models/minilm", "/models/smollm2"]
 
 Cells are the Cartesian product of the axes' levels, in file order; every cell resolves (and is
 validated) before anything runs, so an impossible combination fails first.
@@ -384,7 +390,7 @@ def _parse_axis(data: Any, index: int) -> Axis:
         if key == "seed":
             raise ConfigError(f"{where} varies 'seed'; list seeds in compare.seeds instead")
         label = str(data.get("name", axis_name(key)))
-        levels = {level_label(label, v): [f"{key}={toml_literal(v)}"] for v in values}
+        levels = {level_label(label, v, key): [f"{key}={toml_literal(v)}"] for v in values}
         if len(levels) != len(values):
             raise ConfigError(f"{where}.values repeats a value; list each once")
         return Axis(label, levels)

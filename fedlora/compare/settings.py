@@ -8,6 +8,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Any
 
 from fedlora.core.config import ConfigError
@@ -104,8 +105,15 @@ def toml_literal(value: Any) -> str:
     raise ConfigError(f"grid value {value!r} is not supported: use a string, number, boolean or list")
 
 
-def level_label(axis: str, value: Any) -> str:
-    """Strings label themselves (``fedit``); other values carry the axis name (``alpha=0.1``)."""
+FOLDER_KEYS = {"model.path": "model"}
+"""Keys whose values are folders: the axis takes the section's name, a level the folder's name."""
+
+
+def level_label(axis: str, value: Any, key: str = "") -> str:
+    """Strings label themselves (``fedit``); a folder its name (``model.path``: ``/models/tiny-bert`` ->
+    ``tiny-bert``); other values carry the axis name (``alpha=0.1``)."""
+    if isinstance(value, str) and key in FOLDER_KEYS:
+        return PurePath(value.rstrip("/")).name or value
     if isinstance(value, str):
         return value
     text = ",".join(map(str, value)) if isinstance(value, list) else str(value).lower()
@@ -113,7 +121,9 @@ def level_label(axis: str, value: Any) -> str:
 
 
 def axis_name(key: str) -> str:
-    """``strategy.name`` -> ``strategy``; ``data.alpha`` -> ``alpha``."""
+    """``strategy.name`` -> ``strategy``; ``model.path`` -> ``model``; ``data.alpha`` -> ``alpha``."""
+    if key in FOLDER_KEYS:
+        return FOLDER_KEYS[key]
     parts = key.split(".")
     return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
