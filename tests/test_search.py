@@ -211,3 +211,40 @@ def test_edges_flag_the_most_extreme_value_tried() -> None:
     assert "low edge" in search.edges({"train.lr": 0.002}, tried)[0]
     assert "high edge" in search.edges({"train.lr": 0.2}, tried)[0]
     assert json.dumps(search.manifest())  # written to comparison.json
+
+
+def test_a_range_with_when_is_searched_only_in_the_cells_it_names() -> None:
+    g = parse_grid(
+        {
+            "experiment": "quickstart.toml",
+            "set": ["federation.fraction_evaluate=0.5"],
+            "tune": {
+                "train.lr": {"low": 1e-3, "high": 0.3, "log": True},
+                "privacy.clip_norm": {
+                    "low": 0.1,
+                    "high": 10.0,
+                    "log": True,
+                    "when": {"privacy.mode": "dp-sgd"},
+                },
+            },
+            "axes": [
+                {
+                    "name": "privacy",
+                    "levels": {"no DP": [], "eps 3": ["privacy.mode='dp-sgd'", "privacy.target_epsilon=3.0"]},
+                }
+            ],
+        },
+        base_dir=SIMS,
+    )
+    plain, private = g.cells
+    assert g.search_of(plain).keys == ["train.lr"]
+    assert g.search_of(private).keys == ["train.lr", "privacy.clip_norm"]
+    checks = {(t.cell.label, t.setting.label) for t in g.trial_checks() if t.setting}
+    assert checks == {
+        ("no DP", "lr=0.001"),
+        ("no DP", "lr=0.3"),
+        ("eps 3", "lr=0.001, clip_norm=0.1"),
+        ("eps 3", "lr=0.3, clip_norm=10"),
+    }
+    with pytest.raises(ConfigError, match="when"):
+        grid(tune={"train.lr": {"low": 1e-3, "high": 0.1, "when": ["dp"]}})

@@ -222,8 +222,9 @@ class Grid:
         """:meth:`tasks` with every cell's first setting standing in for the choice not yet made: the runs
         a whole comparison makes (to check and count them before anything runs)."""
         if self.search is not None:
-            first = self.searched(self.search.extremes()[0])
-            return self.tasks(extra, {c.label: first for c in self.cells})
+            return self.tasks(
+                extra, {c.label: self.searched(self.search_of(c).extremes()[0]) for c in self.cells}
+            )
         stand_in = {c.label: self.settings[0] for c in self.cells} if self.tune_seeds else None
         return self.tasks(extra, stand_in)
 
@@ -231,8 +232,14 @@ class Grid:
         """The setting of a search's ``values`` (key -> value); its runs have no folder of their own."""
         if self.search is None:
             raise ValueError("searched() needs compare.tune with a range")
-        overrides = [f"{k}={toml_literal(values[k])}" for k in self.search.keys]
+        overrides = [f"{k}={toml_literal(values[k])}" for k in self.search.keys if k in values]
         return Setting(self.search.label(values), overrides, folder=False)
+
+    def search_of(self, cell: Cell) -> Search:
+        """``cell``'s search: the parameters that apply to it (a range's ``when``)."""
+        if self.search is None:
+            raise ValueError("search_of() needs compare.tune with a range")
+        return self.search.of(self._task(cell, self.tune_seeds[0], None, None).config.to_dict())
 
     def trial(self, cell: Cell, number: int, values: dict[str, Any], extra: list[str] | None = None) -> Task:
         """Trial ``number`` of ``cell``'s search: its ``values`` at the tuning seed, evaluated every round
@@ -245,8 +252,11 @@ class Grid:
         """A trial of every cell at each of the search's extreme values: checked before anything runs."""
         if self.search is None:
             return []
-        extremes = self.search.extremes()
-        return [self.trial(c, -1 - i, v, extra) for c in self.cells for i, v in enumerate(extremes)]
+        return [
+            self.trial(c, -1 - i, v, extra)
+            for c in self.cells
+            for i, v in enumerate(self.search_of(c).extremes())
+        ]
 
     def _task(self, cell: Cell, seed: int, setting: Setting | None, extra: list[str] | None) -> Task:
         tuned = setting.overrides if setting else []

@@ -7,13 +7,15 @@
     tune_budget = { trials = 8, minutes = 20, reduction_factor = 3, min_rounds = 1 }
     tune_seeds = [100]                     # the one seed trials run at (default: the first of compare.seeds)
 
-A table ``{ low, high, log = false, integer = false }`` is a range; a list next to a range is a choice
-between its values. Each cell gets its own search (:mod:`fedlora.compare.tuner`): trials drawn
-quasi-randomly over the ranges (log-uniformly where ``log``), each a run at the tuning seed, stopped early
-by successive halving on the clients' validation accuracy of the rounds they have evaluated (rungs are
-rounds: ``min_rounds`` x ``reduction_factor``^k), at most ``trials`` trials and no new one after
-``minutes``. The best finished trial's values are the cell's choice; a value with no trial beyond it
-towards the end of its range is flagged "on the edge: widen the range".
+A table ``{ low, high, log = false, integer = false, when = {} }`` is a range (``when``: only in cells
+whose config has those values, e.g. ``{ "privacy.mode" = "dp-sgd" }`` for the clipping norm); a list
+next to a range is a choice between its values. Each cell gets its own search
+(:mod:`fedlora.compare.tuner`): trials drawn quasi-randomly over the ranges (log-uniformly where
+``log``), each a run at the tuning seed, stopped early by successive halving on the clients'
+validation accuracy of the rounds they have evaluated (rungs are rounds: ``min_rounds`` x
+``reduction_factor``^k), at most ``trials`` trials and no new one after ``minutes``. The best finished
+trial's values are the cell's choice; a value with no trial beyond it towards the end of its range is
+flagged "on the edge: widen the range".
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from fedlora.core.config import ConfigError
 
-RANGE_KEYS = {"low", "high", "log", "integer"}
+RANGE_KEYS = {"low", "high", "log", "integer", "when"}
 BUDGET_KEYS = {"trials", "minutes", "reduction_factor", "min_rounds"}
 
 
@@ -37,6 +39,12 @@ class Range:
     high: float
     log: bool = False
     integer: bool = False
+    when: dict[str, Any] = field(default_factory=dict)
+    """Only in cells whose config has these values (e.g. ``{ "privacy.mode" = "dp-sgd" }``)."""
+
+    def applies(self, config: dict[str, Any]) -> bool:
+        """Whether the cell with this resolved ``config`` (nested dict) searches this range."""
+        return all(_lookup(config, key) == value for key, value in self.when.items())
 
     def text(self) -> str:
         """``[0.001, 0.3] (log)``."""
@@ -49,6 +57,10 @@ class Choice:
 
     key: str
     values: list[Any]
+
+    def applies(self, config: dict[str, Any]) -> bool:
+        """A listed choice applies to every cell."""
+        return True
 
     def text(self) -> str:
         """``{a, b}``."""
@@ -77,8 +89,12 @@ class Search:
         return [p.key for p in self.params]
 
     def label(self, values: dict[str, Any]) -> str:
-        """``lr=0.0123, clip_norm=1.5`` (3 significant digits)."""
-        return ", ".join(f"{_short(k)}={_show(values[k])}" for k in self.keys)
+        """``lr=0.0123, clip_norm=1.5`` (3 significant digits; the keys of ``values``, in search order)."""
+        return ", ".join(f"{_short(k)}={_show(values[k])}" for k in self.keys if k in values)
+
+    def of(self, config: dict[str, Any]) -> Search:
+        """The search of a cell with this resolved ``config``: the parameters that apply to it."""
+        return Search([p for p in self.params if p.applies(config)], self.budget)
 
     def extremes(self) -> list[dict[str, Any]]:
         """Values to check before anything runs: every range at its low end, then at its high end, with
@@ -101,7 +117,7 @@ class Search:
         beyond, so the report says to widen the range there."""
         flags = []
         for p in self.params:
-            if not isinstance(p, Range):
+            if not isinstance(p, Range) or p.key not in chosen:
                 continue
             value = chosen[p.key]
             values = [t[p.key] for t in tried if p.key in t]
@@ -165,7 +181,13 @@ def _parse_range(key: str, data: dict[str, Any]) -> Range:
         raise ConfigError(f"{where}.low = {low!r} is invalid with log = true: expected a number > 0")
     if integer and not (float(low).is_integer() and float(high).is_integer()):  # type: ignore[arg-type]
         raise ConfigError(f"{where}: integer = true needs whole numbers for low and high")
-    return Range(key, float(low), float(high), log, integer)  # type: ignore[arg-type]
+    when = data.get("when", {})
+    if not isinstance(when, dict) or not all(isinstance(v, (str, int, float, bool)) for v in when.values()):
+        raise ConfigError(
+            f"{where}.when = {when!r} is invalid: expected a table of config keys and values, "
+            'e.g. { "privacy.mode" = "dp-sgd" }'
+        )
+    return Range(key, float(low), float(high), log, integer, dict(when))  # type: ignore[arg-type]
 
 
 def _parse_budget(data: Any) -> Budget:
@@ -199,6 +221,14 @@ def _parse_budget(data: Any) -> Budget:
         if not ok:
             raise ConfigError(f"compare.tune_budget.{name} = {data[name]!r} is invalid: expected {expected}")
     return budget
+
+
+def _lookup(config: dict[str, Any], key: str) -> Any:
+    """The value of a dotted ``key`` in a nested config dict (None when absent)."""
+    found: Any = config
+    for part in key.split("."):
+        found = found.get(part) if isinstance(found, dict) else None
+    return found
 
 
 def _short(key: str) -> str:

@@ -104,8 +104,11 @@ def search_budget(grid: Grid, extra: list[str]) -> list[Task]:
     extreme of the ranges: what ``--estimate`` and ``--dry-run`` count before the search starts."""
     if grid.search is None:
         return []
-    values = grid.search.extremes()[0]
-    return [grid.trial(c, n, values, extra) for c in grid.cells for n in range(grid.search.budget.trials)]
+    return [
+        grid.trial(c, n, grid.search_of(c).extremes()[0], extra)
+        for c in grid.cells
+        for n in range(grid.search.budget.trials)
+    ]
 
 
 def start_search(comparison: Plan) -> Tuner:

@@ -75,7 +75,7 @@ class Tuner:
         if grid.search is None:
             raise ValueError("a Tuner needs compare.tune with a range")
         self.grid, self.extra, self.root, self.search = grid, extra, root, grid.search
-        self.distributions = distributions(grid.search)
+        self.searches = {cell.label: grid.search_of(cell) for cell in grid.cells}
         (root / JOURNAL).parent.mkdir(parents=True, exist_ok=True)
         storage = JournalStorage(JournalFileBackend(str(root / JOURNAL)))
         self.studies = {cell.label: self._study(cell, storage) for cell in grid.cells}
@@ -134,7 +134,7 @@ class Tuner:
             return self._written(self.pending.pop(0))
         for cell in self.grid.cells:
             if self._budget_left(cell):
-                trial = self.studies[cell.label].ask(self.distributions)
+                trial = self.studies[cell.label].ask(distributions(self.searches[cell.label]))
                 task = self.grid.trial(cell, trial.number, trial.params, self.extra)
                 self.live[task.key] = Live(cell, trial)
                 return self._written(task)
@@ -210,14 +210,15 @@ class Tuner:
 
     def _cell_report(self, cell: Cell, trials: list[Any], best: Any) -> dict[str, Any]:
         tried = [t.params for t in trials if t.params]
+        search = self.searches[cell.label]
         return {
             "cell": cell.label,
-            "ranges": {p.key: p.text() for p in self.search.params},
+            "ranges": {p.key: p.text() for p in search.params},
             "chosen": None if best is None else best.params,
-            "label": None if best is None else self.search.label(best.params),
+            "label": None if best is None else search.label(best.params),
             "value": None if best is None else best.value,
             "trial": None if best is None else best.number,
-            "edges": [] if best is None else self.search.edges(best.params, tried),
+            "edges": [] if best is None else search.edges(best.params, tried),
             "trials": [
                 {
                     "number": t.number,
