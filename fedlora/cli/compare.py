@@ -187,6 +187,15 @@ def _print_estimate(grid: Any, todo: list[Any], done: int, jobs: int) -> None:
             f"{' / '.join(key):<28} {runs:>5} {cal.overhead_s:>11.1f} {cal.train_s:>14.1f} "
             f"{cal.eval_s:>12.1f} {minutes:>13.1f}"
         )
+    if grid.stop is not None:
+        first = [t for t in todo if t.trial is None and t.seed == grid.seeds[0]]
+        per_seed = sum(result.seconds[t.key] for t in first) / max(1, jobs) / 60
+        more = grid.stop.max_seeds - len(grid.seeds)
+        typer.echo(
+            f"\nthen, until every comparison is decided: about {per_seed:.0f} min per added seed, at most "
+            f"{more} more seeds ({more * per_seed:.0f} min)"
+            + (f", and no seed past {grid.stop.max_minutes:g} min in all" if grid.stop.max_minutes else "")
+        )
     typer.echo(
         f"\n{grid.name}: {len(todo)} runs to do ({done} finished), {jobs} at a time: expected about "
         f"{result.total_s / 60:.0f} min of wall time (calibration took {time.monotonic() - started:.0f} s; "
@@ -222,6 +231,7 @@ def _compare_with_progress(
     """One phase of a comparison with a progress bar, a line per run that ends, and the report after."""
     # start-up: imported when the command runs, so `fedlora --help` stays fast
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedlora.compare import session
@@ -240,7 +250,7 @@ def _compare_with_progress(
         bar = progress.add_task("runs", total=tally.total, completed=len(done), left="")
 
         def on_event(event: Event) -> None:
-            name = session.name(event.task)
+            name = escape(session.name(event.task))  # a tuned run's label has [brackets]
             if event.kind == "started":
                 progress.update(bar, description=f"running {name}")
                 return

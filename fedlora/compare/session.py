@@ -77,7 +77,7 @@ def plan_comparison(
     if seeds is not None:
         grid = with_seeds(grid, seeds)
     if grid.search is not None:  # the trials' extreme values and the seeds' runs, checked now
-        checked(grid.trial_checks(extra))
+        checked([*grid.trial_checks(extra), *grid.all_tasks(extra)])
     tasks = checked(grid.tasks(extra))
     root = out or Path("runs") / grid.name
     if overwrite and root.exists():
@@ -153,7 +153,7 @@ def checked(tasks: list[Task]) -> list[Task]:
 def after_tuning(grid: Grid, extra: list[str], tasks: list[Task], root: Path) -> list[Task]:
     """With ``compare.tune_seeds``: the runs still to do after tuning (each cell's chosen setting at the
     other seeds), all checked now; until the tuning runs finish, each cell's first setting stands in."""
-    if not grid.tune_seeds:
+    if not grid.tune_seeds or grid.search is not None:  # a search's later runs: search_budget, all_tasks
         return []
     chosen = choose_settings(grid, tasks, root)
     if len(chosen) == len(grid.cells):
