@@ -137,3 +137,17 @@ def test_the_report_says_why_the_comparison_stopped(tmp_path: Path) -> None:
     text = write_report(collect([root]), root)["markdown"].read_text()
     assert "stopped: max_seeds = 3 (undecided: ffa-lora vs fedit)" in text
     assert "undecided at 3 seeds" in text
+
+
+def test_a_personalised_cell_without_client_accuracy_on_the_baseline_adds_no_seeds(tmp_path: Path) -> None:
+    """Its personalised accuracy cannot be paired with the baseline's test accuracy: not a comparison
+    the rule waits for."""
+    root = comparison(tmp_path, [0.02, -0.01, 0.03])
+    for seed in range(3):
+        summary = root / "runs" / "ffa-lora" / f"seed-{seed}" / "summary.json"
+        data = json.loads(summary.read_text())
+        summary.write_text(json.dumps({**data, "accuracy_of": "personalised", "final_accuracy": 0.7}))
+    step = progress(collect([root]), grid().stop, [0, 1, 2], elapsed_s=0.0, seed_s=1.0)
+    assert step.total == 0 and step.next_seed is None
+    text = write_report(collect([root]), root)["markdown"].read_text()
+    assert "personalised against global accuracy: compare client acc." in text

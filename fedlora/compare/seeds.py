@@ -113,6 +113,7 @@ def progress(
     cells = group(found.results)
     pairs = [p for pairing in paired.pairings(cells, found.baseline, stop.rule) for p in pairing.pairs()]
     results = [paired.pair(c, b, paired.headline_metric(c, b), stop.rule) for c, b in pairs]
+    results = [p for p in results if not p.note]  # not comparable (personalised against test accuracy)
     undecided = [p for p in results if not p.decided]
     following = max(seeds) + 1
     if not undecided:
