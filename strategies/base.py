@@ -73,6 +73,11 @@ class LoraStrategy(Strategy):
     name: ClassVar[str] = ""
     description: ClassVar[str] = "FedAvg of every adapter and head tensor"
     Options: ClassVar[type[Any]] = NoOptions
+    keeps_client_state: ClassVar[bool] = False
+    """True when clients keep part of their model between rounds (:attr:`ClientPlan.keep_local`): each
+    client's model is then its own, so its clients evaluate every round by default and the run is judged by
+    their personalised accuracy (``personalised_accuracy`` in ``rounds.jsonl``); the server's test accuracy
+    is the shared part only."""
     linear_aggregate: ClassVar[bool] = True
     """True when the aggregate is sum_k p_k * x_k for every array x that travels (dp-updates needs it).
     A subclass that overrides :meth:`aggregate` is taken as non-linear unless it declares True."""
@@ -319,12 +324,13 @@ class LoraStrategy(Strategy):
         def mean(key: str) -> float:
             return math.fsum(pk * float(m[key]) for pk, m in zip(p, rows, strict=True))  # type: ignore[arg-type]
 
-        return MetricRecord(
-            {
-                "client_eval_loss": mean(protocol.EVAL_LOSS),
-                "client_eval_accuracy": mean(protocol.EVAL_ACCURACY),
-            }
-        )
+        scores: dict[str, int | float] = {
+            "client_eval_loss": mean(protocol.EVAL_LOSS),
+            "client_eval_accuracy": mean(protocol.EVAL_ACCURACY),
+        }
+        if self.keeps_client_state:  # the clients' own models: the run's headline accuracy
+            scores["personalised_accuracy"] = scores["client_eval_accuracy"]
+        return MetricRecord(scores)  # type: ignore[arg-type]
 
     def _client_row(self, server_round: int, phase: str, reply: Message, status: str, why: str = "") -> None:
         """Note what one client's reply said and what became of it (``clients.jsonl``)."""

@@ -6,7 +6,8 @@ official code (``local_head = false`` shares and averages the head too). The ser
 changes a client's B. The global model the server evaluates therefore has B at its initial value
 (zero), and with a local head the initial head too: it shows the shared part only. FedSA-LoRA is
 judged by personalised accuracy: global A with the client's own B and head on its own validation split
-(client-side evaluation, ``federation.fraction_evaluate`` > 0).
+(``keeps_client_state``: its clients evaluate every round unless ``federation.fraction_evaluate`` says
+otherwise, and that accuracy is the run's headline).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class FedSaLora(LoraStrategy):
 
     description = "share and average A; each client keeps its own B and head in its node state"
     Options = FedSaOptions
+    keeps_client_state = True
 
     def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
         local = {"lora_B", "head"} if self.options.local_head else {"lora_B"}

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import strategies
-from fedlora.core.config import ConfigError, ExperimentConfig
+from fedlora.core.config import AUTO, ConfigError, ExperimentConfig
 from fedlora.core.typed_toml import coerce
 from fedlora.privacy.mechanisms import registry as mechanisms
 
@@ -98,12 +98,24 @@ def dp_modes(name: str) -> list[str]:
     return [m for m in privacy_modes(name) if m in private]
 
 
+def resolve_evaluation(cfg: ExperimentConfig) -> None:
+    """``federation.fraction_evaluate = -1`` (the default) becomes the strategy's choice: every client
+    evaluates every evaluated round when the strategy keeps state on its clients (its model is then the
+    client's own: judged by personalised accuracy), none otherwise; none without validation splits."""
+    fed = cfg.federation
+    if fed.fraction_evaluate != AUTO:
+        return
+    personal = get(cfg.strategy.name).keeps_client_state and cfg.data.val_fraction > 0
+    fed.fraction_evaluate = 1.0 if personal else 0.0
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check the privacy settings (:func:`fedlora.privacy.mechanisms.registry.validate`), the strategy's
     name, its options (filled with defaults), its own rules (:meth:`strategies.base.LoraStrategy.check`)
     and whether the privacy mode can protect it."""
     mechanisms.validate(cfg)
     cfg.strategy.options = validate_options(cfg.strategy.name, cfg.strategy.options)
+    resolve_evaluation(cfg)
     get(cfg.strategy.name).check(cfg)
     if cfg.privacy.mode not in privacy_modes(cfg.strategy.name):
         others = dp_modes(cfg.strategy.name)

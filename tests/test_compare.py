@@ -135,7 +135,7 @@ def test_the_shipped_grids_resolve() -> None:
     assert {"compare_strategies.toml", "paper_ffa_dp.toml", "cross_device_dp.toml"} <= {p.name for p in grids}
     for path in grids:
         grid = load_grid(path)
-        tasks = grid.tasks()
+        tasks = grid.all_tasks()  # a search's cells run once it has chosen: stand-ins until then
         assert {t.cell.label for t in tasks} == {c.label for c in grid.cells} and len(grid.cells) >= 4, (
             path.name
         )

@@ -231,19 +231,24 @@ def test_tuning_on_some_seeds_chooses_on_those_and_reports_the_chosen_at_every_s
     }
 
 
-def test_the_paper_suites_resolve_with_five_seeds_and_tune_lr_for_ffa() -> None:
+def test_the_paper_suites_search_each_cell_and_add_seeds_until_clear() -> None:
+    """Both suites search each method's learning rate on validation (and, under DP, its clipping norm),
+    at a seed they are not compared on, and add seeds until every comparison is decided."""
     from fedlora.compare.grid import load_grid
 
     ffa = load_grid(SIMS / "paper_ffa_dp.toml")
-    assert len(ffa.seeds) >= 5 and [s.overrides[0].split("=")[0] for s in ffa.settings] == ["train.lr"] * 2
+    assert ffa.search is not None and ffa.tune_seeds == [100] and 100 not in ffa.seeds
+    assert ffa.stop is not None and ffa.stop.max_seeds >= 5 and ffa.stop.max_minutes == 120
     labels = [c.label for c in ffa.cells]
     assert {"fedit · no DP", "ffa-lora · ε=1", "ffa-lora · ε=3", "ffa-lora · ε=6"} <= set(labels)
-    assert {"fedsvd · ε=1", "rolora · no DP"} <= set(labels) and ffa.tune_seeds == [0]
-    assert all(t.config.train.batch_size == 32 and t.seed == 0 for t in ffa.tasks())
-    assert len(ffa.all_tasks()) == 16 * 2 + 16 * 4
+    assert {"fedsvd · ε=1", "rolora · no DP"} <= set(labels)
+    by_label = {c.label: c for c in ffa.cells}
+    assert ffa.search_of(by_label["ffa-lora · ε=1"]).keys == ["train.lr", "privacy.clip_norm"]
+    assert ffa.search_of(by_label["ffa-lora · no DP"]).keys == ["train.lr"]
+    assert all(t.config.train.batch_size == 32 for t in ffa.all_tasks())
     fair = load_grid(SIMS / "paper_fair_skew.toml")
-    assert len(fair.seeds) >= 5
-    tasks = fair.tasks()
+    assert fair.search is not None and fair.search.keys == ["train.lr"] and fair.stop is not None
+    tasks = fair.all_tasks()
     assert {t.config.strategy.name for t in tasks} == {"fedit", "lora-fair", "fedex-lora"}
-    assert {(t.config.data.partitioner, t.config.data.alpha) for t in tasks} >= {("dirichlet", 0.1)}
+    assert {(t.config.data.partitioner, t.config.data.alpha) for t in tasks} >= {("dirichlet", 0.5)}
     assert "natural" in {t.config.data.partitioner for t in tasks}

@@ -51,6 +51,7 @@ def compare(
     from fedlora.compare import session
     from fedlora.compare.runner import prepare
 
+    started = time.monotonic()
     try:
         chosen_seeds = _seed_list(seeds) if seeds is not None else None
         plan = session.plan_comparison(
@@ -59,20 +60,32 @@ def compare(
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
         return
+    trials = session.search_budget(plan.grid, plan.extra)
+    chosen_later = plan.grid.all_tasks(plan.extra) if trials else []
     if dry_run:
+        if trials:
+            typer.echo(
+                f"a search per cell first: at most {len(trials)} trials in all at seed "
+                f"{plan.grid.tune_seeds[0]} (fewer run to the end: successive halving stops weak ones), "
+                f"then {len(chosen_later)} runs of each cell's chosen values at seeds "
+                + ", ".join(map(str, plan.grid.seeds))
+            )
         for task in plan.tasks:
             typer.echo(f"{'done' if task in plan.done else 'todo'}  {task.label:<40} seed {task.seed}")
         if plan.later:
             typer.echo(f"then {len(plan.later)} run(s) of each cell's chosen setting at the other seeds")
         return
     if estimate:
-        _print_estimate(plan.grid, [*plan.todo, *plan.later], len(plan.done), jobs)
+        _print_estimate(plan.grid, [*trials, *chosen_later, *plan.todo, *plan.later], len(plan.done), jobs)
         return
     # a grid (or --set) that names a Ray cluster runs there; otherwise the comparison brings its own
     shared = shared_ray and not plan.on_a_cluster
     grid, root = plan.grid, plan.root
+    if grid.search is not None:
+        plan = _search_with_progress(plan, len(trials), jobs=jobs, verbose=verbose, shared_ray=shared)
     prepare(grid, plan.tasks, root)
     _compare_with_progress(grid, plan.todo, plan.done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
+    chosen: dict[str, Any] = {}
     if grid.tune_seeds:  # the tuning runs have finished (else the call above exits): the chosen ones next
         chosen, todo, done = session.tuned(plan)
         typer.echo(
@@ -83,6 +96,57 @@ def compare(
         _compare_with_progress(
             grid, todo, done, root, jobs=jobs, verbose=verbose, shared_ray=shared, what=what
         )
+    if grid.stop is not None:
+        _seeds_until_clear(plan, chosen, started, jobs=jobs, verbose=verbose, shared_ray=shared)
+
+
+def _search_with_progress(plan: Any, most: int, *, jobs: int, verbose: bool, shared_ray: bool) -> Any:
+    """Every cell's search (``compare.tune`` with ranges), then each cell's choice printed with its edge
+    flags; returns the comparison of the chosen values at every seed."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.compare import session
+
+    tuner = session.start_search(plan)
+    what = f"search of {len(plan.grid.cells)} cells, at most {most} trials"
+    _compare_with_progress(
+        plan.grid, tuner, [], plan.root, jobs=jobs, verbose=verbose, shared_ray=shared_ray, what=what,
+        total=most,
+    )  # fmt: skip
+    try:
+        plan, chosen = session.after_search(plan, tuner)
+    except ConfigError as exc:
+        fail(str(exc), code=1)
+    found = {c["cell"]: c for c in session.search_results(plan.root)}
+    for cell, setting in chosen.items():
+        edges = found.get(cell, {}).get("edges") or []
+        flag = f"  [on the edge: {'; '.join(edges)}]" if edges else ""
+        typer.echo(f"tuned {cell} -> {setting.label} (validation {100 * found[cell]['value']:.1f}%){flag}")
+    return plan
+
+
+def _seeds_until_clear(
+    plan: Any, chosen: dict[str, Any], started: float, *, jobs: int, verbose: bool, shared_ray: bool
+) -> None:
+    """``compare.stop``: one more seed in every cell while some comparison is undecided (and the rule's
+    seeds and minutes allow), each with its progress bar and report."""
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.compare import session
+
+    seeds = list(plan.grid.seeds)
+    while True:
+        found = session.seed_progress(plan, seeds, elapsed_s=time.monotonic() - started, jobs=jobs)
+        if found.next_seed is None:
+            typer.echo(f"stopped after {len(seeds)} seeds: {found.reason}")
+            session.write_comparison_report(plan.root, command=" ".join(["fedlora", *sys.argv[1:]]))
+            return
+        typer.echo(f"{found.reason}: adding seed {found.next_seed}")
+        seeds.append(found.next_seed)
+        plan, new = session.seed_phase(plan, chosen, seeds)
+        what = f"{len(new)} cells x seed {found.next_seed}"
+        _compare_with_progress(
+            plan.grid, plan.todo, plan.done, plan.root, jobs=jobs, verbose=verbose, shared_ray=shared_ray,
+            what=what,
+        )  # fmt: skip
 
 
 def _print_estimate(grid: Any, todo: list[Any], done: int, jobs: int) -> None:
@@ -123,6 +187,15 @@ def _print_estimate(grid: Any, todo: list[Any], done: int, jobs: int) -> None:
             f"{' / '.join(key):<28} {runs:>5} {cal.overhead_s:>11.1f} {cal.train_s:>14.1f} "
             f"{cal.eval_s:>12.1f} {minutes:>13.1f}"
         )
+    if grid.stop is not None:
+        first = [t for t in todo if t.trial is None and t.seed == grid.seeds[0]]
+        per_seed = sum(result.seconds[t.key] for t in first) / max(1, jobs) / 60
+        more = grid.stop.max_seeds - len(grid.seeds)
+        typer.echo(
+            f"\nthen, until every comparison is decided: about {per_seed:.0f} min per added seed, at most "
+            f"{more} more seeds ({more * per_seed:.0f} min)"
+            + (f", and no seed past {grid.stop.max_minutes:g} min in all" if grid.stop.max_minutes else "")
+        )
     typer.echo(
         f"\n{grid.name}: {len(todo)} runs to do ({done} finished), {jobs} at a time: expected about "
         f"{result.total_s / 60:.0f} min of wall time (calibration took {time.monotonic() - started:.0f} s; "
@@ -145,7 +218,7 @@ def _seed_list(text: str) -> list[int]:
 
 def _compare_with_progress(
     grid: Any,
-    todo: list[Any],
+    todo: Any,
     done: list[Any],
     root: Path,
     *,
@@ -153,10 +226,12 @@ def _compare_with_progress(
     verbose: bool,
     shared_ray: bool,
     what: str = "",
+    total: int | None = None,
 ) -> None:
     """One phase of a comparison with a progress bar, a line per run that ends, and the report after."""
     # start-up: imported when the command runs, so `fedlora --help` stays fast
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fedlora.compare import session
@@ -164,7 +239,7 @@ def _compare_with_progress(
     from fedlora.compare.runner import Event
 
     console = Console()
-    tally = session.Tally(total=len(todo) + len(done), completed=len(done))
+    tally = session.Tally(total=len(todo) + len(done) if total is None else total, completed=len(done))
     console.print(
         f"[bold]fedlora compare[/] {grid.name}: {what or session.shape(grid)} = "
         f"{tally.total} runs, {len(done)} already finished, {jobs} at a time -> {root}",
@@ -175,17 +250,19 @@ def _compare_with_progress(
         bar = progress.add_task("runs", total=tally.total, completed=len(done), left="")
 
         def on_event(event: Event) -> None:
-            name = session.name(event.task)
+            name = escape(session.name(event.task))  # a tuned run's label has [brackets]
             if event.kind == "started":
                 progress.update(bar, description=f"running {name}")
                 return
             tally.count(event)
             if event.kind == "finished":
                 progress.advance(bar)
-                accuracy = 100 * session.final_accuracy(root, event.task)
                 console.print(
-                    f"[green]done[/] {name} in {event.seconds:.0f} s: final accuracy {accuracy:.1f}%"
+                    f"[green]done[/] {name} in {event.seconds:.0f} s: {session.outcome(root, event.task)}"
                 )
+            elif event.kind == "pruned":
+                progress.advance(bar)
+                console.print(f"[dim]pruned[/] {name} after {event.seconds:.0f} s (successive halving)")
             elif event.kind == "failed":
                 progress.advance(bar)
                 console.print(

@@ -13,6 +13,8 @@ A grid file has one ``[compare]`` table::
     set = ["federation.rounds=6"]        # overrides applied to every cell
     tune = { "train.lr" = [1e-4, 1e-3] } # optional: every cell runs each setting, chosen on validation
     tune_seeds = [0]                     # optional: tune on these seeds only; the rest run the chosen one
+                                         # (or ranges, searched per cell: fedlora.compare.search)
+    stop = { max_seeds = 10, smallest_effect = 0.01 }  # optional: seeds until clear (compare.seeds)
 
     [[compare.axes]]                     # one config key, one level per value
     key = "strategy.name"
@@ -22,21 +24,35 @@ A grid file has one ``[compare]`` table::
     name = "privacy"
     levels = { "no DP" = [], "eps 3" = ["privacy.mode='dp-sgd'", "privacy.target_epsilon=3"] }
 
+    [[compare.axes]]                     # the base model: folders (a level is the folder's name), or
+    key = "model.path"                   # named levels setting model.path and lora.targets together
+    values = ["/models/minilm", "/models/smollm2"]
+
 Cells are the Cartesian product of the axes' levels, in file order; every cell resolves (and is
 validated) before anything runs, so an impossible combination fails first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-import json
-import math
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedlora.compare.search import Search, parse_search
+from fedlora.compare.seeds import StopRule, parse_stop
+from fedlora.compare.settings import (
+    Setting,
+    axis_name,
+    level_label,
+    parse_search_seed,
+    parse_tune,
+    parse_tune_seeds,
+    slug_of,
+    toml_literal,
+)
 from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.report.results import DEFAULT_TARGET
 from fedlora.run.experiment import load_experiment
@@ -51,6 +67,8 @@ GRID_KEYS = {
     "baseline",
     "tune",
     "tune_seeds",
+    "tune_budget",
+    "stop",
 }
 AXIS_KEYS = {"key", "values", "name", "levels"}
 
@@ -82,20 +100,7 @@ class Cell:
     @property
     def slug(self) -> str:
         """Directory-safe name, e.g. ``fedit__eps-3``."""
-        return "__".join(_slug(v) for v in self.levels.values()) or "base"
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One combination of the tuned keys' values (``compare.tune``), e.g. ``lr=0.001``."""
-
-    label: str
-    overrides: list[str]
-
-    @property
-    def slug(self) -> str:
-        """Directory-safe name, e.g. ``lr-0.001``."""
-        return _slug(self.label)
+        return "__".join(slug_of(v) for v in self.levels.values()) or "base"
 
 
 @dataclass(frozen=True)
@@ -106,17 +111,24 @@ class Task:
     seed: int
     config: ExperimentConfig
     setting: Setting | None = None
+    trial: int | None = None
+    """A trial of the cell's search (``compare.tune`` with ranges), numbered from 0."""
 
     @property
     def key(self) -> str:
-        """Path of the run below ``runs/``: ``<cell>/seed-N``, or ``<cell>/<setting>/seed-N`` when tuned."""
-        if self.setting is not None:
+        """Path of the run below ``runs/``: ``<cell>/seed-N``, ``<cell>/<setting>/seed-N`` for a listed
+        setting, ``<cell>/tuning/trial-N`` for a search's trial."""
+        if self.trial is not None:
+            return f"{self.cell.slug}/tuning/trial-{self.trial}"
+        if self.setting is not None and self.setting.folder:
             return f"{self.cell.slug}/{self.setting.slug}/seed-{self.seed}"
         return f"{self.cell.slug}/seed-{self.seed}"
 
     @property
     def label(self) -> str:
         """The cell's label, with the setting when tuned (``fedit [lr=0.001]``)."""
+        if self.trial is not None and self.setting is not None:
+            return f"{self.cell.label} trial {self.trial} [{self.setting.label}]"
         return f"{self.cell.label} [{self.setting.label}]" if self.setting else self.cell.label
 
 
@@ -139,6 +151,10 @@ class Grid:
     tune_seeds: list[int] = field(default_factory=list)
     """``compare.tune_seeds``: the seeds every setting runs at (empty: all seeds). The other seeds run
     only each cell's chosen setting, after the tuning runs have finished."""
+    stop: StopRule | None = None
+    """``compare.stop``: seeds after ``seeds`` are added while comparisons are undecided."""
+    search: Search | None = None
+    """``compare.tune`` with ranges: each cell's values found by a search at ``tune_seeds[0]``."""
     cells: list[Cell] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -182,6 +198,14 @@ class Grid:
         other seeds, seed by seed (all cells at one seed, then the next), so that a comparison stopped
         early has the same seeds in every cell.
         """
+        if self.search is not None:  # the searched choices at every seed, seed by seed
+            chosen = chosen or {}
+            return [
+                self._task(cell, seed, chosen[cell.label], extra)
+                for seed in self.seeds
+                for cell in self.cells
+                if cell.label in chosen
+            ]
         tasks = []
         for cell in self.cells:
             settings: list[Setting | None] = [*self.settings] or [None]
@@ -197,8 +221,42 @@ class Grid:
     def all_tasks(self, extra: list[str] | None = None) -> list[Task]:
         """:meth:`tasks` with every cell's first setting standing in for the choice not yet made: the runs
         a whole comparison makes (to check and count them before anything runs)."""
+        if self.search is not None:
+            return self.tasks(
+                extra, {c.label: self.searched(self.search_of(c).extremes()[0]) for c in self.cells}
+            )
         stand_in = {c.label: self.settings[0] for c in self.cells} if self.tune_seeds else None
         return self.tasks(extra, stand_in)
+
+    def searched(self, values: dict[str, Any]) -> Setting:
+        """The setting of a search's ``values`` (key -> value); its runs have no folder of their own."""
+        if self.search is None:
+            raise ValueError("searched() needs compare.tune with a range")
+        overrides = [f"{k}={toml_literal(values[k])}" for k in self.search.keys if k in values]
+        return Setting(self.search.label(values), overrides, folder=False)
+
+    def search_of(self, cell: Cell) -> Search:
+        """``cell``'s search: the parameters that apply to it (a range's ``when``)."""
+        if self.search is None:
+            raise ValueError("search_of() needs compare.tune with a range")
+        return self.search.of(self._task(cell, self.tune_seeds[0], None, None).config.to_dict())
+
+    def trial(self, cell: Cell, number: int, values: dict[str, Any], extra: list[str] | None = None) -> Task:
+        """Trial ``number`` of ``cell``'s search: its ``values`` at the tuning seed, evaluated every round
+        (the rungs of successive halving are rounds with the clients' validation accuracy)."""
+        every_round = [*(extra or []), "federation.evaluate_every=1"]
+        task = self._task(cell, self.tune_seeds[0], self.searched(values), every_round)
+        return dataclasses.replace(task, trial=number)
+
+    def trial_checks(self, extra: list[str] | None = None) -> list[Task]:
+        """A trial of every cell at each of the search's extreme values: checked before anything runs."""
+        if self.search is None:
+            return []
+        return [
+            self.trial(c, -1 - i, v, extra)
+            for c in self.cells
+            for i, v in enumerate(self.search_of(c).extremes())
+        ]
 
     def _task(self, cell: Cell, seed: int, setting: Setting | None, extra: list[str] | None) -> Task:
         tuned = setting.overrides if setting else []
@@ -232,6 +290,8 @@ class Grid:
                 else {}
             ),
             **({"tune_seeds": self.tune_seeds} if self.tune_seeds else {}),
+            **({"stop": self.stop.manifest()} if self.stop else {}),
+            **({"search": self.search.manifest()} if self.search else {}),
         }
 
 
@@ -294,8 +354,19 @@ def parse_grid(table: dict[str, Any], *, base_dir: Path, source: Path | None = N
     baseline = table.get("baseline", "")
     if not isinstance(baseline, (str, dict, list)) or baseline == []:
         raise ConfigError(f'compare.baseline = {baseline!r} is invalid: expected a cell label, e.g. "fedit"')
-    settings = _parse_tune(table.get("tune", {}))
-    tune_seeds = _parse_tune_seeds(table.get("tune_seeds", []), seeds, settings)
+    tune = table.get("tune", {})
+    search = parse_search(tune, table.get("tune_budget")) if isinstance(tune, dict) else None
+    settings = [] if search else parse_tune(tune)
+    if search is None:
+        tune_seeds = parse_tune_seeds(table.get("tune_seeds", []), seeds, settings)
+    else:
+        tune_seeds = parse_search_seed(table.get("tune_seeds", seeds[:1]))
+    stop = parse_stop(table.get("stop"), seeds)
+    if stop is not None and settings and not tune_seeds:
+        raise ConfigError(
+            "compare.stop with a list of settings in compare.tune needs compare.tune_seeds: the seeds it "
+            "adds run each cell's chosen setting only; add e.g. tune_seeds = [0]"
+        )
     return Grid(
         name,
         base_dir / experiment,
@@ -307,56 +378,9 @@ def parse_grid(table: dict[str, Any], *, base_dir: Path, source: Path | None = N
         baseline,
         settings,
         tune_seeds,
+        stop,
+        search,
     )
-
-
-def _parse_tune_seeds(data: Any, seeds: list[int], settings: list[Setting]) -> list[int]:
-    """``compare.tune_seeds``: a non-empty subset of ``compare.seeds``, only with ``compare.tune``."""
-    if data == []:
-        return []
-    if not settings:
-        raise ConfigError("compare.tune_seeds needs compare.tune (the settings to choose between); add it")
-    if not isinstance(data, list) or not all(_is_int(s) for s in data) or len(set(data)) != len(data):
-        raise ConfigError(f"compare.tune_seeds = {data!r} is invalid: expected a list of distinct seeds")
-    if missing := [s for s in data if s not in seeds]:
-        raise ConfigError(
-            f"compare.tune_seeds lists {missing}, not in compare.seeds {seeds}; "
-            "tune on seeds that are compared"
-        )
-    return list(data)
-
-
-def _parse_tune(data: Any) -> list[Setting]:
-    """``compare.tune``: a table of config key -> list of values; the settings are their product."""
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f'compare.tune = {data!r} is invalid: expected a table, e.g. {{ "train.lr" = [1e-4, 1e-3] }}'
-        )
-    per_key = []
-    for key, values in data.items():
-        if key == "seed":
-            raise ConfigError("compare.tune varies 'seed'; list seeds in compare.seeds instead")
-        if not isinstance(values, list) or not values:
-            raise ConfigError(
-                f"compare.tune.{key} = {values!r} is invalid: expected a non-empty list of values"
-            )
-        labels = [_level_label(_axis_name(key), v) for v in values]
-        if len(set(labels)) != len(labels):
-            raise ConfigError(f"compare.tune.{key} repeats a value; list each once")
-        per_key.append([(label, f"{key}={toml_literal(v)}") for label, v in zip(labels, values, strict=True)])
-    settings = (
-        [
-            Setting(", ".join(label for label, _ in combo), [o for _, o in combo])
-            for combo in itertools.product(*per_key)
-        ]
-        if per_key
-        else []
-    )
-    if len({s.slug for s in settings}) != len(settings):
-        raise ConfigError(
-            "compare.tune: two settings map to the same directory name; use more distinct values"
-        )
-    return settings
 
 
 def _parse_axis(data: Any, index: int) -> Axis:
@@ -375,11 +399,11 @@ def _parse_axis(data: Any, index: int) -> Axis:
             raise ConfigError(f"{where}.values is invalid: expected a non-empty list")
         if key == "seed":
             raise ConfigError(f"{where} varies 'seed'; list seeds in compare.seeds instead")
-        axis_name = str(data.get("name", _axis_name(key)))
-        levels = {_level_label(axis_name, v): [f"{key}={toml_literal(v)}"] for v in values}
+        label = str(data.get("name", axis_name(key)))
+        levels = {level_label(label, v, key): [f"{key}={toml_literal(v)}"] for v in values}
         if len(levels) != len(values):
             raise ConfigError(f"{where}.values repeats a value; list each once")
-        return Axis(axis_name, levels)
+        return Axis(label, levels)
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where} has levels but no 'name'; add e.g. name = \"privacy\"")
@@ -402,41 +426,6 @@ def _product(axes: list[Axis]) -> list[Cell]:
             "two grid cells map to the same directory name; make the level labels more distinct"
         )
     return cells
-
-
-def toml_literal(value: Any) -> str:
-    """A value as it would be written in TOML (what ``--set key=VALUE`` parses)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_literal(v) for v in value) + "]"
-    raise ConfigError(f"grid value {value!r} is not supported: use a string, number, boolean or list")
-
-
-def _level_label(axis: str, value: Any) -> str:
-    """Strings label themselves (``fedit``); other values carry the axis name (``alpha=0.1``)."""
-    if isinstance(value, str):
-        return value
-    text = ",".join(map(str, value)) if isinstance(value, list) else str(value).lower()
-    return f"{axis}={text}"
-
-
-def _axis_name(key: str) -> str:
-    """``strategy.name`` -> ``strategy``; ``data.alpha`` -> ``alpha``."""
-    parts = key.split(".")
-    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
-
-
-def _slug(text: str) -> str:
-    for greek, latin in (("ε", "eps"), ("δ", "delta"), ("α", "alpha"), ("σ", "sigma")):
-        text = text.replace(greek, latin)
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower() or "x"
 
 
 def _string_list(value: Any, where: str) -> list[str]:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fedlora.compare.grid import Grid, Setting, Task
 from fedlora.core.config import ConfigError, ExperimentConfig
@@ -48,6 +48,42 @@ class Event:
     task: Task
     seconds: float = 0.0
     detail: str = ""
+
+
+class Source(Protocol):
+    """Where the runs to start come from: a fixed list (:class:`Queue`) or a search that asks for trials as
+    slots free up and stops weak ones early (:class:`fedlora.compare.tuner.Tuner`)."""
+
+    def take(self) -> Task | None:
+        """The next run to start now (None: none now)."""
+
+    def exhausted(self) -> bool:
+        """No run will come any more (once the running ones end)."""
+
+    def watch(self, task: Task, run_dir: Path) -> bool:
+        """Called while ``task`` runs: True to stop it early (SIGTERM; it ends as ``pruned``)."""
+
+    def ended(self, event: Event) -> None:
+        """A run ended (finished, failed, pruned or interrupted)."""
+
+
+class Queue:
+    """A fixed list of runs, in order."""
+
+    def __init__(self, tasks: list[Task]) -> None:
+        self.tasks = list(tasks)
+
+    def take(self) -> Task | None:
+        return self.tasks.pop(0) if self.tasks else None
+
+    def exhausted(self) -> bool:
+        return not self.tasks
+
+    def watch(self, task: Task, run_dir: Path) -> bool:
+        return False
+
+    def ended(self, event: Event) -> None:
+        return None
 
 
 @dataclass
@@ -93,14 +129,20 @@ def comparable(cfg: ExperimentConfig) -> dict[str, Any]:
     return data
 
 
-def _same_config(run_dir: Path, task: Task) -> bool:
-    """Whether the run's ``config.toml`` resolves to the task's config (keys added to fedlora since the
-    run was made count at their defaults, so upgrading does not invalidate finished runs)."""
+def resolved_config(run_dir: Path) -> dict[str, Any] | None:
+    """What decides the results of the run in ``run_dir``, from its ``config.toml`` (keys added to fedlora
+    since the run was made count at their defaults); None when it cannot be read."""
     try:
         written = ExperimentConfig.from_toml((run_dir / "config.toml").read_text(encoding="utf-8"))
     except (ConfigError, OSError):
-        return False
-    return comparable(written) == comparable(task.config)
+        return None
+    return comparable(written)
+
+
+def _same_config(run_dir: Path, task: Task) -> bool:
+    """Whether the run's ``config.toml`` resolves to the task's config (so upgrading fedlora does not
+    invalidate finished runs)."""
+    return resolved_config(run_dir) == comparable(task.config)
 
 
 def choose_settings(grid: Grid, tasks: list[Task], root: Path) -> dict[str, Setting]:
@@ -125,13 +167,17 @@ def choose_settings(grid: Grid, tasks: list[Task], root: Path) -> dict[str, Sett
 
 def prepare(grid: Grid, tasks: list[Task], root: Path) -> None:
     """Write the manifest and every run's resolved config (runs themselves write nothing yet)."""
-    where = Comparison(root)
     root.mkdir(parents=True, exist_ok=True)
     write_json(grid.manifest(), root / "comparison.json")
     for task in tasks:
-        path = where.config_file(task)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, task.config.to_toml())
+        prepare_config(task, root)
+
+
+def prepare_config(task: Task, root: Path) -> None:
+    """Write ``task``'s resolved config where its run reads it (``configs/<key>.toml``)."""
+    path = Comparison(root).config_file(task)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, task.config.to_toml())
 
 
 def resumable(run_dir: Path, task: Task) -> bool:
@@ -220,7 +266,7 @@ class Stopper:
 
 
 def execute(
-    tasks: list[Task],
+    tasks: list[Task] | Source,
     root: Path,
     on_event: Callable[[Event], None],
     *,
@@ -228,17 +274,20 @@ def execute(
     verbose: bool = False,
     ray_addresses: list[str] | None = None,
 ) -> bool:
-    """Run ``tasks`` (``jobs`` at a time); returns False if interrupted. Failures are reported, not raised.
+    """Run ``tasks`` (a list, or a :class:`Source` of them), ``jobs`` at a time; returns False if
+    interrupted. Failures are reported, not raised; a run the source stops early ends as ``pruned``.
 
     With ``ray_addresses`` (at least ``jobs`` of them) each running run attaches to a Ray head of its
     own: a head is lent to one run at a time, so runs never compete for one cluster's CPUs.
     """
     where = Comparison(root)
-    queue = list(tasks)
+    source = Queue(tasks) if isinstance(tasks, list) else tasks
     free = list(ray_addresses or [])
-    if ray_addresses is not None and len(free) < min(jobs, len(tasks)):
+    wanted = min(jobs, len(tasks)) if isinstance(tasks, list) else jobs
+    if ray_addresses is not None and len(free) < wanted:
         raise ValueError(f"{len(free)} Ray heads for {jobs} runs at a time; start one per job")
     running: dict[int, tuple[Task, subprocess.Popen[bytes], Any, float, str]] = {}
+    pruning: set[int] = set()
     in_main = threading.current_thread() is threading.main_thread()
     with ProcessTracker() as tracker:
         stopper = Stopper(tracker, lambda: [p for _, p, _, _, _ in running.values()])
@@ -247,21 +296,31 @@ def execute(
             for sig in previous:
                 signal.signal(sig, stopper)
         try:
-            while queue or running:
-                while queue and len(running) < jobs and not stopper.requested:
-                    task = queue.pop(0)
+            while not source.exhausted() or running:
+                while len(running) < jobs and not stopper.requested:
+                    task = source.take()
+                    if task is None:
+                        break
                     address = free.pop(0) if free else ""
                     proc, log = _start(task, where, verbose, address, jobs)
                     running[proc.pid] = (task, proc, log, time.monotonic(), address)
                     on_event(Event("started", task))
                 for pid, (task, proc, log, started, address) in list(running.items()):
                     if proc.poll() is None:
+                        if pid not in pruning and source.watch(task, where.run_dir(task)):
+                            pruning.add(pid)
+                            with contextlib.suppress(ProcessLookupError):
+                                proc.send_signal(signal.SIGTERM)
                         continue
                     log.close()
                     del running[pid]
                     if address:
                         free.append(address)
-                    on_event(_outcome(task, proc.returncode, time.monotonic() - started, where))
+                    event = _outcome(task, proc.returncode, time.monotonic() - started, where)
+                    if pid in pruning and event.kind == "interrupted":
+                        event = Event("pruned", task, event.seconds)
+                    source.ended(event)
+                    on_event(event)
                 if stopper.requested and not running:
                     break
                 time.sleep(POLL_S)

@@ -9,18 +9,35 @@ Every run of both phases is checked before the first one starts.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedlora.compare.grid import Grid, Setting, Task, load_grid
 from fedlora.compare.ray_head import RayHead, worker_ports
-from fedlora.compare.runner import Comparison, Event, choose_settings, execute, plan, prepare
+from fedlora.compare.runner import (
+    Comparison,
+    Event,
+    Source,
+    choose_settings,
+    comparable,
+    execute,
+    plan,
+    prepare,
+    resolved_config,
+)
+from fedlora.compare.seeds import Progress, progress
+from fedlora.compare.tuner import RESULTS as TUNING_RESULTS
+from fedlora.compare.tuner import Tuner
 from fedlora.core.config import ConfigError
-from fedlora.core.records.rundir import read_summary
-from fedlora.report.writer import collect, write_report
+from fedlora.core.records.rundir import atomic_write, read_rounds, read_summary
+from fedlora.report.results import is_finished
+from fedlora.report.tuning import validation_accuracy
+from fedlora.report.writer import STOPPING, collect, write_report
 from fedlora.run.experiment import preflight
 
 
@@ -59,6 +76,8 @@ def plan_comparison(
     grid = load_grid(grid_file)
     if seeds is not None:
         grid = with_seeds(grid, seeds)
+    if grid.search is not None:  # the trials' extreme values and the seeds' runs, checked now
+        checked([*grid.trial_checks(extra), *grid.all_tasks(extra)])
     tasks = checked(grid.tasks(extra))
     root = out or Path("runs") / grid.name
     if overwrite and root.exists():
@@ -72,9 +91,53 @@ def plan_comparison(
 
 
 def with_seeds(grid: Grid, seeds: list[int]) -> Grid:
-    """``grid`` run at ``seeds``; its tuning seeds become those of them it tuned on (or the first)."""
+    """``grid`` run at ``seeds``; its tuning seeds become those of them it tuned on (or the first); a
+    search keeps its tuning seed."""
+    if grid.search is not None:
+        return dataclasses.replace(grid, seeds=seeds)
     tune_seeds = [s for s in grid.tune_seeds if s in seeds] or seeds[:1]
     return dataclasses.replace(grid, seeds=seeds, tune_seeds=tune_seeds if grid.tune_seeds else [])
+
+
+def search_budget(grid: Grid, extra: list[str]) -> list[Task]:
+    """The most trials a search can run (every cell's budget of trials, none pruned), each at the first
+    extreme of the ranges: what ``--estimate`` and ``--dry-run`` count before the search starts."""
+    if grid.search is None:
+        return []
+    return [
+        grid.trial(c, n, grid.search_of(c).extremes()[0], extra)
+        for c in grid.cells
+        for n in range(grid.search.budget.trials)
+    ]
+
+
+def start_search(comparison: Plan) -> Tuner:
+    """The search of every cell (``compare.tune`` with ranges), resumed from ``tuning/journal.log``; the
+    manifest is written first (``fedlora report`` reads it)."""
+    prepare(comparison.grid, [], comparison.root)
+    return Tuner(comparison.grid, comparison.extra, comparison.root)
+
+
+def after_search(comparison: Plan, tuner: Tuner) -> tuple[Plan, dict[str, Setting]]:
+    """Once the search has ended: each cell's chosen values (written to ``tuning.json``), and the
+    comparison of the chosen values at every seed, checked. The best trial is that seed's run when it
+    ran at a compared seed with the same config (copied, not run again)."""
+    grid, root = comparison.grid, comparison.root
+    chosen = tuner.choices()
+    if missing := [c.label for c in grid.cells if c.label not in chosen]:
+        raise ConfigError(
+            f"no trial of {', '.join(missing)} finished (see {root / 'logs'}); the comparison cannot go on"
+        )
+    tasks = checked(grid.tasks(comparison.extra, chosen))
+    for task in tasks:
+        trial = root / "runs" / task.cell.slug / "tuning" / f"trial-{tuner.best[task.cell.label]}"
+        target = Comparison(root).run_dir(task)
+        reusable = task.seed == grid.tune_seeds[0] and is_finished(trial) and not target.exists()
+        if reusable and resolved_config(trial) == comparable(task.config):
+            shutil.copytree(trial, target, symlinks=True)
+    todo, done = plan(tasks, root)
+    prepare(grid, tasks, root)
+    return dataclasses.replace(comparison, tasks=tasks, todo=todo, done=done, later=[]), chosen
 
 
 def checked(tasks: list[Task]) -> list[Task]:
@@ -90,7 +153,7 @@ def checked(tasks: list[Task]) -> list[Task]:
 def after_tuning(grid: Grid, extra: list[str], tasks: list[Task], root: Path) -> list[Task]:
     """With ``compare.tune_seeds``: the runs still to do after tuning (each cell's chosen setting at the
     other seeds), all checked now; until the tuning runs finish, each cell's first setting stands in."""
-    if not grid.tune_seeds:
+    if not grid.tune_seeds or grid.search is not None:  # a search's later runs: search_budget, all_tasks
         return []
     chosen = choose_settings(grid, tasks, root)
     if len(chosen) == len(grid.cells):
@@ -109,6 +172,34 @@ def tuned(comparison: Plan) -> tuple[dict[str, Setting], list[Task], list[Task]]
     return chosen, todo, done
 
 
+def seed_progress(comparison: Plan, seeds: list[int], *, elapsed_s: float, jobs: int = 1) -> Progress:
+    """With ``compare.stop``: whether another seed is needed after ``seeds`` (all run), from the finished
+    runs; written to ``stopping.json`` (the report says why the comparison stopped). One seed is taken to
+    cost the wall time of the last seed's runs spread over ``jobs``."""
+    grid, root = comparison.grid, comparison.root
+    if grid.stop is None:
+        raise ValueError("seed_progress needs a grid with compare.stop")
+    try:
+        found = collect([root])
+    except ConfigError:  # no run finished (all failed): another seed would fail the same way
+        return Progress(seeds, [], 0, None, "no run finished")
+    seed_s = sum(r.wall_s for r in found.results if r.seed == seeds[-1]) / max(1, jobs)
+    found_progress = progress(found, grid.stop, seeds, elapsed_s=elapsed_s, seed_s=seed_s)
+    atomic_write(root / STOPPING, json.dumps(found_progress.manifest(), indent=2) + "\n")
+    return found_progress
+
+
+def seed_phase(comparison: Plan, chosen: dict[str, Setting], seeds: list[int]) -> tuple[Plan, list[Task]]:
+    """The comparison grown to ``seeds`` (its manifest rewritten), and the runs of the last of them (each
+    cell's chosen setting when tuned), checked and split into to do and finished."""
+    grid = with_seeds(comparison.grid, seeds)
+    new = [t for t in checked(grid.tasks(comparison.extra, chosen or None)) if t.seed == seeds[-1]]
+    todo, done = plan(new, comparison.root)
+    prepare(grid, new, comparison.root)
+    grown = dataclasses.replace(comparison, grid=grid, tasks=[*comparison.tasks, *new], todo=todo, done=done)
+    return grown, new
+
+
 def shape(grid: Grid) -> str:
     """``6 cells x 2 tuning settings x 5 seeds`` (with ``tune_seeds``: the tuning seeds only)."""
     seeds = grid.tune_seeds or grid.seeds
@@ -117,7 +208,7 @@ def shape(grid: Grid) -> str:
 
 
 def run_phase(
-    todo: list[Task],
+    todo: list[Task] | Source,
     root: Path,
     on_event: Callable[[Event], None],
     *,
@@ -134,7 +225,7 @@ def run_phase(
         addresses = None
         if shared_ray:
             started = time.monotonic()
-            addresses = start_heads(heads, root, min(jobs, len(todo)))
+            addresses = start_heads(heads, root, min(jobs, len(todo)) if isinstance(todo, list) else jobs)
             if heads and on_heads is not None:
                 on_heads(addresses, time.monotonic() - started)
         return execute(todo, root, on_event, jobs=jobs, verbose=verbose, ray_addresses=addresses)
@@ -166,12 +257,12 @@ class Tally:
     failed: list[str] = field(default_factory=list)
 
     def count(self, event: Event) -> None:
-        """Count a run that ended (finished or failed; an interrupted one will run again)."""
+        """Count a run that ended (finished, failed or pruned; an interrupted one will run again)."""
         if event.kind == "finished":
             self.durations.append(event.seconds)
         elif event.kind == "failed":
             self.failed.append(name(event.task))
-        if event.kind in ("finished", "failed"):
+        if event.kind in ("finished", "failed", "pruned"):
             self.completed += 1
 
     def minutes_left(self, jobs: int) -> int | None:
@@ -192,6 +283,25 @@ def name(task: Task) -> str:
 def final_accuracy(root: Path, task: Task) -> float:
     """A finished run's final test accuracy (a fraction)."""
     return float(read_summary(Comparison(root).run_dir(task))["final_eval_accuracy"])
+
+
+def outcome(root: Path, task: Task) -> str:
+    """What a finished run's progress line says: a trial's validation accuracy (what it is chosen on),
+    else the final test accuracy."""
+    run_dir = Comparison(root).run_dir(task)
+    if task.trial is not None:
+        value = validation_accuracy(read_rounds(run_dir))
+        return "no client validation" if value is None else f"validation accuracy {100 * value:.1f}%"
+    summary = read_summary(run_dir)
+    if summary.get("accuracy_of") == "personalised":
+        return f"final personalised accuracy {100 * float(summary['final_accuracy']):.1f}%"
+    return f"final accuracy {100 * final_accuracy(root, task):.1f}%"
+
+
+def search_results(root: Path) -> list[dict[str, Any]]:
+    """``tuning.json``'s cells: chosen values, validation accuracy, edge flags, every trial."""
+    path = root / TUNING_RESULTS
+    return list(json.loads(path.read_text(encoding="utf-8"))["cells"]) if path.is_file() else []
 
 
 def write_comparison_report(root: Path, command: str) -> dict[str, Path] | None:

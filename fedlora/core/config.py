@@ -202,6 +202,10 @@ class TrainConfig:
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
 
 
+AUTO = -1.0
+"""``federation.fraction_evaluate``'s default: the strategy decides (the experiment loader resolves it)."""
+
+
 @dataclass
 class FederationConfig:
     """Clients, rounds, sampling and simulation resources."""
@@ -211,7 +215,10 @@ class FederationConfig:
     fraction: float = _help("fraction of clients sampled for training each round", 1.0)
     min_clients: int = _help("fewest clients sampled, and fewest valid replies a round needs", 2)
     fraction_evaluate: float = _help(
-        "fraction of clients that evaluate on their validation split each round; 0 = off", 0.0
+        "fraction of clients that evaluate on their validation split each round; 0 = off; -1 (default) = "
+        "the strategy's choice: 1 for a strategy whose clients keep state of their own (FedSA-LoRA: "
+        "judged by personalised accuracy), else 0",
+        AUTO,
     )
     evaluate_every: int = _help(
         "evaluate (test set, and clients with fraction_evaluate > 0) every N rounds; the last round always", 1
@@ -238,10 +245,10 @@ class FederationConfig:
             f"at most federation.num_clients ({self.num_clients})",
         )
         _check(
-            0.0 <= self.fraction_evaluate <= 1.0,
+            0.0 <= self.fraction_evaluate <= 1.0 or self.fraction_evaluate == AUTO,
             "federation.fraction_evaluate",
             self.fraction_evaluate,
-            "a number in [0, 1]",
+            "a number in [0, 1], or -1 for the strategy's choice",
         )
         _check(self.evaluate_every >= 1, "federation.evaluate_every", self.evaluate_every, "an integer >= 1")
         _check(self.client_cpus > 0, "federation.client_cpus", self.client_cpus, "a number > 0")

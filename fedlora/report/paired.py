@@ -23,7 +23,8 @@ from typing import Any
 
 from scipy import stats
 
-from fedlora.report.results import CellStats, RunResult
+from fedlora.report import sequential
+from fedlora.report.results import CellStats, RunResult, personalised
 
 CONFIDENCE = 0.95
 
@@ -69,12 +70,30 @@ def t_interval(differences: list[float], confidence: float = CONFIDENCE) -> Inte
     return Interval(mean, mean - half, mean + half, n)
 
 
-def verdict(interval: Interval | None, *, higher_is_better: bool = True) -> str:
-    """``better``/``worse`` when the interval excludes zero, else no detectable difference at n seeds."""
+def sequence_interval(differences: list[float], rule: sequential.Rule) -> Interval | None:
+    """The confidence sequence's interval after ``differences`` (in seed order; None bounds while it is
+    unbounded), :mod:`fedlora.report.sequential`."""
+    if not differences:
+        return None
+    mean, low, high = sequential.confidence_sequence(differences, rule.confidence)
+    finite = math.isfinite(low) and math.isfinite(high)
+    return Interval(mean, low if finite else None, high if finite else None, len(differences))
+
+
+def verdict(
+    interval: Interval | None, *, higher_is_better: bool = True, rule: sequential.Rule | None = None
+) -> str:
+    """``better``/``worse`` when the interval excludes zero, else no detectable difference at n seeds;
+    with a stopping ``rule`` also ``no difference of δ or more`` when it lies within ± its smallest effect."""
     if interval is None:
         return "no paired seeds"
     if interval.low is None or interval.high is None:
-        return "one seed: no interval"
+        return "one seed: no interval" if interval.n == 1 else f"undecided at {interval.n} seeds (unbounded)"
+    if rule is not None:
+        found = sequential.decision(interval.low, interval.high, rule)
+        if found in ("better", "worse"):
+            return found if higher_is_better else {"better": "worse", "worse": "better"}[found]
+        return found or f"undecided at {interval.n} seeds"
     if interval.low > 0 or interval.high < 0:
         up = interval.low > 0
         return "better" if up == higher_is_better else "worse"
@@ -95,10 +114,21 @@ class Paired:
     cell_seeds: int
     baseline_seeds: int
     interval: Interval | None
+    rule: sequential.Rule | None = None
+    """The stopping rule when seeds were added until the answer was clear (confidence sequence)."""
+    note: str = ""
+    """Why there is no comparison on this metric (a personalised accuracy against a test accuracy)."""
 
     @property
     def verdict(self) -> str:
-        return verdict(self.interval)
+        return self.note or verdict(self.interval, rule=self.rule)
+
+    @property
+    def decided(self) -> bool:
+        """Whether the answer is clear: the interval excludes zero or (with a rule) lies within ± its
+        smallest effect."""
+        text = self.verdict
+        return text in ("better", "worse") or text.startswith("no difference of")
 
 
 def by_seed(runs: list[RunResult]) -> dict[int, RunResult]:
@@ -109,9 +139,13 @@ def by_seed(runs: list[RunResult]) -> dict[int, RunResult]:
     return found
 
 
-def pair(cell: CellStats, baseline: CellStats, metric: str) -> Paired:
-    """The paired differences of ``metric`` between ``cell`` and ``baseline`` on their shared seeds."""
+def pair(cell: CellStats, baseline: CellStats, metric: str, rule: sequential.Rule | None = None) -> Paired:
+    """The paired differences of ``metric`` between ``cell`` and ``baseline`` on their shared seeds
+    (with a stopping ``rule``: in seed order, with the confidence sequence's interval)."""
     mine, theirs = by_seed(cell.runs), by_seed(baseline.runs)
+    if metric != CLIENT_METRIC[0] and personalised(cell) != personalised(baseline):
+        note = "personalised against global accuracy: compare client acc."
+        return Paired(cell.label, baseline.label, metric, [], [], len(mine), len(theirs), None, rule, note)
     seeds = sorted(set(mine) & set(theirs))
     seeds = [
         s for s in seeds if getattr(mine[s], metric) is not None and getattr(theirs[s], metric) is not None
@@ -125,8 +159,18 @@ def pair(cell: CellStats, baseline: CellStats, metric: str) -> Paired:
         differences,
         len(mine),
         len(theirs),
-        t_interval(differences),
+        t_interval(differences) if rule is None else sequence_interval(differences, rule),
+        rule,
     )
+
+
+def headline_metric(cell: CellStats, baseline: CellStats) -> str:
+    """The metric a comparison is decided on: final test accuracy, or the clients' own validation accuracy
+    when either side is personalised (its test accuracy is the shared part only) and both have one."""
+    client = CLIENT_METRIC[0]
+    if (personalised(cell) or personalised(baseline)) and cell.values(client) and baseline.values(client):
+        return client
+    return "final_accuracy"
 
 
 def find_baseline(cells: list[CellStats], label: str | None) -> CellStats:
@@ -146,6 +190,8 @@ class Pairing:
     title: str
     """Says what the baseline is: a cell's label, or e.g. ``fedit at the same privacy``."""
     groups: list[tuple[CellStats, list[CellStats]]]
+    rule: sequential.Rule | None = None
+    """With ``[compare] stop``: intervals are the confidence sequence's, verdicts follow the rule."""
 
     @property
     def baselines(self) -> list[CellStats]:
@@ -156,17 +202,17 @@ class Pairing:
         return [(cell, base) for base, paired in self.groups for cell in paired]
 
 
-def pairings(cells: list[CellStats], spec: Any) -> list[Pairing]:
+def pairings(cells: list[CellStats], spec: Any, rule: sequential.Rule | None = None) -> list[Pairing]:
     """The pairings of ``spec``: None (the first cell), a cell label, ``{axis: level}`` (each cell against
     the cell with that level on that axis and its own levels on the others), or a list of these.
     Raises KeyError naming what matched no cell."""
-    return [_pairing(cells, s) for s in (spec if isinstance(spec, list) else [spec])]
+    return [_pairing(cells, s, rule) for s in (spec if isinstance(spec, list) else [spec])]
 
 
-def _pairing(cells: list[CellStats], spec: Any) -> Pairing:
+def _pairing(cells: list[CellStats], spec: Any, rule: sequential.Rule | None) -> Pairing:
     if spec is None or isinstance(spec, str):
         base = find_baseline(cells, spec)
-        return Pairing(base.label, [(base, [c for c in cells if c is not base])])
+        return Pairing(base.label, [(base, [c for c in cells if c is not base])], rule)
     ((axis, level),) = spec.items()
     groups = []
     for base in (c for c in cells if c.levels.get(axis) == level):
@@ -178,13 +224,13 @@ def _pairing(cells: list[CellStats], spec: Any) -> Pairing:
     if not groups:
         raise KeyError(f"{axis} = {level}")
     others = [k for k in cells[0].levels if k != axis]
-    return Pairing(f"{level} at the same {', '.join(others) or 'levels'}", groups)
+    return Pairing(f"{level} at the same {', '.join(others) or 'levels'}", groups, rule)
 
 
 def compare(cells: list[CellStats], pairing: Pairing) -> list[list[Paired]]:
     """For every paired cell, its :class:`Paired` results against its baseline, one per metric of
     :func:`metrics`."""
-    return [[pair(c, base, m) for m, _ in metrics(cells)] for c, base in pairing.pairs()]
+    return [[pair(c, base, m, pairing.rule) for m, _ in metrics(cells)] for c, base in pairing.pairs()]
 
 
 def signed(value: float, digits: int = 1) -> str:
@@ -249,11 +295,22 @@ def table(cells: list[CellStats], pairing: Pairing, target: float) -> tuple[list
 def legend(pairing: Pairing, seeds: int) -> str:
     """What the paired table's numbers mean."""
     against = f"{pairing.title}" if len(pairing.groups) == 1 else f"each group's baseline ({pairing.title})"
+    rule = pairing.rule
+    how = (
+        f"its {100 * CONFIDENCE:g}% confidence interval (Student t on the per-seed differences). better / "
+        "worse: the interval excludes zero; otherwise no difference is detectable with this many seeds "
+        f"({seeds} at most here)."
+        if rule is None
+        else f"its {100 * rule.confidence:g}% confidence sequence (Lai's t confidence sequence on the "
+        "per-seed differences: valid at whatever seed the comparison stopped, so wider than a fixed-seed "
+        "t interval). "
+        "better / worse: it excludes zero; no difference of δ or more: it lies within ± the smallest effect "
+        f"of interest (δ = {100 * rule.smallest_effect:g} pp); undecided: neither, when the seeds or minutes "
+        "ran out."
+    )
     return (
         f"Differences against {against} on the same seeds, in percentage points of test accuracy: "
-        f"mean over the paired seeds and its {100 * CONFIDENCE:g}% confidence interval (Student t on the "
-        "per-seed differences). better / worse: the interval excludes zero; otherwise no difference is "
-        f"detectable with this many seeds ({seeds} at most here). Pairs: seeds where both runs finished. "
+        f"mean over the paired seeds and {how} Pairs: seeds where both runs finished. "
         "Rounds and uplink MB to the target: mean over the seeds that reached it ((k/n): only k did)."
         + (
             " Client acc.: mean over clients of their own validation accuracy (personalised for FedSA-LoRA)."

@@ -77,6 +77,11 @@ class RunResult:
     """Client-side evaluation per round (from ``clients.jsonl``), in round order."""
     tuned: str = ""
     """The tuning setting this run used, chosen on validation (``compare.tune``; "" without tuning)."""
+    accuracy_of: str = "global"
+    """``personalised``: final and best accuracy are the clients' own models on their validation splits
+    (a strategy keeping state on its clients); ``global``: the global adapter on the test set."""
+    shared_accuracy: float | None = None
+    """With a personalised headline: the final test accuracy of the shared part alone (B = 0)."""
 
     @property
     def last_client_eval(self) -> ClientRound | None:
@@ -155,8 +160,8 @@ def load_run(run_dir: Path, *, cell: str, levels: dict[str, str], target: float)
         run_dir=run_dir,
         strategy=str(summary["strategy"]),
         rounds=int(summary["rounds"]),
-        final_accuracy=float(summary["final_eval_accuracy"]),
-        best_accuracy=float(summary["best_eval_accuracy"]),
+        final_accuracy=float(summary.get("final_accuracy", summary["final_eval_accuracy"])),
+        best_accuracy=float(summary.get("best_accuracy", summary["best_eval_accuracy"])),
         rounds_to_target=reached,
         uplink_mb=int(summary["total_uplink_bytes"]) / 1e6,
         downlink_mb=int(summary["total_downlink_bytes"]) / 1e6,
@@ -170,6 +175,10 @@ def load_run(run_dir: Path, *, cell: str, levels: dict[str, str], target: float)
         total_failed=int(summary.get("total_failed") or 0),
         total_rejected=int(summary.get("total_rejected") or 0),
         client_eval=tuple(evaluation_rounds(read_clients(run_dir))),
+        accuracy_of=str(summary.get("accuracy_of", "global")),
+        shared_accuracy=(
+            float(summary["final_eval_accuracy"]) if summary.get("accuracy_of") == "personalised" else None
+        ),
     )
 
 
@@ -266,13 +275,14 @@ def table(cells: list[CellStats], target: float) -> tuple[list[str], list[list[s
     return header, rows
 
 
-def _personalised(cell: CellStats) -> bool:
-    return any(r.strategy in PERSONALISED for r in cell.runs)
+def personalised(cell: CellStats) -> bool:
+    """Whether the cell's clients use models of their own (its test accuracy is the shared part only)."""
+    return any(r.accuracy_of == "personalised" or r.strategy in PERSONALISED for r in cell.runs)
 
 
 def _label(cell: CellStats) -> str:
     """A cell's label, marked ‡ when its test accuracy is not the model its clients use (FedSA-LoRA)."""
-    return f"{cell.label} ‡" if _personalised(cell) else cell.label
+    return f"{cell.label} ‡" if personalised(cell) else cell.label
 
 
 def client_table(cells: list[CellStats]) -> tuple[list[str], list[list[str]]] | None:
@@ -373,10 +383,19 @@ def legend(cells: list[CellStats], target: float) -> str:
         parts.append(
             "Client acc.: mean over clients of their own validation accuracy (last evaluated round)."
         )
-    if any(_personalised(c) for c in cells):
+    if any(personalised(c) for c in cells):
+        shared = [
+            f"{c.label} {100 * statistics.fmean(c.values('shared_accuracy')):.1f}%"
+            for c in cells
+            if c.values("shared_accuracy")
+        ]
         parts.append(
-            "‡ FedSA-LoRA: the test accuracy is the shared part alone (B = 0, each client's B never leaves "
-            "it); its client acc. is the personalised accuracy (shared A, the client's own B)."
+            "‡ personalised (the clients keep state of their own, e.g. FedSA-LoRA's B and head): final and "
+            "best acc. are the personalised accuracy, the clients' own models on their own validation "
+            f"splits; the test set sees only the shared part (B = 0), final shared part: {', '.join(shared)}."
+            if shared
+            else "‡ FedSA-LoRA: the test accuracy is the shared part alone (B = 0, each client's B never "
+            "leaves it); its client acc. is the personalised accuracy (shared A, the client's own B)."
         )
     return " ".join(parts)
 

@@ -68,3 +68,38 @@ def legend() -> str:
         "accuracy (their own validation splits, last evaluated round), never the test set. Only the "
         "chosen setting's runs are in the other tables and plots."
     )
+
+
+def search_table(cells: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a search's table (``tuning.json``'s cells): per cell the chosen values, their
+    validation accuracy, the trials finished, pruned and failed, and the edge flags."""
+    header = ["cell", "chosen", "val. acc. %", "trials: finished / pruned / failed", "ranges", "edge"]
+    rows = []
+    for cell in cells:
+        states = [t["state"] for t in cell["trials"]]
+        counts = " / ".join(str(states.count(s)) for s in ("complete", "pruned", "fail"))
+        value = cell.get("value")
+        edges = cell.get("edges") or []
+        rows.append(
+            [
+                str(cell["cell"]),
+                cell.get("label") or "none finished",
+                "—" if value is None else f"{100 * float(value):.1f}",
+                counts,
+                "; ".join(f"{k} {r}" for k, r in cell.get("ranges", {}).items()),
+                "⚠ " + "; ".join(edges) if edges else "",
+            ]
+        )
+    return header, rows
+
+
+def search_legend() -> str:
+    """What the search table shows."""
+    return (
+        "Each cell's hyper-parameters were searched at the tuning seed: trials drawn quasi-randomly over the "
+        "ranges (log-uniformly for log ranges), each run stopped early by successive halving when its "
+        "clients' validation accuracy fell behind the other trials' at the same round. The chosen values are "
+        "those of the finished trial with the highest validation accuracy (the clients' own validation "
+        "splits, last round), never the test set; they then ran at every seed. ⚠: no trial lay beyond the "
+        "chosen value towards that end of its range, so the best may lie outside it: widen the range."
+    )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlora.core.config import ConfigError
-from fedlora.report import html, paired, plots, tuning
+from fedlora.report import html, paired, plots, sequential, tuning
 from fedlora.report.results import (
     DEFAULT_TARGET,
     CellStats,
@@ -33,6 +33,8 @@ from fedlora.report.results import (
 )
 
 MANIFEST = "comparison.json"
+STOPPING = "stopping.json"
+"""Beside the manifest with ``[compare] stop``: the seeds run, why the comparison stopped or goes on."""
 IGNORED_KEYS = {"seed", "name", "federation.ray_address"}
 
 
@@ -50,6 +52,16 @@ class Collected:
     label, ``{axis: level}``, or a list of these."""
     tunings: list[tuning.Tuning] = field(default_factory=list)
     """Per tuned cell (``compare.tune``): every setting's validation scores and the chosen one."""
+    rule: sequential.Rule | None = None
+    """``compare.stop``'s decision rule: intervals are then confidence sequences."""
+    searches: list[dict[str, Any]] = field(default_factory=list)
+    """``tuning.json``'s cells (``compare.tune`` with ranges): chosen values, trials, edge flags."""
+    stopping: dict[str, Any] = field(default_factory=dict)
+    """``stopping.json``: the seeds run and why the comparison stopped (empty without ``compare.stop``)."""
+
+    def pairings(self) -> list[paired.Pairing]:
+        """Who is compared with whom among the finished runs (KeyError: the baseline matches no cell)."""
+        return paired.pairings(group(self.results), self.baseline, self.rule)
 
     def series(self, cell: CellStats) -> str:
         """A cell's line in the ε plot: its levels on the non-privacy axes (the strategy by default)."""
@@ -85,7 +97,7 @@ def collect(dirs: list[Path], target: float | None = None, baseline: str | None 
     if baseline is not None:
         found.baseline = baseline
     try:
-        paired.pairings(group(found.results), found.baseline)
+        found.pairings()
     except KeyError as exc:
         labels = list(dict.fromkeys(r.cell for r in found.results))
         raise ConfigError(
@@ -104,6 +116,11 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
     manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     found.target = target or float(manifest.get("target_accuracy", DEFAULT_TARGET))
     found.privacy_axes.update(manifest.get("privacy_axes", []))
+    if manifest.get("stop"):
+        found.rule = sequential.Rule(float(manifest["stop"]["smallest_effect"]))
+        if (path / STOPPING).is_file():
+            found.stopping = json.loads((path / STOPPING).read_text(encoding="utf-8"))
+    searched = _add_searches(found, path) if manifest.get("search") else {}
     if found.baseline is None and manifest.get("baseline"):
         found.baseline = manifest["baseline"]
     for cell in manifest["cells"]:
@@ -113,12 +130,22 @@ def _add_comparison(found: Collected, path: Path, target: float | None) -> str:
         for seed in manifest["seeds"]:
             run_dir = path / "runs" / cell["slug"] / f"seed-{seed}"
             if is_finished(run_dir):
-                found.results.append(
-                    load_run(run_dir, cell=cell["label"], levels=cell["levels"], target=found.target)
-                )
+                result = load_run(run_dir, cell=cell["label"], levels=cell["levels"], target=found.target)
+                found.results.append(dataclasses.replace(result, tuned=searched.get(cell["label"], "")))
             else:
                 found.unfinished.append(run_dir)
     return str(manifest["name"])
+
+
+def _add_searches(found: Collected, path: Path) -> dict[str, str]:
+    """A search's ``tuning.json`` (when the search has ended): its cells into ``found``; returns each
+    cell's chosen values as a label."""
+    results = path / "tuning.json"
+    if not results.is_file():
+        return {}
+    cells = json.loads(results.read_text(encoding="utf-8"))["cells"]
+    found.searches.extend(cells)
+    return {c["cell"]: c["label"] for c in cells if c.get("label")}
 
 
 def _add_tuned(found: Collected, path: Path, cell: dict[str, Any], manifest: dict[str, Any]) -> None:
@@ -190,13 +217,14 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     cells = group(found.results)
     seeds = max(len(c.runs) for c in cells)
-    pairings = paired.pairings(cells, found.baseline)
+    pairings = found.pairings()
     files = {"csv": out / "comparison.csv", "markdown": out / "comparison.md", "paired": out / "paired.csv"}
     write_csv(found.results, files["csv"])
     paired.write_csv(cells, pairings, files["paired"])
     clients = client_table(cells)
     files["markdown"].write_text(
-        "".join(
+        _stopping_text(found)
+        + "".join(
             f"## Paired differences against {p.title}\n\n" + paired.markdown(cells, p, found.target) + "\n"
             for p in pairings
         )
@@ -206,6 +234,15 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
             ""
             if clients is None
             else "\n## Per client\n\n" + _markdown_table(*clients) + "\n" + client_legend() + "\n"
+        )
+        + (
+            "\n## Tuning (searched on validation)\n\n"
+            + _markdown_table(*tuning.search_table(found.searches))
+            + "\n"
+            + tuning.search_legend()
+            + "\n"
+            if found.searches
+            else ""
         )
         + (
             "\n## Tuning (chosen on validation)\n\n"
@@ -222,6 +259,22 @@ def write_report(found: Collected, out: Path, *, command: str = "") -> dict[str,
     files["html"] = out / "report.html"
     files["html"].write_text(_html(found, cells, pairings, files, seeds, command), encoding="utf-8")
     return files
+
+
+def _stopping_text(found: Collected) -> str:
+    """With ``compare.stop``: how many seeds ran and why the comparison stopped (or goes on)."""
+    if not found.stopping:
+        return ""
+    seeds = found.stopping.get("seeds", [])
+    undecided = found.stopping.get("undecided", [])
+    going = found.stopping.get("next_seed") is not None
+    text = (
+        f"Seeds added until the answer was clear: {len(seeds)} seeds ({', '.join(map(str, seeds))}); "
+        + ("going on: " if going else "stopped: ")
+        + str(found.stopping.get("reason", ""))
+        + ("." if not undecided else f" (undecided: {'; '.join(undecided)}).")
+    )
+    return text + "\n\n"
 
 
 def _plots(
@@ -286,6 +339,8 @@ def _html(
         )
         for i, p in enumerate(pairings)
     ]
+    if found.stopping:
+        sections.insert(0, ("Seeds until the answer was clear", html.legend(_stopping_text(found).strip())))
     sections += [
         ("Per cell", html.table(*table(cells, found.target)) + html.legend(legend(cells, found.target))),
         *(
@@ -296,6 +351,17 @@ def _html(
                 )
             ]
             if found.tunings
+            else []
+        ),
+        *(
+            [
+                (
+                    "Tuning (searched on validation)",
+                    html.table(*tuning.search_table(found.searches), text_columns=(1, 4, 5))
+                    + html.legend(tuning.search_legend()),
+                )
+            ]
+            if found.searches
             else []
         ),
         (

@@ -130,6 +130,7 @@ def _summary(
         "best_round": scored[best]["round"],
         "final_eval_macro_f1": f1[-1],
         "best_eval_macro_f1": max((v for v in f1 if not math.isnan(v)), default=math.nan),
+        **headline(rows, accuracies),
         **task_of(cfg).summary_metrics(rows),
         "majority_accuracy": evaluate.majority_accuracy,
         "majority_macro_f1": evaluate.majority_macro_f1,
@@ -142,6 +143,22 @@ def _summary(
         **_privacy_summary(cfg, rows),
         "versions": versions(),
     }
+
+
+def headline(rows: list[dict[str, Any]], test: list[float]) -> dict[str, Any]:
+    """The run's headline accuracy, labelled: the clients' personalised accuracy (their own models on their
+    own validation splits) when the strategy keeps state on its clients and they evaluated, else the
+    global adapter's test accuracy. With a personalised headline the test accuracy is the shared part
+    only (for FedSA-LoRA: B = 0 and the initial head), and says so."""
+    personal = [float(r["personalised_accuracy"]) for r in rows if r.get("personalised_accuracy") is not None]
+    if personal:
+        return {
+            "accuracy_of": "personalised",
+            "final_accuracy": personal[-1],
+            "best_accuracy": max(personal),
+            "eval_accuracy_of": "shared part",
+        }
+    return {"accuracy_of": "global", "final_accuracy": test[-1], "best_accuracy": max(test)}
 
 
 def _privacy_summary(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:

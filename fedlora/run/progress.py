@@ -111,6 +111,11 @@ def _scores(row: Row, mark: Mark) -> str:
     accuracy a causal-LM task with free-text responses does not have)."""
     if row.get("eval_loss") is None:
         return mark("not evaluated (federation.evaluate_every)", "dim") + "  "
+    if row.get("personalised_accuracy") is not None:  # the clients' own models: the headline
+        return (
+            f"personalised_acc {mark(pct(row['personalised_accuracy']), 'bold')}  "
+            f"shared part: eval_loss {row['eval_loss']:.4f} eval_acc {pct(row['eval_accuracy'])}  "
+        )
     return (
         f"eval_loss {row['eval_loss']:.4f}  eval_acc {mark(pct(row['eval_accuracy']), 'bold')}  "
         f"macro_f1 {pct(row['eval_macro_f1'])}  "
@@ -157,6 +162,13 @@ def summary_line(summary: Row, run_dir: Path, mark: Mark = plain) -> str:
     class (and the zero-shot model), macro-F1, perplexity; a run whose examples have no classes (free-text
     responses) has no accuracy: its loss and perplexity against the zero-shot model's."""
     s, zero = summary, summary.get("zero_shot")
+    if s.get("accuracy_of") == "personalised":
+        return (
+            f"{mark('done', 'green')} in {s['wall_s']:.1f} s: final personalised accuracy "
+            f"{pct(s['final_accuracy'])} (best {pct(s['best_accuracy'])}; the clients' own models on their "
+            f"validation splits); shared part on the test set {pct(s['final_eval_accuracy'])} "
+            f"(majority class {pct(s['majority_accuracy'])}) -> {run_dir}"
+        )
     if not _finite(s.get("final_eval_accuracy")) and _finite(s.get("final_eval_perplexity")):
         before = (
             f" (zero-shot {zero['eval_perplexity']:.3f})"
