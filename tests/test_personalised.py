@@ -17,11 +17,14 @@ from fedlora.run.progress import Listener, round_line, summary_line
 from strategies import registry
 
 
-def test_strategies_that_keep_client_state_say_so() -> None:
+def test_strategies_that_keep_client_state_say_so(tiny_bert) -> None:  # type: ignore[no-untyped-def]
     """``keeps_client_state`` agrees with what each strategy's clients keep between rounds."""
+    from fedlora.tasks.models import initial_state
+
     cfg = load_experiment(None)
     for name, cls in registry.available().items():
-        strategy = cls(load_experiment(None, [f'strategy.name="{name}"']), {})
+        each = load_experiment(None, [f'strategy.name="{name}"', f"model.path={tiny_bert.path}"])
+        strategy = cls(each, initial_state(each))
         keeps = bool(strategy.client_plan(0, 1).keep_local)
         assert cls.keeps_client_state == keeps, name
     assert registry.get("fedsa-lora").keeps_client_state and cfg.federation.fraction_evaluate == 0.0
