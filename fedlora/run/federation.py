@@ -70,6 +70,7 @@ def run_federation(
         saved = checkpoint.load(run_dir.checkpoint_path)
         strategy.restore(saved.global_state, saved.base_offsets, saved.strategy)
         loop.restore(saved.global_state)
+        loop.clock.restore(saved.row)
         rows = run_dir.keep_rounds(saved.round, saved.row)
         before_s = saved.wall_s
         log.warning("fedlora: resuming after round %s", saved.round)
@@ -138,6 +139,8 @@ def _summary(
         "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
         "total_failed": sum(r.get("num_failed") or 0 for r in rows),
         "total_rejected": sum(r.get("num_rejected") or 0 for r in rows),
+        "total_dropped": sum(r.get("num_dropped") or 0 for r in rows),
+        **_clock_summary(rows),
         "wall_s": wall_s,
         **_privacy_summary(cfg, rows),
         "versions": versions(),
@@ -154,3 +157,15 @@ def _privacy_summary(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[
         "delta": cfg.privacy.delta,
         "total_declined": int(sum(r.get("num_declined", 0) for r in rows)),
     }
+
+
+def _clock_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The virtual clock's totals (nothing without device classes): the run's virtual time and, under
+    FedBuff, how stale the aggregated updates were (server steps -> updates)."""
+    if not rows or "virtual_time_s" not in rows[-1]:
+        return {}
+    found: dict[str, Any] = {"virtual_time_s": rows[-1]["virtual_time_s"]}
+    stale = [s for r in rows for s in r.get("staleness", [])]
+    if stale:
+        found["staleness_histogram"] = {str(k): stale.count(k) for k in sorted(set(stale))}
+    return found
