@@ -79,3 +79,33 @@ def test_a_slow_class_misses_the_deadline_and_is_counted(run_in_memory, tiny_ber
 def test_without_device_classes_rows_have_no_clock(run_in_memory, tiny_bert, topics_csv) -> None:  # type: ignore[no-untyped-def]
     got = rows(run_in_memory(experiment(tiny_bert.path, topics_csv), "plain"))
     assert all("virtual_time_s" not in r and r["num_dropped"] == 0 for r in got)
+
+
+@pytest.mark.parametrize("strategy", ["fedit", "ffa-lora"])
+def test_fedbuff_runs_end_to_end_and_records_staleness(
+    run_in_memory, tiny_bert, topics_csv, strategy
+) -> None:  # type: ignore[no-untyped-def]
+    fedbuff = (
+        'schedule.mode="fedbuff"',
+        "schedule.concurrency=3",
+        "schedule.buffer=2",
+        "federation.rounds=3",
+    )
+    cfg = experiment(tiny_bert.path, topics_csv, FAST_SLOW, f'strategy.name="{strategy}"', *fedbuff)
+    run = run_in_memory(cfg, strategy)
+    got = rows(run)
+    assert [r["round"] for r in got] == [1, 2, 3] and all(r["num_clients"] == 2 for r in got)
+    assert [r["virtual_time_s"] for r in got] == sorted(r["virtual_time_s"] for r in got)
+    summary = json.loads((run / "summary.json").read_text())
+    stale = [s for r in got for s in r["staleness"]]
+    assert sum(summary["staleness_histogram"].values()) == len(stale) == 6
+    assert summary["staleness_histogram"] == {str(s): stale.count(s) for s in sorted(set(stale))}
+    clients = [json.loads(line) for line in (run / "clients.jsonl").read_text().splitlines()]
+    assert sorted(c["staleness"] for c in clients if c["phase"] == "train") == sorted(stale)
+    if strategy == "fedit":  # the same seed, the same steps: arrivals come from the virtual clock
+        again = rows(run_in_memory(cfg, "again"))
+        assert [untimed(r) for r in again] == [untimed(r) for r in got]
+
+
+def untimed(row: dict) -> dict:  # type: ignore[type-arg]
+    return {k: v for k, v in row.items() if k not in ("wall_s", "aggregate_s")}

@@ -18,12 +18,13 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedlora.core.config import ExperimentConfig
+from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.model.adapters import save_adapter
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.records.rundir import RunDirectory, versions
 from fedlora.privacy.mechanisms import registry as mechanisms
 from fedlora.run import checkpoint
+from fedlora.run.buffered import BufferedLoop
 from fedlora.run.evaluation import Evaluator, global_model
 from fedlora.run.progress import Listener
 from fedlora.run.rounds import RoundLoop
@@ -51,6 +52,8 @@ def run_federation(
     (:mod:`fedlora.core.records.store`); any virtual node can then play any partition, so the server assigns
     partitions to nodes instead of asking every node for its own (:mod:`fedlora.server.sampling`).
     """
+    if resume and cfg.schedule.mode == "fedbuff":
+        raise ConfigError("a FedBuff run cannot be resumed: its clients in flight are not checkpointed")
     started = time.monotonic()
     listener = listener or Listener()
     strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
@@ -60,7 +63,8 @@ def run_federation(
     config: dict[str, Any] = {protocol.EXPERIMENT: cfg.to_toml()}
     if client_state_dir is not None:
         config[protocol.STATE_DIR] = str(Path(client_state_dir).resolve())
-    loop = RoundLoop(grid, cfg, strategy, evaluate, ConfigRecord(config), listener)
+    loop_class = BufferedLoop if cfg.schedule.mode == "fedbuff" else RoundLoop
+    loop = loop_class(grid, cfg, strategy, evaluate, ConfigRecord(config), listener)
     rows: list[dict[str, Any]] = []
     zero_shot = _zero_shot(cfg, evaluate)
     if zero_shot:
