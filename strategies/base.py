@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.core.config import ExperimentConfig
+from fedlora.core.devices.profiles import class_of
 from fedlora.core.model.arrays import State, from_arrays, is_lora_a, is_lora_b, payload_bytes, to_arrays
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.protocol.plan import ClientPlan
@@ -101,6 +102,16 @@ class LoraStrategy(Strategy):
         """Instructions for one client in one round (default: train everything, reply with what came)."""
         return ClientPlan(rank=self.cfg.lora.rank)
 
+    def device_rank(self, partition_id: int, ranks: Sequence[int] = ()) -> int:
+        """Client ``partition_id``'s LoRA rank for strategies with per-client ranks: its device class's
+        ``rank`` when the class sets one, else ``ranks`` cycled over partition ids, else lora.rank."""
+        cfg = self.cfg
+        if cfg.devices.enabled:
+            rank = class_of(cfg.devices, cfg.seed, cfg.federation.num_clients, partition_id).rank
+            if rank:
+                return rank
+        return ranks[partition_id % len(ranks)] if ranks else cfg.lora.rank
+
     def outgoing(self, global_state: State) -> State:
         """The tensors sent to every sampled client (default: the whole global adapter)."""
         return dict(global_state)
@@ -129,6 +140,11 @@ class LoraStrategy(Strategy):
                 shape = (shape[0], plan.rank)
             spec[key] = (shape, value.dtype)
         return spec
+
+    def client_arrays(self, partition_id: int, sent: State) -> State | None:
+        """The arrays sent to client ``partition_id`` when they differ between clients (HetLoRA and
+        FlexLoRA: truncated to the client's rank); default None: every client gets ``sent``."""
+        return None
 
     def offsets_message(
         self, partition_id: int, full: dict[str, Any]
@@ -167,8 +183,9 @@ class LoraStrategy(Strategy):
         self, server_round: int, config: ConfigRecord, chosen: dict[int, int], kind: str
     ) -> list[Message]:
         """Messages to the chosen nodes (partition -> node), sharing one copy of the arrays."""
+        sent = self.outgoing(self.global_state)
         shared: dict[str, Any] = {
-            protocol.ARRAYS: to_arrays(self.outgoing(self.global_state)),
+            protocol.ARRAYS: to_arrays(sent),
             protocol.CONFIG: ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round}),
         }
         offsets: dict[str, Any] = {}
@@ -176,12 +193,14 @@ class LoraStrategy(Strategy):
             offsets[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets)
         config = shared[protocol.CONFIG]
         per_client = {pid: self.offsets_message(pid, offsets) for pid in chosen}
+        own = {pid: {protocol.ARRAYS: to_arrays(a)} for pid in chosen if (a := self.client_arrays(pid, sent))}
         return [
             Message(
                 RecordDict(
                     {
                         **shared,
                         **per_client[pid][0],
+                        **own.get(pid, {}),
                         protocol.CONFIG: self._assigned(_with(config, per_client[pid][1]), pid),
                         protocol.PLAN: self.client_plan(pid, server_round).to_config(),
                     }
@@ -255,8 +274,10 @@ class LoraStrategy(Strategy):
         return valid
 
     def _problem(self, reply: Message, server_round: int) -> str | None:
-        expected = self.expected_reply(reply_of.partition_of(reply), server_round)
-        return reply_of.problem(reply, expected, self._sent, self.cfg.robustness.max_update_norm)
+        pid = reply_of.partition_of(reply)
+        expected = self.expected_reply(pid, server_round)
+        sent = self.client_arrays(pid, self._sent) if pid >= 0 else None
+        return reply_of.problem(reply, expected, sent or self._sent, self.cfg.robustness.max_update_norm)
 
     def _check_enough(self, server_round: int, replies: Sequence[Message], answered: int) -> None:
         """Fail the round when fewer than min_clients valid replies arrived (or than were sampled, if

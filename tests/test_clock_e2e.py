@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from fedlora.core.config import ExperimentConfig
 from fedlora.core.data.sources import write_table
@@ -109,3 +110,23 @@ def test_fedbuff_runs_end_to_end_and_records_staleness(
 
 def untimed(row: dict) -> dict:  # type: ignore[type-arg]
     return {k: v for k, v in row.items() if k not in ("wall_s", "aggregate_s")}
+
+
+RANKED = 'devices.classes=[{name="phone", share=0.5, speed=0.25, rank=2}, {name="laptop", share=0.5, rank=8}]'
+
+
+@pytest.mark.parametrize("strategy", ["hetlora", "flexlora"])
+def test_heterogeneous_ranks_by_device_class_end_to_end(
+    run_in_memory, tiny_bert, topics_csv, strategy
+) -> None:  # type: ignore[no-untyped-def]
+    extra = ["strategy.options={prune_weight=0.01}"] if strategy == "hetlora" else []
+    cfg = experiment(tiny_bert.path, topics_csv, RANKED, f'strategy.name="{strategy}"', *extra)
+    run = run_in_memory(cfg, strategy)
+    got = rows(run)
+    assert [r["num_clients"] for r in got] == [4, 4] and all(r["num_rejected"] == 0 for r in got)
+    assert all(r["eval_accuracy"] is not None for r in got)
+    clients = [json.loads(line) for line in (run / "clients.jsonl").read_text().splitlines()]
+    if strategy == "hetlora":  # the pruning penalty's tail norms travel back
+        assert all("tail_norm_before" in c and "tail_norm_after" in c for c in clients)
+    saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert {v.shape[0] for k, v in saved.items() if ".lora_A." in k} == {8}  # the global adapter: r_max

@@ -31,6 +31,9 @@ class ClientPlan:
         adapter and head key); always minus keep_local.
     a_init: 'kaiming' (peft's initialisation from the experiment seed) or 'orthogonal' (orthonormal rows
         from the experiment seed, scaled like Kaiming-uniform); used by FFA-LoRA's frozen A.
+    prune_from, prune_weight: rank self-pruning (HetLoRA): with ``prune_weight`` > 0 the local loss gets
+        prune_weight * ||B[:, prune_from:]||_F * ||A[prune_from:, :]||_F per adapted layer, and the reply
+        reports that tail's norm before and after training.
     """
 
     rank: int
@@ -39,13 +42,17 @@ class ClientPlan:
     reinit_seed: int | None = None
     reply: str = "received"
     a_init: str = "kaiming"
+    prune_from: int = 0
+    prune_weight: float = 0.0
 
     def __post_init__(self) -> None:
         bad = sorted((self.freeze | self.keep_local) - set(KINDS))
-        if bad or self.rank < 1 or self.reply not in REPLIES or self.a_init not in A_INITS:
+        pruning = self.prune_weight >= 0 and 0 <= self.prune_from <= self.rank
+        if bad or self.rank < 1 or self.reply not in REPLIES or self.a_init not in A_INITS or not pruning:
             raise ValueError(
                 f"invalid client plan: rank {self.rank}, kinds {bad} (valid: {', '.join(KINDS)}), "
-                f"reply {self.reply!r} (valid: {', '.join(REPLIES)}), a_init {self.a_init!r}"
+                f"reply {self.reply!r} (valid: {', '.join(REPLIES)}), a_init {self.a_init!r}, "
+                f"prune_from {self.prune_from}, prune_weight {self.prune_weight}"
             )
 
     def reply_keys(self, received: Iterable[str], adapter: Iterable[str]) -> list[str]:
@@ -65,6 +72,8 @@ class ClientPlan:
                 "reinit-seed": -1 if self.reinit_seed is None else self.reinit_seed,
                 "reply": self.reply,
                 "a-init": self.a_init,
+                "prune-from": self.prune_from,
+                "prune-weight": self.prune_weight,
             }
         )
 
@@ -80,6 +89,8 @@ class ClientPlan:
                 reinit_seed=None if seed < 0 else seed,
                 reply=str(record["reply"]),
                 a_init=str(record["a-init"]),
+                prune_from=int(record.get("prune-from", 0)),  # type: ignore[call-overload]
+                prune_weight=float(record.get("prune-weight", 0.0)),  # type: ignore[arg-type]
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"the message's client plan is malformed ({exc!r})") from None
