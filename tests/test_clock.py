@@ -11,6 +11,9 @@ import pytest
 from fedlora.core.config import ConfigError, load_config
 from fedlora.core.devices.clock import Trip, staleness_weight, sync_round, trip, trip_seconds
 from fedlora.core.devices.profiles import DeviceClass, DevicesConfig, available, class_counts, class_of
+from fedlora.core.records.rundir import RunDirectory
+from fedlora.report import paired, plots
+from fedlora.report.results import group, load_run, markdown, table
 
 PHONE = DeviceClass(name="phone", share=1.0, speed=0.25, uplink_mbps=2.0, downlink_mbps=8.0, latency_s=0.1)
 THREE = (
@@ -120,3 +123,49 @@ def test_bad_device_settings_are_one_line_errors(overrides: list[str], message: 
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _timed_run(path: Path, strategy: str, seed: int, accuracy: list[float], seconds: list[float]) -> Path:
+    """A finished run directory whose rows carry the device clock's cumulative ``virtual_time_s``."""
+    cfg = load_config(None, [f'strategy.name="{strategy}"', f"seed={seed}"])
+    run = RunDirectory(path)
+    run.create(cfg)
+    for i, (acc, t) in enumerate(zip(accuracy, seconds, strict=True), start=1):
+        run.append_round({"round": i, "eval_accuracy": acc, "uplink_bytes": 100, "virtual_time_s": t})
+    summary = {
+        "name": cfg.name,
+        "strategy": strategy,
+        "rounds": len(accuracy),
+        "final_eval_accuracy": accuracy[-1],
+        "best_eval_accuracy": max(accuracy),
+        "majority_accuracy": 0.4,
+        "total_uplink_bytes": 100 * len(accuracy),
+        "total_downlink_bytes": 200 * len(accuracy),
+        "wall_s": 1.0,
+        "virtual_time_s": seconds[-1],
+    }
+    run.write_summary(summary)
+    return path
+
+
+def test_the_report_gives_virtual_time_to_target_beside_rounds_and_bytes(tmp_path: Path) -> None:
+    runs = [
+        _timed_run(tmp_path / "a0", "fedit", 0, [0.5, 0.65, 0.7], [100.0, 250.0, 400.0]),
+        _timed_run(tmp_path / "a1", "fedit", 1, [0.62, 0.66, 0.7], [90.0, 200.0, 310.0]),
+        _timed_run(tmp_path / "b0", "ffa-lora", 0, [0.5, 0.55, 0.61], [60.0, 120.0, 180.0]),
+        _timed_run(tmp_path / "b1", "ffa-lora", 1, [0.5, 0.55, 0.58], [60.0, 120.0, 180.0]),
+    ]
+    results = [load_run(r, cell=r.name[0], levels={}, target=0.6) for r in runs]
+    assert [r.virtual_s_to_target for r in results] == [250.0, 90.0, 180.0, None]
+    assert [r.virtual_time_s for r in results] == [400.0, 310.0, 180.0, 180.0]
+    cells = group(results)
+    header, rows = table(cells, 0.6)
+    col = header.index("virtual s to 60%")
+    assert header[col - 1] == "rounds to 60%"
+    assert rows[0][col] == "**170 ± 113**" and rows[1][col] == "180 †"  # less is better
+    header, rows = paired.table(cells, paired.pairings(cells, "a")[0], 0.6)
+    assert header[-3:] == ["rounds to 60%", "uplink MB to 60%", "virtual s to 60%"]
+    assert rows[0][-1] == "170" and rows[1][-1] == "180"
+    assert "Virtual time: seconds on the device clock" in markdown(cells, 0.6)
+    png = plots.accuracy_vs_virtual_time(cells, tmp_path / "virtual.png", "accuracy against virtual time")
+    assert png is not None and png.stat().st_size > 10_000
