@@ -15,10 +15,11 @@ weighted sum (``linear_aggregate``): each reply is rewritten as x + eta_g s(tau_
 (:func:`stale_update`), and the strategy's own aggregate of those is exactly the step above.
 
 The order of arrival is the virtual clock's, never the wall clock's, so a run is deterministic for a
-seed. A message is sent when its client is dispatched (so the clients of a simulation train in
-parallel) and its reply is read when the clock says it arrives. A client that drops mid-trip is never
-sent its message; its slot is refilled when it vanishes. One server step is one row of ``rounds.jsonl``
-(``round`` counts steps), with the staleness of each update it aggregated.
+seed. A client's message is built when it is dispatched (with the model of that moment) and sent when
+the clock says its reply is needed: the B messages of a server step go out together (the clients of a
+simulation train them in parallel), and no message is left running when the run ends. A client that
+drops mid-trip is never sent its message; its slot is refilled when it vanishes. One server step is one
+row of ``rounds.jsonl`` (``round`` counts steps), with the staleness of each update it aggregated.
 """
 
 from __future__ import annotations
@@ -70,8 +71,8 @@ class InFlight:
     partition_id: int = field(compare=False)
     version: int = field(compare=False)
     """Server steps done when it was dispatched (the model it trains on)."""
-    message_id: str | None = field(compare=False)
-    """The message sent to it; None when it drops mid-trip (never sent)."""
+    message: Message | None = field(compare=False)
+    """Its message, built at dispatch; None when it drops mid-trip (never sent)."""
 
 
 class BufferedLoop(RoundLoop):
@@ -111,7 +112,7 @@ class BufferedLoop(RoundLoop):
         while len(arrived) < self.cfg.schedule.buffer and self.flying:
             done = heapq.heappop(self.flying)
             self.now = done.end_s
-            if done.message_id is None:
+            if done.message is None:
                 dropped += 1
             else:
                 arrived.append(done)
@@ -148,8 +149,8 @@ class BufferedLoop(RoundLoop):
         message = strategy.train_messages(server_round, self.config, {pid: self._node(pid)})[0]
         up = spec_bytes(strategy.expected_reply(pid, server_round))
         trip = self.times.trip(self.seq, pid, message_bytes(message.content), up)
-        sent = None if trip.drop_s is not None else next(iter(self.grid.push_messages([message])))
-        heapq.heappush(self.flying, InFlight(self.now + trip.end_s, self.seq, pid, self.version, sent))
+        kept = None if trip.drop_s is not None else message
+        heapq.heappush(self.flying, InFlight(self.now + trip.end_s, self.seq, pid, self.version, kept))
         return True
 
     def _pick(self, server_round: int) -> int | None:
@@ -183,9 +184,11 @@ class BufferedLoop(RoundLoop):
 
     # ----- collect ------------------------------------------------------------------------------
     def _collect(self, arrived: list[InFlight], server_round: int, t0: float) -> list[Message]:
-        """The replies of the clients that ``arrived`` on the clock (waiting for them up to
+        """Send the messages of the clients that ``arrived`` on the clock and collect their replies (up to
         ``federation.round_timeout``), each rewritten as its staleness-weighted update."""
-        wanted = {a.message_id: a for a in arrived if a.message_id is not None}
+        STOP.check()
+        messages = [a.message for a in arrived if a.message is not None]
+        wanted = dict(zip(self.grid.push_messages(messages), arrived, strict=True))
         limit = time.monotonic() + self.cfg.federation.round_timeout
         while True:
             missing = [m for m in wanted if m not in self.replies]
