@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedlora.core.config import ExperimentConfig
+from fedlora.core.devices.profiles import class_of
 from fedlora.core.model.arrays import State, from_arrays, is_lora_a, is_lora_b, payload_bytes, to_arrays
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.protocol.plan import ClientPlan
@@ -100,6 +101,8 @@ class LoraStrategy(Strategy):
         self.client_rows: list[dict[str, Any]] = []
         """This round's ``clients.jsonl`` lines (:func:`fedlora.server.replies.client_row`)."""
         self._sent: State = {}
+        self.chosen: dict[int, int] = {}
+        """Partition -> node of the last TRAIN messages built, in their order."""
         self.server_round = 1
         """The round being played: set by :meth:`configure_train`, read by hooks that depend on it."""
 
@@ -112,6 +115,16 @@ class LoraStrategy(Strategy):
     def client_plan(self, partition_id: int, server_round: int) -> ClientPlan:
         """Instructions for one client in one round (default: train everything, reply with what came)."""
         return ClientPlan(rank=self.cfg.lora.rank)
+
+    def device_rank(self, partition_id: int, ranks: Sequence[int] = ()) -> int:
+        """Client ``partition_id``'s LoRA rank for strategies with per-client ranks: its device class's
+        ``rank`` when the class sets one, else ``ranks`` cycled over partition ids, else lora.rank."""
+        cfg = self.cfg
+        if cfg.devices.enabled:
+            rank = class_of(cfg.devices, cfg.seed, cfg.federation.num_clients, partition_id).rank
+            if rank:
+                return rank
+        return ranks[partition_id % len(ranks)] if ranks else cfg.lora.rank
 
     def outgoing(self, global_state: State) -> State:
         """The tensors sent to every sampled client (default: the whole global adapter)."""
@@ -142,6 +155,11 @@ class LoraStrategy(Strategy):
             spec[key] = (shape, value.dtype)
         return spec
 
+    def client_arrays(self, partition_id: int, sent: State) -> State | None:
+        """The arrays sent to client ``partition_id`` when they differ between clients (HetLoRA and
+        FlexLoRA: truncated to the client's rank); default None: every client gets ``sent``."""
+        return None
+
     def offsets_message(
         self, partition_id: int, full: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, int]]:
@@ -161,7 +179,14 @@ class LoraStrategy(Strategy):
         """One TRAIN message per sampled client: the arrays that travel, its plan, the config."""
         self.server_round = server_round
         self.global_state = from_arrays(arrays)
-        chosen = self.sampler.sample(grid, training=True)
+        return self.train_messages(server_round, config, self.sampler.sample(grid, training=True))
+
+    def train_messages(
+        self, server_round: int, config: ConfigRecord, chosen: dict[int, int]
+    ) -> list[Message]:
+        """TRAIN messages with the current global state to ``chosen`` (partition -> node), in its order;
+        the round's traffic and counts start from them."""
+        self.chosen = dict(chosen)
         self._sent = self.outgoing(self.global_state)
         messages = self._messages(server_round, config, chosen, MessageType.TRAIN)
         self.traffic = RoundTraffic(downlink=sum(arrays_bytes(m.content) for m in messages))
@@ -172,8 +197,9 @@ class LoraStrategy(Strategy):
         self, server_round: int, config: ConfigRecord, chosen: dict[int, int], kind: str
     ) -> list[Message]:
         """Messages to the chosen nodes (partition -> node), sharing one copy of the arrays."""
+        sent = self.outgoing(self.global_state)
         shared: dict[str, Any] = {
-            protocol.ARRAYS: to_arrays(self.outgoing(self.global_state), self.cfg.compression.downlink),
+            protocol.ARRAYS: to_arrays(sent, self.cfg.compression.downlink),
             protocol.CONFIG: ConfigRecord({**dict(config), protocol.SERVER_ROUND: server_round}),
         }
         offsets: dict[str, Any] = {}
@@ -181,12 +207,19 @@ class LoraStrategy(Strategy):
             offsets[protocol.BASE_OFFSETS] = to_arrays(self.base_offsets, self.cfg.compression.downlink)
         config = shared[protocol.CONFIG]
         per_client = {pid: self.offsets_message(pid, offsets) for pid in chosen}
+        down = self.cfg.compression.downlink
+        own = {
+            pid: {protocol.ARRAYS: to_arrays(a, down)}
+            for pid in chosen
+            if (a := self.client_arrays(pid, sent))
+        }
         return [
             Message(
                 RecordDict(
                     {
                         **shared,
                         **per_client[pid][0],
+                        **own.get(pid, {}),
                         protocol.CONFIG: self._assigned(_with(config, per_client[pid][1]), pid),
                         protocol.PLAN: self.client_plan(pid, server_round).to_config(),
                     }
@@ -215,8 +248,10 @@ class LoraStrategy(Strategy):
         replies = list(replies)
         # Sorted by partition, so that sums are taken in the same order in every run.
         ok = sorted((r for r in replies if not r.has_error()), key=reply_of.partition_of)
-        sampled = self.counts.sampled
-        self.counts = RoundCounts(sampled=sampled, replied=len(ok), failed=sampled - len(ok))
+        sampled, dropped = self.counts.sampled, self.counts.dropped
+        self.counts = RoundCounts(
+            sampled, replied=len(ok), failed=sampled - dropped - len(ok), dropped=dropped
+        )
         self.client_rows = []
         for reply in replies:
             if reply.has_error():
@@ -264,9 +299,11 @@ class LoraStrategy(Strategy):
         return self.cfg.compression.uplink != "none"
 
     def _problem(self, reply: Message, server_round: int) -> str | None:
-        expected = self.expected_reply(reply_of.partition_of(reply), server_round)
+        pid = reply_of.partition_of(reply)
+        expected = self.expected_reply(pid, server_round)
+        sent = self.client_arrays(pid, self._sent) if pid >= 0 else None
         return reply_of.problem(
-            reply, expected, self._sent, self.cfg.robustness.max_update_norm, updates=self._updates
+            reply, expected, sent or self._sent, self.cfg.robustness.max_update_norm, updates=self._updates
         )
 
     def _check_enough(self, server_round: int, replies: Sequence[Message], answered: int) -> None:
@@ -279,7 +316,9 @@ class LoraStrategy(Strategy):
         c = self.counts
         raise RoundFailedError(
             f"round {server_round}: {answered} valid replies from {c.sampled} sampled clients "
-            f"({c.failed} failed, {c.rejected} rejected), fewer than federation.min_clients = "
+            f"({c.failed} failed, {c.rejected} rejected"
+            + (f", {c.dropped} dropped on the virtual clock" if c.dropped else "")
+            + "), fewer than federation.min_clients = "
             f"{self.cfg.federation.min_clients}"
             + (f"; first client error: {reply_of.last_line(errors[0])}" if errors else "")
         )

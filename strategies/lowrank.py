@@ -19,6 +19,7 @@ FFA-LoRA needs no function here: A is shared and frozen, so averaging B alone wi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -196,3 +197,52 @@ def add_to_offsets(
         key = base_weight_key(layer)
         result[key] = result[key] + delta if key in result else delta
     return result
+
+
+def rank_factor(scale_max: float, scale_k: float) -> float:
+    """c_k = sqrt(s_max / s_k): a rank-r_max adapter's first r_k rows of A and columns of B, both
+    multiplied by c_k, give at the client's scale s_k the same product as at s_max:
+    s_k (c_k B_r)(c_k A_r) = s_max B_r A_r. One alpha convention for every rank."""
+    return math.sqrt(scale_max / scale_k)
+
+
+def truncate_state(state: Mapping[str, Tensor], rank: int, factor: float) -> dict[str, Tensor]:
+    """``state`` with every LoRA A cut to its first ``rank`` rows and every B to its first ``rank``
+    columns, both multiplied by ``factor`` (:func:`rank_factor`); other keys unchanged."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(LORA_A_SUFFIX):
+            out[key] = (value[:rank] * factor).contiguous()
+        elif key.endswith(LORA_B_SUFFIX):
+            out[key] = (value[:, :rank] * factor).contiguous()
+        else:
+            out[key] = value
+    return out
+
+
+def pad_factors(a: Tensor, b: Tensor, rank: int, factor: float) -> tuple[Tensor, Tensor]:
+    """HetLoRA's zero-padding: A_k (r_k x d_in) and B_k (d_out x r_k), divided by ``factor`` (the
+    inverse of :func:`truncate_state`), padded with zero rows of A and zero columns of B to ``rank``."""
+    r_k = a.shape[0]
+    if r_k > rank or b.shape[1] != r_k:
+        raise ValueError(f"cannot pad A {tuple(a.shape)} and B {tuple(b.shape)} to rank {rank}")
+    a_pad = torch.zeros(rank, a.shape[1], dtype=a.dtype, device=a.device)
+    b_pad = torch.zeros(b.shape[0], rank, dtype=b.dtype, device=b.device)
+    a_pad[:r_k] = a / factor
+    b_pad[:, :r_k] = b / factor
+    return a_pad, b_pad
+
+
+def svd_factors(delta: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor]:
+    """The best rank-``rank`` approximation of ``delta`` (Eckart-Young: its truncated SVD) as LoRA
+    factors at scale s: A = sqrt(S_r / s) V_r^T, B = U_r sqrt(S_r / s), so s B A = U_r S_r V_r^T.
+    Components are ordered by singular value, so the first r_k of them are the best rank-r_k one.
+    Computed in float64, returned in ``delta``'s dtype; a rank above min(d_out, d_in) is padded with zeros."""
+    u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    keep = min(rank, s.shape[0])
+    root = torch.sqrt(s[:keep] / scale)
+    a = torch.zeros(rank, delta.shape[1], dtype=torch.float64, device=delta.device)
+    b = torch.zeros(delta.shape[0], rank, dtype=torch.float64, device=delta.device)
+    a[:keep] = root[:, None] * vh[:keep]
+    b[:, :keep] = u[:, :keep] * root[None, :]
+    return a.to(delta.dtype), b.to(delta.dtype)

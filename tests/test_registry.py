@@ -124,7 +124,7 @@ def test_a_round_through_flowers_contract_keeps_the_adapter_shape(name: str, tas
         assert plan == strategy.client_plan(pid, 1)
     arrays, metrics = strategy.aggregate_train(1, replies_to(messages, before))
     assert strategy.counts.as_row() == {
-        "num_sampled": NODES, "num_replied": NODES, "num_failed": 0, "num_rejected": 0
+        "num_sampled": NODES, "num_replied": NODES, "num_failed": 0, "num_rejected": 0, "num_dropped": 0
     }  # fmt: skip
     assert metrics is not None and metrics["num_clients"] == NODES
     after = from_arrays(arrays)

@@ -33,7 +33,7 @@ def ideal(updates, weights, layer, scales=None):  # type: ignore[no-untyped-def]
     )
 
 
-REFACTORISED = {"fedsvd"}
+REFACTORISED = {"fedsvd", "flexlora"}
 """Strategies whose server re-factorises B·A (same product, new factors)."""
 
 

@@ -162,9 +162,10 @@ def _print_estimate(grid: Any, todo: list[Any], done: int, jobs: int) -> None:
     load = os.getloadavg()[0]
 
     def announce(task: Any) -> None:
-        strategy, privacy = cost_key(task.config)
+        strategy, privacy, *schedule = cost_key(task.config)
         typer.echo(
-            f"calibrating {strategy} / privacy {privacy}: 3 rounds of '{task.label}' seed {task.seed}..."
+            f"calibrating {strategy} / privacy {privacy}{''.join(f' / {s}' for s in schedule)}: "
+            f"3 rounds of '{task.label}' seed {task.seed}..."
         )
 
     def measured(task: Any, cal: Any) -> None:

@@ -54,9 +54,15 @@ class Calibration:
         return self.overhead_s + fed.rounds * self.train_s + evaluated * self.eval_s
 
 
-def cost_key(cfg: ExperimentConfig) -> tuple[str, str]:
-    """Runs with the same key are taken to cost the same per round: (strategy, privacy mode)."""
-    return cfg.strategy.name, cfg.privacy.mode
+def cost_key(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """Runs with the same key are taken to cost the same per round: (strategy, privacy mode), plus the
+    schedule when rounds are not plain synchronous ones (a deadline leaves clients out; a FedBuff step
+    trains ``schedule.buffer`` clients)."""
+    key = (cfg.strategy.name, cfg.privacy.mode)
+    schedule = cfg.schedule
+    if schedule.mode != "sync":
+        return (*key, schedule.mode)
+    return (*key, "deadline") if schedule.deadline_s or schedule.over_select else key
 
 
 def measure(task: Task, workdir: Path) -> Calibration:
@@ -95,7 +101,7 @@ def measure(task: Task, workdir: Path) -> Calibration:
 class Estimate:
     """The calibrations by cost key, and the expected seconds of every run still to do."""
 
-    calibrations: dict[tuple[str, str], Calibration]
+    calibrations: dict[tuple[str, ...], Calibration]
     seconds: dict[str, float]
     """Task key -> expected wall seconds."""
     jobs: int
@@ -105,7 +111,7 @@ class Estimate:
         """Expected wall seconds of the whole grid (runs spread over ``jobs`` slots)."""
         return sum(self.seconds.values()) / self.jobs
 
-    def per_key(self, tasks: list[Task]) -> list[tuple[tuple[str, str], int, Calibration, float]]:
+    def per_key(self, tasks: list[Task]) -> list[tuple[tuple[str, ...], int, Calibration, float]]:
         """Per cost key: (key, its number of runs among ``tasks``, its calibration, their expected
         minutes in total)."""
         rows = []
@@ -125,7 +131,7 @@ def estimate(
 ) -> Estimate:
     """Calibrate one run per cost key of ``tasks`` (in a temporary directory; ``measure_with`` defaults
     to :func:`measure`) and estimate them all."""
-    calibrations: dict[tuple[str, str], Calibration] = {}
+    calibrations: dict[tuple[str, ...], Calibration] = {}
     for task in tasks:
         key = cost_key(task.config)
         if key in calibrations:

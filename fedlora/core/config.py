@@ -2,7 +2,8 @@
 
 An experiment is a TOML file whose tables mirror the dataclasses below
 (``[data]``, ``[model]``, ``[lora]``, ``[train]``, ``[federation]``, ``[strategy]``, ``[privacy]``,
-``[robustness]``, ``[faults]``, ``[compression]``),
+``[robustness]``, ``[faults]``, ``[compression]``, and ``[devices]``, ``[schedule]`` from
+:mod:`fedlora.core.devices.profiles`),
 plus ``--set section.key=value`` overrides. Unknown keys, wrong types and
 impossible values raise :class:`ConfigError` with one line that names the key,
 the value got and the valid choices.
@@ -18,7 +19,9 @@ from typing import Any
 
 import tomli_w
 
-from fedlora.core.typed_toml import ConfigError, apply_overrides, build, read_toml
+from fedlora.core.devices.profiles import DevicesConfig, ScheduleConfig, check_devices
+from fedlora.core.errors import ConfigError
+from fedlora.core.typed_toml import apply_overrides, build, read_toml
 
 PARTITIONERS = ("natural", "dirichlet", "iid", "shards")
 TWEETS = "tweets"
@@ -434,6 +437,8 @@ class ExperimentConfig:
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.task.strip()), "task", self.task, "a registered task (see `fedlora tasks`)")
@@ -468,6 +473,16 @@ def _check_cross(config: ExperimentConfig) -> None:
     _check_sizes(config)
     _check_faults(config)
     _check_compression(config)
+    fed = config.federation
+    check_devices(
+        config.devices,
+        config.schedule,
+        lora_rank=config.lora.rank,
+        local_epochs=config.train.local_epochs,
+        privacy_mode=config.privacy.mode,
+        clients_per_round=fed.clients_per_round(),
+        num_clients=fed.num_clients,
+    )
 
 
 def _check_sizes(config: ExperimentConfig) -> None:

@@ -12,9 +12,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A user error in an experiment file or override; the message is one line."""
+from fedlora.core.errors import ConfigError
 
 
 def build(cls: type[Any], data: Any, prefix: str) -> Any:

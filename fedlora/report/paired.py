@@ -259,14 +259,17 @@ def _mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def to_target(cell: CellStats) -> tuple[str, str]:
-    """Mean rounds and uplink MB to the target over the seeds that reached it, with ``k/n`` reached."""
+def to_target(cell: CellStats, timed: bool = False) -> tuple[str, ...]:
+    """Mean rounds and uplink MB to the target over the seeds that reached it, with ``k/n`` reached;
+    with ``timed`` also the mean virtual seconds to it (the device clock)."""
     rounds = cell.values("rounds_to_target")
     megabytes = cell.values("uplink_mb_to_target")
+    seconds = cell.values("virtual_s_to_target")
+    clock = (f"{_mean(seconds):.0f}" if seconds else "—",) if timed else ()
     if not rounds:
-        return "not reached", "—"
+        return ("not reached", "—", *(("—",) if timed else ()))
     reached = f" ({len(rounds)}/{len(cell.runs)})" if len(rounds) < len(cell.runs) else ""
-    return f"{_mean(rounds):.1f}{reached}", f"{_mean(megabytes):.2f}" if megabytes else "—"
+    return (f"{_mean(rounds):.1f}{reached}", f"{_mean(megabytes):.2f}" if megabytes else "—", *clock)
 
 
 def table(cells: list[CellStats], pairing: Pairing, target: float) -> tuple[list[str], list[list[str]]]:
@@ -275,6 +278,8 @@ def table(cells: list[CellStats], pairing: Pairing, target: float) -> tuple[list
     for _, title in metrics(cells):
         header += [f"Δ {title} (pp) [95% CI]", f"{title}: verdict"]
     header += [f"rounds to {100 * target:g}%", f"uplink MB to {100 * target:g}%"]
+    timed = any(c.values("virtual_s_to_target") for c in cells)
+    header += [f"virtual s to {100 * target:g}%"] if timed else []
     rows = []
     results = iter(compare(cells, pairing))
     for base, paired in pairing.groups:
@@ -282,13 +287,13 @@ def table(cells: list[CellStats], pairing: Pairing, target: float) -> tuple[list
         for name, _ in metrics(cells):
             found = base.mean_std(name)
             base_row += [f"{100 * found[0]:.1f}% (mean)" if found else "—", ""]
-        rows.append(base_row + list(to_target(base)))
+        rows.append(base_row + list(to_target(base, timed)))
         for cell in paired:
             mine = next(results)
             row = [cell.label, pairs_text(mine[0])]
             for p in mine:
                 row += [interval_text(p.interval), p.verdict]
-            rows.append(row + list(to_target(cell)))
+            rows.append(row + list(to_target(cell, timed)))
     return header, rows
 
 

@@ -142,6 +142,28 @@ def accuracy_per_round(
     return _finish_panels(fig, axes, "test accuracy (%)", path, title)
 
 
+def accuracy_vs_virtual_time(cells: list[CellStats], path: Path, title: str) -> Path | None:
+    """Per cell, its mean test accuracy at each evaluated round against the mean virtual time (device
+    clock, ``virtual_time_s``) the run had reached by then, the range over seeds shaded; None when no
+    run has a virtual clock."""
+    timed = [c for c in cells if any(r.virtual_time_s is not None for r in c.runs)]
+    if not timed:
+        return None
+    fig, ax = plt.subplots(figsize=SIZE)
+    for cell, colour in zip(timed, _colours(len(timed)), strict=True):
+        scored = [[r for r in run.history if r.get("eval_accuracy") is not None] for run in cell.runs]
+        mean, low, high = _mean_min_max([[100 * float(r["eval_accuracy"]) for r in rows] for rows in scored])
+        hours = _mean_min_max(
+            [[float(r.get("virtual_time_s") or 0.0) / 3600 for r in rows] for rows in scored]
+        )[0]
+        ax.fill_between(hours, low, high, color=colour, alpha=0.2, linewidth=0)
+        ax.plot(hours, mean, color=colour, marker="o", markersize=3, label=cell.label)
+    _majority(ax, timed)
+    ax.set_xlabel("virtual time (hours on the device clock)")
+    ax.set_ylabel("test accuracy (%)")
+    return _finish(fig, ax, path, title)
+
+
 def loss_per_round(cells: list[CellStats], path: Path, title: str) -> Path | None:
     """Small multiples, one panel per cell: mean training loss (clients) and test loss per round."""
     if not any(_series(c, "train_loss")[0] or _series(c, "eval_loss")[0] for c in cells):

@@ -24,6 +24,8 @@ from fedlora.report.clients import (
     evaluation_rounds,
 )
 
+TO_TARGET = ("rounds_to_target", "virtual_s_to_target")
+"""Metrics averaged over the seeds that reached the target (``not reached`` and † otherwise)."""
 DEFAULT_TARGET = 0.6
 """Accuracy (0-1) a comparison counts rounds and bytes to when its grid sets no ``target_accuracy``."""
 
@@ -32,10 +34,12 @@ CSV_COLUMNS = (
     "best_accuracy",
     "rounds_to_target",
     "uplink_mb_to_target",
+    "virtual_s_to_target",
     "uplink_mb",
     "downlink_mb",
     "final_epsilon",
     "wall_s",
+    "virtual_time_s",
     "client_eval_round",
     "client_eval_clients",
     "client_mean_accuracy",
@@ -69,6 +73,11 @@ class RunResult:
     """Global test accuracy after each round (fractions)."""
     uplink_mb_to_target: float | None = None
     """Uplink MB of rounds 1 to ``rounds_to_target`` (None when the target was never reached)."""
+    virtual_s_to_target: float | None = None
+    """Virtual seconds (the device clock, ``virtual_time_s``) at the end of round ``rounds_to_target``
+    (None when the target was never reached, or the run had no device classes)."""
+    virtual_time_s: float | None = None
+    """The run's virtual seconds on the device clock (None without device classes)."""
     history: tuple[dict[str, Any], ...] = ()
     """The rows of ``rounds.jsonl`` (losses, traffic, failures and ε per round)."""
     total_failed: int = 0
@@ -135,10 +144,12 @@ METRICS = (
     Metric("final_accuracy", "final acc. (%)", True, 100.0),
     Metric("best_accuracy", "best acc. (%)", True, 100.0),
     Metric("rounds_to_target", "rounds to {target}", False),
+    Metric("virtual_s_to_target", "virtual s to {target}", False, digits=0),
     Metric("uplink_mb", "uplink (MB)", False, digits=2),
     Metric("downlink_mb", "downlink (MB)", False, digits=2),
     Metric("client_mean_accuracy", "client acc. (%)", True, 100.0),
     Metric("final_epsilon", "ε", False, digits=2, mark_best=False),
+    Metric("virtual_time_s", "virtual time (s)", False, digits=0),
     Metric("wall_s", "wall (s)", False, digits=0),
 )
 
@@ -149,9 +160,11 @@ def load_run(run_dir: Path, *, cell: str, levels: dict[str, str], target: float)
     rows = read_rounds(run_dir)
     accuracy = [float(r["eval_accuracy"]) for r in rows if r.get("eval_accuracy") is not None]
     reached = next((int(r["round"]) for r in rows if (r.get("eval_accuracy") or 0.0) >= target), None)
-    to_target = None
+    to_target, time_to_target = None, None
     if reached is not None:
         to_target = sum(int(r.get("uplink_bytes") or 0) for r in rows if int(r["round"]) <= reached) / 1e6
+        time_to_target = next(r.get("virtual_time_s") for r in rows if int(r["round"]) == reached)
+    virtual = summary.get("virtual_time_s")
     epsilon = summary.get("final_epsilon")
     return RunResult(
         cell=cell,
@@ -171,6 +184,8 @@ def load_run(run_dir: Path, *, cell: str, levels: dict[str, str], target: float)
         majority_accuracy=float(summary["majority_accuracy"]),
         accuracy=accuracy,
         uplink_mb_to_target=to_target,
+        virtual_s_to_target=None if time_to_target is None else float(time_to_target),
+        virtual_time_s=None if virtual is None else float(virtual),
         history=tuple(rows),
         total_failed=int(summary.get("total_failed") or 0),
         total_rejected=int(summary.get("total_rejected") or 0),
@@ -343,10 +358,10 @@ def _column(cells: list[CellStats], metric: Metric) -> list[str]:
     out = []
     for cell, s, value in zip(cells, stats, shown, strict=True):
         if s is None or value is None:
-            out.append("—" if metric.name != "rounds_to_target" else "not reached")
+            out.append("—" if metric.name not in TO_TARGET else "not reached")
             continue
         text = _format(s[0] * metric.scale, s[1] * metric.scale, metric.digits, len(cell.values(metric.name)))
-        if metric.name == "rounds_to_target" and len(cell.values(metric.name)) < len(cell.runs):
+        if metric.name in TO_TARGET and len(cell.values(metric.name)) < len(cell.runs):
             text += " †"
         out.append(f"**{text}**" if value == best else text)
     return out
@@ -377,6 +392,8 @@ def legend(cells: list[CellStats], target: float) -> str:
         f"majority class {100 * majority:.1f}%.",
         "Traffic: adapter arrays sent, all clients and rounds (MB = 10^6 bytes).",
     ]
+    if any(c.values("virtual_time_s") for c in cells):
+        parts.append("Virtual time: seconds on the device clock (docs/devices.md), not wall time.")
     if any("†" in row[i] for row in table(cells, target)[1] for i in range(len(row))):
         parts.append(f"† some seeds never reached {100 * target:g}%; mean over those that did.")
     if any(c.values("client_mean_accuracy") for c in cells):

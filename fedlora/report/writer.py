@@ -305,6 +305,11 @@ def _plots(
         "traffic": plots.traffic_per_round(
             cells, out / "traffic_per_round.png", f"{title}: traffic per round"
         ),
+        "virtual": plots.accuracy_vs_virtual_time(
+            cells,
+            out / "accuracy_vs_virtual_time.png",
+            f"{title}: test accuracy against virtual time ({per})",
+        ),
         "epsilon": plots.accuracy_vs_epsilon(
             cells,
             out / "accuracy_vs_epsilon.png",
@@ -368,7 +373,7 @@ def _html(
             f"Cells: strategy and what differs from {baseline.label}",
             html.table(*_cells_table(cells, baseline), text_columns=(1, 2)),
         ),
-        ("Accuracy and loss per round", figures("accuracy", "loss")),
+        ("Accuracy and loss per round", figures("accuracy", "virtual", "loss")),
         ("Traffic", figures("uplink", "traffic")),
     ]
     if "epsilon" in files:

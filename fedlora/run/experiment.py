@@ -40,7 +40,13 @@ def load_experiment(path: Path | None, overrides: list[str] | None = None) -> Ex
 def check_strategy(cfg: ExperimentConfig) -> ExperimentConfig:
     """Validate the task (its name and its own rules) and the strategy: its name, its options (filled with
     defaults), the privacy modes it allows."""
-    return registry.validate(tasks.validate(cfg))
+    cfg = registry.validate(tasks.validate(cfg))
+    if cfg.schedule.mode == "fedbuff" and not registry.get(cfg.strategy.name).linear_aggregate:
+        raise ConfigError(
+            f"schedule.mode = 'fedbuff' needs a strategy whose aggregate is a weighted sum; "
+            f"'{cfg.strategy.name}' is not one (use {', '.join(registry.linear_strategies())})"
+        )
+    return cfg
 
 
 def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentConfig:

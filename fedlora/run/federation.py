@@ -18,12 +18,13 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from safetensors.torch import save_file
 
-from fedlora.core.config import ExperimentConfig
+from fedlora.core.config import ConfigError, ExperimentConfig
 from fedlora.core.model.adapters import save_adapter
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.records.rundir import RunDirectory, versions
 from fedlora.privacy.mechanisms import registry as mechanisms
 from fedlora.run import checkpoint
+from fedlora.run.buffered import BufferedLoop
 from fedlora.run.evaluation import Evaluator, global_model
 from fedlora.run.progress import Listener
 from fedlora.run.rounds import RoundLoop
@@ -51,6 +52,8 @@ def run_federation(
     (:mod:`fedlora.core.records.store`); any virtual node can then play any partition, so the server assigns
     partitions to nodes instead of asking every node for its own (:mod:`fedlora.server.sampling`).
     """
+    if resume and cfg.schedule.mode == "fedbuff":
+        raise ConfigError("a FedBuff run cannot be resumed: its clients in flight are not checkpointed")
     started = time.monotonic()
     listener = listener or Listener()
     strategy = registry.get(cfg.strategy.name)(cfg, initial_state(cfg))
@@ -60,7 +63,8 @@ def run_federation(
     config: dict[str, Any] = {protocol.EXPERIMENT: cfg.to_toml()}
     if client_state_dir is not None:
         config[protocol.STATE_DIR] = str(Path(client_state_dir).resolve())
-    loop = RoundLoop(grid, cfg, strategy, evaluate, ConfigRecord(config), listener)
+    loop_class = BufferedLoop if cfg.schedule.mode == "fedbuff" else RoundLoop
+    loop = loop_class(grid, cfg, strategy, evaluate, ConfigRecord(config), listener)
     rows: list[dict[str, Any]] = []
     zero_shot = _zero_shot(cfg, evaluate)
     if zero_shot:
@@ -70,6 +74,7 @@ def run_federation(
         saved = checkpoint.load(run_dir.checkpoint_path)
         strategy.restore(saved.global_state, saved.base_offsets, saved.strategy)
         loop.restore(saved.global_state)
+        loop.clock.restore(saved.row)
         rows = run_dir.keep_rounds(saved.round, saved.row)
         before_s = saved.wall_s
         log.warning("fedlora: resuming after round %s", saved.round)
@@ -139,6 +144,8 @@ def _summary(
         "total_downlink_bytes": sum(r["downlink_bytes"] for r in rows),
         "total_failed": sum(r.get("num_failed") or 0 for r in rows),
         "total_rejected": sum(r.get("num_rejected") or 0 for r in rows),
+        "total_dropped": sum(r.get("num_dropped") or 0 for r in rows),
+        **_clock_summary(rows),
         "wall_s": wall_s,
         **_privacy_summary(cfg, rows),
         "versions": versions(),
@@ -171,3 +178,15 @@ def _privacy_summary(cfg: ExperimentConfig, rows: list[dict[str, Any]]) -> dict[
         "delta": cfg.privacy.delta,
         "total_declined": int(sum(r.get("num_declined", 0) for r in rows)),
     }
+
+
+def _clock_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The virtual clock's totals (nothing without device classes): the run's virtual time and, under
+    FedBuff, how stale the aggregated updates were (server steps -> updates)."""
+    if not rows or "virtual_time_s" not in rows[-1]:
+        return {}
+    found: dict[str, Any] = {"virtual_time_s": rows[-1]["virtual_time_s"]}
+    stale = [s for r in rows for s in r.get("staleness", [])]
+    if stale:
+        found["staleness_histogram"] = {str(k): stale.count(k) for k in sorted(set(stale))}
+    return found

@@ -20,6 +20,7 @@ from fedlora.core.model.arrays import State, from_arrays, to_arrays
 from fedlora.core.protocol.stopping import STOP, exchange
 from fedlora.run.evaluation import Evaluator
 from fedlora.run.progress import Listener, RoundProgress
+from fedlora.server.clock import SyncClock
 from fedlora.server.replies import RoundFailedError
 from fedlora.tasks.registry import task_of
 from strategies.base import LoraStrategy
@@ -48,6 +49,8 @@ class RoundLoop:
         self.arrays: ArrayRecord = to_arrays(strategy.global_state)
         self.client_rows: list[dict[str, Any]] = []
         """The last round's per-client lines for ``clients.jsonl``, by phase and partition."""
+        self.clock = SyncClock(cfg)
+        """The virtual clock (:mod:`fedlora.server.clock`); a no-op without device classes."""
 
     @property
     def global_state(self) -> State:
@@ -90,18 +93,34 @@ class RoundLoop:
         fed = self.cfg.federation
         return server_round % fed.evaluate_every == 0 or server_round >= fed.rounds
 
-    def one_round(self, server_round: int) -> dict[str, Any]:
-        """Train, aggregate, evaluate (on evaluation rounds; other rounds' rows have ``eval_loss``,
-        ``eval_accuracy`` and ``eval_macro_f1`` null); returns the round's row (without ``attempts``)."""
-        t0 = time.monotonic()
+    def train_phase(self, server_round: int, t0: float) -> tuple[dict[str, Any], float]:
+        """Sample, send, collect and aggregate one round's training (the synchronous schedule, on the
+        virtual clock when clients have device classes); returns the strategy's metrics plus the clock's
+        keys, and the seconds spent aggregating."""
         strategy = self.strategy
+        self.clock.prepare(server_round, strategy.sampler)
         messages = list(strategy.configure_train(server_round, self.arrays, self.config, self.grid))
+        messages = self.clock.admit(
+            server_round,
+            list(strategy.chosen),
+            messages,
+            lambda pid: strategy.expected_reply(pid, server_round),
+        )
+        strategy.counts.dropped = self.clock.dropped
         replies = self._exchange(messages, server_round, "train", t0)
         t_agg = time.monotonic()
         arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         aggregate_s = time.monotonic() - t_agg
         if arrays is not None:
             self.arrays = arrays
+        return {**dict(train_metrics or {}), **self.clock.row()}, aggregate_s
+
+    def one_round(self, server_round: int) -> dict[str, Any]:
+        """Train, aggregate, evaluate (on evaluation rounds; other rounds' rows have ``eval_loss``,
+        ``eval_accuracy`` and ``eval_macro_f1`` null); returns the round's row (without ``attempts``)."""
+        t0 = time.monotonic()
+        strategy = self.strategy
+        metrics, aggregate_s = self.train_phase(server_round, t0)
         client_eval = None
         evaluating = self.evaluates(server_round)
         asked = []
@@ -115,7 +134,6 @@ class RoundLoop:
         if evaluating:
             self.listener.progress(RoundProgress(server_round, "test", 0, 0, time.monotonic() - t0))
         scores = self.evaluate(self.global_state, strategy.base_offsets) if evaluating else None
-        metrics: dict[str, Any] = dict(train_metrics or {})
         row: dict[str, Any] = {
             "round": server_round,
             "strategy": self.cfg.strategy.name,

@@ -28,6 +28,9 @@ class RoundCounts:
     """Sampled clients that raised, or did not answer within ``federation.round_timeout``."""
     rejected: int = 0
     """Replies left out by validation (keys, shapes, dtypes, NaN/Inf, norm, metrics)."""
+    dropped: int = 0
+    """Sampled clients the virtual clock left out: late for the deadline, gone mid-round, or over-selected
+    beyond the round's target (:mod:`fedlora.server.clock`); not counted as failed."""
 
     def as_row(self) -> dict[str, int]:
         """The counts under their ``rounds.jsonl`` names."""
@@ -36,6 +39,7 @@ class RoundCounts:
             "num_replied": self.replied,
             "num_failed": self.failed,
             "num_rejected": self.rejected,
+            "num_dropped": self.dropped,
         }
 
 

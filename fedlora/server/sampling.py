@@ -11,7 +11,9 @@ anything, and the cost of a round does not grow with the number of clients.
 
 from __future__ import annotations
 
+import math
 import random
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from flwr.app import Message, MessageType, RecordDict
@@ -57,6 +59,12 @@ class ClientSampler:
         self._node_of: dict[int, int] | None = None
         self.assigns = False
         """True for virtual nodes (a simulation): partitions are assigned to nodes, not asked."""
+        self.available: Callable[[int], bool] | None = None
+        """Training rounds sample only the partitions this says are available (the virtual clock's device
+        availability); None: every partition."""
+        self.over_select = 0.0
+        """Training rounds sample this share more clients than federation.fraction says (the clock keeps
+        the first to arrive)."""
 
     def partitions(self, grid: Grid) -> dict[int, int]:
         """partition id -> node id of every connected deployed node (a QUERY to each the first time)."""
@@ -90,11 +98,13 @@ class ClientSampler:
                 f"only {len(nodes)} clients are connected but federation.min_clients = {fed.min_clients}"
             )
         node_of = None if self.assigns else self.partitions(grid)
-        population = range(fed.num_clients) if node_of is None else sorted(node_of)
+        population: Sequence[int] = range(fed.num_clients) if node_of is None else sorted(node_of)
+        if training and self.available is not None:
+            population = [pid for pid in population if self.available(pid)]
         if (fraction if fraction is not None else fed.fraction) >= 1.0:
             chosen = list(population)
         else:
-            want = min(len(population), fed.clients_per_round(fraction))
+            want = min(len(population), self._wanted(fraction, training))
             if training:
                 chosen = self.mechanism.sample(population, want, self.rng)
             else:
@@ -102,6 +112,11 @@ class ClientSampler:
         if node_of is None:  # virtual nodes: the partitions dealt to the workers in turn
             return {pid: nodes[i % len(nodes)] for i, pid in enumerate(chosen)}
         return {pid: node_of[pid] for pid in chosen}
+
+    def _wanted(self, fraction: float | None, training: bool) -> int:
+        """Clients to sample: the fraction's count, over-selected in training rounds."""
+        count = self.cfg.federation.clients_per_round(fraction)
+        return math.ceil(count * (1.0 + self.over_select)) if training and self.over_select else count
 
     def state(self) -> list[Any]:
         """The RNG state as JSON-able lists (for checkpoints)."""

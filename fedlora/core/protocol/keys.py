@@ -56,6 +56,13 @@ EPSILON = "epsilon"
 NOISE_MULTIPLIER = "noise-multiplier"
 DECLINED = "declined"
 """1 when the client refused to train because the round would exceed its privacy budget."""
+STALENESS = "staleness"
+"""Server steps between the model a FedBuff update was computed on and the one it is applied to (set by the
+server on the reply it aggregates, so ``clients.jsonl`` records it per update)."""
+TAIL_NORM_BEFORE = "tail-norm-before"
+TAIL_NORM_AFTER = "tail-norm-after"
+"""Rank self-pruning (HetLoRA): ||B[:, g:]||_F * ||A[g:, :]||_F summed over layers before and after local
+training, g = the plan's ``prune_from``."""
 STATUS = "status"
 """RecordDict key of a ConfigRecord with a ``reason`` when a client declined."""
 REASON = "reason"

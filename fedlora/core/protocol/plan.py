@@ -36,6 +36,9 @@ class ClientPlan:
     alternate_every: 0 (train every unfrozen kind at every local step) or k >= 1: the local steps
         alternate between training B (A frozen) and training A (B frozen) every k steps, B first; the head
         trains at every step (LA-LoRA). Honoured by plain and DP-SGD training.
+    prune_from, prune_weight: rank self-pruning (HetLoRA): with ``prune_weight`` > 0 the local loss gets
+        prune_weight * ||B[:, prune_from:]||_F * ||A[prune_from:, :]||_F per adapted layer, and the reply
+        reports that tail's norm before and after training.
     """
 
     rank: int
@@ -46,15 +49,19 @@ class ClientPlan:
     a_init: str = "kaiming"
     core: bool = False
     alternate_every: int = 0
+    prune_from: int = 0
+    prune_weight: float = 0.0
 
     def __post_init__(self) -> None:
         bad = sorted((self.freeze | self.keep_local) - set(KINDS))
         valid = self.rank >= 1 and self.reply in REPLIES and self.a_init in A_INITS
-        if bad or not valid or self.alternate_every < 0:
+        pruning = self.prune_weight >= 0 and 0 <= self.prune_from <= self.rank
+        if bad or not valid or self.alternate_every < 0 or not pruning:
             raise ValueError(
                 f"invalid client plan: rank {self.rank}, kinds {bad} (valid: {', '.join(KINDS)}), "
                 f"reply {self.reply!r} (valid: {', '.join(REPLIES)}), a_init {self.a_init!r}, "
-                f"alternate_every {self.alternate_every}"
+                f"alternate_every {self.alternate_every}, prune_from {self.prune_from}, "
+                f"prune_weight {self.prune_weight}"
             )
 
     def reply_keys(self, received: Iterable[str], adapter: Iterable[str]) -> list[str]:
@@ -76,6 +83,8 @@ class ClientPlan:
                 "a-init": self.a_init,
                 "core": self.core,
                 "alternate-every": self.alternate_every,
+                "prune-from": self.prune_from,
+                "prune-weight": self.prune_weight,
             }
         )
 
@@ -93,6 +102,8 @@ class ClientPlan:
                 a_init=str(record["a-init"]),
                 core=bool(record["core"]),
                 alternate_every=int(record["alternate-every"]),  # type: ignore[call-overload]
+                prune_from=int(record.get("prune-from", 0)),  # type: ignore[call-overload]
+                prune_weight=float(record.get("prune-weight", 0.0)),  # type: ignore[arg-type]
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"the message's client plan is malformed ({exc!r})") from None

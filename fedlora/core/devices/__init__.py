@@ -1,0 +1,1 @@
+"""Device and network profiles of the clients, and the virtual clock built on them."""
