@@ -261,10 +261,11 @@ def test_the_weighted_codec_decodes_the_weighted_mean_within_its_bound() -> None
     summed, weight = codec.decode(total, len(updates))
     mean = summed / weight
     exact = sum(w * u for w, u in zip(weights, updates, strict=True)) / sum(weights)
-    q = [round(w / 1000 * 2**22) / 2**22 for w in weights]
-    bound = len(updates) * codec.step() / sum(q) + sum(abs(qk - w / 1000) for qk, w in zip(q, weights)) / sum(
-        q
-    )
+    q = np.array([round(w / 1000 * 2**22) / 2**22 for w in weights])
+    p, p_sent = np.array(weights) / sum(weights), q / q.sum()
+    rounding = len(updates) * codec.step() / q.sum()  # each client's coordinate is off by < one step
+    weighting = np.abs(p_sent - p).sum() * max(np.abs(u).max() for u in updates)
+    bound = rounding + weighting
     assert np.abs(mean - exact).max() <= bound
     assert all(c == 0 for _, c in encoded)
     _, clipped = codec.encode(np.array([9.0, -0.5, -12.0]), 1000.0, seed=0)
