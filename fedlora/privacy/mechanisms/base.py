@@ -199,9 +199,14 @@ class Mechanism:
 
 
 def flat_update(received: State, reply: State, keys: Sequence[str]) -> np.ndarray:
-    """``reply - received`` (the reply itself where nothing was received) for ``keys`` in order, as one
-    float64 vector: what a client encodes under secure aggregation."""
-    parts = [(reply[k] - received[k] if k in received else reply[k]).double().reshape(-1) for k in keys]
+    """``reply - received`` (the reply itself where nothing of its shape was received) for ``keys`` in
+    order, as one float64 vector: what a client encodes under secure aggregation."""
+
+    def update(key: str) -> torch.Tensor:
+        sent = received.get(key)
+        return reply[key] - sent if sent is not None and sent.shape == reply[key].shape else reply[key]
+
+    parts = [update(k).double().reshape(-1) for k in keys]
     return torch.cat(parts).numpy() if parts else np.zeros(0)
 
 
