@@ -343,15 +343,18 @@ class PrivacyConfig:
     """
 
     mode: str = _help(
-        "privacy mechanism: none, dp-sgd (sample-level, Opacus in each client), dp-updates (user-level) "
-        "or one added to fedlora/privacy/mechanisms/ (docs/privacy.md)",
+        "privacy mechanism: none, dp-sgd (sample-level, Opacus in each client), dp-updates (user-level), "
+        "ddp (user-level, client noise under secure aggregation) or one added to fedlora/privacy/mechanisms/ "
+        "(docs/privacy.md)",
         "none",
     )
     target_epsilon: float = _help(
         "privacy budget for the whole run; 0 = no budget (needs noise_multiplier)", 0.0
     )
     noise_multiplier: float = _help("Gaussian noise std over clip_norm; 0 = calibrate to target_epsilon", 0.0)
-    clip_norm: float = _help("L2 clip: per-example gradient (dp-sgd) or per-client update (dp-updates)", 1.0)
+    clip_norm: float = _help(
+        "L2 clip: per-example gradient (dp-sgd) or per-client update (dp-updates, ddp)", 1.0
+    )
     delta: float = _help("delta of (epsilon, delta)-DP; must be below 1 / (examples or clients)", 1e-5)
     accountant: str = _help("privacy accountant by its name in Opacus's registry: rdp, prv or gdp", "rdp")
     opacus_mode: str = _help("Opacus per-sample gradient mode for dp-sgd: hooks or ghost", "hooks")
