@@ -18,6 +18,7 @@ from flwr.app import Message
 from safetensors.torch import load_file
 from scipy.stats import chisquare
 
+from fedlora.core.config import ConfigError
 from fedlora.core.data.sources import write_table
 from fedlora.core.data.tweets import TOPICS, topics_frame
 from fedlora.core.protocol import secagg
@@ -186,3 +187,13 @@ def test_beyond_the_threshold_rounds_are_abandoned_and_the_run_goes_on(
     final = checkpoint.load(secure / "checkpoint.safetensors").global_state
     start = initial_state(cfg)
     assert final.keys() == start.keys() and all(torch.equal(final[k], start[k]) for k in start)
+
+
+def test_a_max_weight_that_would_wrap_the_summed_weights_is_refused_in_preflight(
+    tiny_bert, topics_csv
+) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(
+        ConfigError,
+        match=r"secure_aggregation.max_weight = 0.001 is too small: .* set secure_aggregation.max_weight > ",
+    ):
+        experiment(tiny_bert.path, topics_csv, *SECURE[:2], "secure_aggregation.max_weight=0.001")
