@@ -78,8 +78,8 @@ def check_secure_weights(cfg: ExperimentConfig, client_sizes: list[int] | tuple[
         need = sum(weights) * levels / modulus
         raise ConfigError(
             f"secure_aggregation.max_weight = {sa.max_weight:g} is too small: the {m} largest clients' "
-            f"weights (up to {weights[0]:g} examples) sum past the field 2**{sa.modulus_bits} once quantised; set "
-            f"secure_aggregation.max_weight > {need:g}"
+            f"weights (up to {weights[0]:g} examples) sum past the field 2**{sa.modulus_bits} once "
+            f"quantised; set secure_aggregation.max_weight > {need:g}"
         )
 
 
