@@ -364,7 +364,9 @@ class PrivacyConfig:
     placement: str = _help("dp-updates: who clips and adds noise, server or client", "server")
     options: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "keys only one mechanism reads, checked by its Options (`fedlora privacy`)"},
+        metadata={
+            "help": "keys only one mechanism reads (e.g. ddp's wrap_bound), checked by its Options (docs/privacy.md)"
+        },
     )
 
     def __post_init__(self) -> None:
