@@ -365,7 +365,8 @@ class PrivacyConfig:
     options: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "keys only one mechanism reads (e.g. ddp's wrap_bound), checked by its Options (docs/privacy.md)"
+            "help": "keys only one mechanism reads (e.g. ddp's wrap_bound), checked by its Options "
+            "(docs/privacy.md)"
         },
     )
 
