@@ -17,9 +17,16 @@ app = ClientApp()
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Train this round's adapter on the local split (:func:`clients.local.train`)."""
+    """Train this round's adapter on the local split (:func:`clients.local.train`), or take part in a
+    secure-aggregation stage that does not train (:func:`clients.secagg.handle`, without torch)."""
     # start-up: a SuperNode starts a new process for every message, and a query needs neither torch nor
-    # the model (5.2 CPU-seconds of imports a query process no longer pays; 0.5 remain)
+    # the model (5.2 CPU-seconds of imports a query process no longer pays; 0.5 remain); the SecAgg+
+    # stages that do not train need the crypto primitives only
+    from clients import secagg
+
+    if secagg.handles(message):
+        return secagg.handle(message, context)
+    # start-up: as above
     from clients import local
 
     return local.train(message, context)

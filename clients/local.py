@@ -12,15 +12,18 @@ import dataclasses
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from clients import runtime
+from clients import node, runtime
+from clients import secagg as secure
 from fedlora.core.config import CompressionConfig
 from fedlora.core.model import codecs
 from fedlora.core.model.adapters import adapter_state, load_adapter_state, set_base_offsets, set_trainable
 from fedlora.core.model.arrays import State, from_arrays, to_arrays
 from fedlora.core.model.cores import set_cores
 from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol import secagg
 from fedlora.core.protocol.plan import ClientPlan
 from fedlora.core.records.store import ClientStore
 from fedlora.core.training import faults
@@ -28,32 +31,7 @@ from fedlora.core.training.alternation import set_alternation
 from fedlora.core.training.loops import evaluate as evaluate_model
 from fedlora.core.training.pruning import tail_norm, tail_penalty
 from fedlora.privacy.mechanisms import mechanism_for
-
-
-def _partition_id(context: Context, config: ConfigRecord, num_clients: int) -> int:
-    """The partition this message is for: the one the server assigned (virtual nodes of a simulation,
-    which share one data source), else this node's own, checked against ``federation.num_clients``."""
-    assigned = config.get(protocol.ASSIGNED_PARTITION)
-    if assigned is not None:
-        if context.node_config.get(protocol.NODE_DATA_PATH):
-            raise ValueError("this SuperNode has its own data-path and plays no other partition")
-        return int(assigned)  # type: ignore[arg-type]
-    value = context.node_config.get(protocol.NODE_PARTITION_ID)
-    if value is None:
-        raise ValueError("this SuperNode has no partition-id; start it with --node-config 'partition-id=N'")
-    partitions = context.node_config.get(protocol.NODE_NUM_PARTITIONS)
-    if partitions is not None and int(partitions) != num_clients:  # type: ignore[arg-type]
-        raise ValueError(
-            f"the federation has {partitions} nodes but federation.num_clients = {num_clients}; "
-            "make them equal (flwr run: --federation-config num-supernodes=N)"
-        )
-    return int(value)  # type: ignore[arg-type]
-
-
-def _store(context: Context, config: ConfigRecord, partition_id: int, server_round: int) -> ClientStore:
-    """This client's state store: the node's ``state-dir``, else the one the server names, else Context."""
-    root = context.node_config.get(protocol.NODE_STATE_DIR) or config.get(protocol.STATE_DIR)
-    return ClientStore(context, str(root) if root else None, partition_id, server_round)
+from fedlora.privacy.mechanisms.base import flat_update
 
 
 def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
@@ -62,12 +40,12 @@ def _prepare(message: Message, context: Context) -> tuple[Any, ...]:
     text = str(config[protocol.EXPERIMENT])
     cfg = runtime.parse_experiment(text)
     runtime.set_threads(cfg.federation.client_cpus)
-    pid = _partition_id(context, config, cfg.federation.num_clients)
+    pid = node.partition_id(context, config, cfg.federation.num_clients)
     server_round = int(config[protocol.SERVER_ROUND])  # type: ignore[arg-type]
     plan = ClientPlan.from_config(message.content[protocol.PLAN])  # type: ignore[arg-type]
     local_cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=plan.rank))
     model = runtime.model_for(local_cfg)
-    store = _store(context, config, pid, server_round)
+    store = node.client_store(context, config, pid, server_round)
     set_base_offsets(model, runtime.base_offsets(message.content, config, store))
     received = from_arrays(message.content[protocol.ARRAYS])
     evaluating = message.metadata.message_type == MessageType.EVALUATE
@@ -95,6 +73,7 @@ def train(message: Message, context: Context) -> Message:
     """
 
     cfg, pid, plan, model, data, received, server_round, store = _prepare(message, context)
+    secrets = secure.receive_shares(message, store, pid, server_round) if secure.stage_of(message) else None
     fault = faults.fault_for(cfg, server_round, pid)
     faults.before_training(cfg, fault, pid, server_round)
     seed = runtime.client_seed(cfg, server_round, pid)
@@ -116,18 +95,25 @@ def train(message: Message, context: Context) -> Message:
     runtime.save_local(store, plan, state)
     reply = {k: state[k] for k in plan.reply_keys(received, state)}
     reply = faults.spoil(privacy.privatise(received, reply, seed=seed), fault)
-    metrics = MetricRecord(
-        {
-            protocol.NUM_EXAMPLES: len(data.train),
-            protocol.TRAIN_LOSS: trained.loss,
-            protocol.PARTITION_ID: pid,
-            **trained.metrics,
-            **pruning,
-            **runtime.label_counts(cfg, data.train),
-        }
-    )
-    arrays = encode_reply(cfg.compression, store, received, reply)
-    return Message(RecordDict({protocol.ARRAYS: arrays, protocol.METRICS: metrics}), reply_to=message)
+    metrics: dict[str, Any] = {
+        protocol.NUM_EXAMPLES: len(data.train),
+        protocol.TRAIN_LOSS: trained.loss,
+        protocol.PARTITION_ID: pid,
+        **trained.metrics,
+        **pruning,
+        **runtime.label_counts(cfg, data.train),
+    }
+    if secrets is None:
+        content = {protocol.ARRAYS: encode_reply(cfg.compression, store, received, reply)}
+    else:
+        update = flat_update(received, reply, sorted(reply))
+        if not np.isfinite(update).all():
+            raise ValueError("the trained update is not finite; secure aggregation cannot mask it")
+        codec = privacy.secure_codec(len(update))
+        vector, clipped = codec.encode(update, privacy.client_weight(len(data.train)), seed)
+        content = {secagg.MASKED: secure.masked_record(secrets, store, vector, codec.modulus)}
+        metrics[protocol.SECAGG_CLIPPED] = clipped
+    return Message(RecordDict({**content, protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
 
 
 def encode_reply(compression: CompressionConfig, store: ClientStore, received: State, reply: State) -> Any:

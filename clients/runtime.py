@@ -113,8 +113,12 @@ def data_for(text: str, partition_id: int, data_path: str = "") -> ClientData:
 
 def label_counts(cfg: ExperimentConfig, split: Encoded) -> dict[str, list[int]]:
     """``{label-counts: [examples of each label]}`` for a reply's metrics; empty under differential
-    privacy (see :data:`fedlora.core.protocol.keys.LABEL_COUNTS`)."""
-    if mechanisms.get(cfg.privacy.mode).private or not task_of(cfg).has_classes:
+    privacy or secure aggregation (see :data:`fedlora.core.protocol.keys.LABEL_COUNTS`)."""
+    if (
+        mechanisms.get(cfg.privacy.mode).private
+        or cfg.secure_aggregation.enabled
+        or not task_of(cfg).has_classes
+    ):
         return {}
     counts = torch.bincount(split.labels, minlength=len(cfg.data.labels))
     return {protocol.LABEL_COUNTS: [int(c) for c in counts]}

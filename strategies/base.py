@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -39,12 +40,14 @@ from fedlora.core.config import ExperimentConfig
 from fedlora.core.devices.profiles import class_of
 from fedlora.core.model.arrays import State, from_arrays, is_lora_a, is_lora_b, payload_bytes, to_arrays
 from fedlora.core.protocol import keys as protocol
+from fedlora.core.protocol import secagg
 from fedlora.core.protocol.plan import ClientPlan
 from fedlora.core.protocol.validation import Spec
 from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.server import replies as reply_of
 from fedlora.server.replies import RoundCounts, RoundFailedError
 from fedlora.server.sampling import ClientSampler
+from fedlora.server.secagg import SecureRound, vector_problem
 from fedlora.server.traffic import RoundTraffic, arrays_bytes
 from strategies.aggregation import normalised_weights, weighted_average
 
@@ -80,8 +83,11 @@ class LoraStrategy(Strategy):
     their personalised accuracy (``personalised_accuracy`` in ``rounds.jsonl``); the server's test accuracy
     is the shared part only."""
     linear_aggregate: ClassVar[bool] = True
-    """True when the aggregate is sum_k p_k * x_k for every array x that travels (dp-updates needs it).
-    A subclass that overrides :meth:`aggregate` is taken as non-linear unless it declares True."""
+    """True when the server needs only the weighted sum of what clients send: the aggregate is a function
+    of sum_k p_k * x_k alone, array by array (dp-updates, ddp and secure aggregation need it). A subclass
+    that overrides :meth:`aggregate` is taken as non-linear unless it declares True."""
+    nonlinear_reason: ClassVar[str] = "its aggregate needs each client's own arrays, not their sum"
+    """Why a non-linear strategy cannot run on a sum (in the one-line refusal at load)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -103,6 +109,9 @@ class LoraStrategy(Strategy):
         self._sent: State = {}
         self.chosen: dict[int, int] = {}
         """Partition -> node of the last TRAIN messages built, in their order."""
+        self.secure = SecureRound(cfg) if cfg.secure_aggregation.enabled else None
+        """SecAgg+ for this round (:mod:`fedlora.server.secagg`), when ``[secure_aggregation]`` is on."""
+        self._grid: Grid | None = None
         self.server_round = 1
         """The round being played: set by :meth:`configure_train`, read by hooks that depend on it."""
 
@@ -179,18 +188,24 @@ class LoraStrategy(Strategy):
         """One TRAIN message per sampled client: the arrays that travel, its plan, the config."""
         self.server_round = server_round
         self.global_state = from_arrays(arrays)
-        return self.train_messages(server_round, config, self.sampler.sample(grid, training=True))
+        return self.train_messages(server_round, config, self.sampler.sample(grid, training=True), grid)
 
     def train_messages(
-        self, server_round: int, config: ConfigRecord, chosen: dict[int, int]
+        self, server_round: int, config: ConfigRecord, chosen: dict[int, int], grid: Grid | None = None
     ) -> list[Message]:
         """TRAIN messages with the current global state to ``chosen`` (partition -> node), in its order;
-        the round's traffic and counts start from them."""
+        the round's traffic and counts start from them. Under secure aggregation the messages open its
+        key agreement on ``grid`` (synchronous rounds only: the config loader refuses FedBuff with it)."""
         self.chosen = dict(chosen)
         self._sent = self.outgoing(self.global_state)
         messages = self._messages(server_round, config, chosen, MessageType.TRAIN)
-        self.traffic = RoundTraffic(downlink=sum(arrays_bytes(m.content) for m in messages))
         self.counts = RoundCounts(sampled=len(chosen))
+        if self.secure is not None:
+            if grid is None:
+                raise RuntimeError("secure aggregation needs the round's grid")
+            self._grid = grid
+            messages = self.secure.open(grid, server_round, messages, list(chosen))
+        self.traffic = RoundTraffic(downlink=sum(arrays_bytes(m.content) for m in messages))
         return messages
 
     def _messages(
@@ -262,9 +277,13 @@ class LoraStrategy(Strategy):
         declined = [r for r in ok if reply_of.declined(r)]
         trained = [r for r in ok if not reply_of.declined(r)]
         for reply in trained:
-            if protocol.ARRAYS in reply.content:
-                self.traffic.uplink += payload_bytes(reply.content[protocol.ARRAYS])
+            for name in (protocol.ARRAYS, secagg.MASKED):
+                if name in reply.content.array_records:
+                    self.traffic.uplink += payload_bytes(reply.content[name])
         trained = self._validate(server_round, trained)
+        if self.secure is not None and not self.secure.shared:  # abandoned before training: nothing sent
+            self.last_metrics = {"num_clients": 0.0, "train_loss": math.nan, **self.secure.stats.row()}
+            return to_arrays(self.global_state), MetricRecord(dict(self.last_metrics))  # type: ignore[arg-type]
         self._check_enough(server_round, replies, len(trained) + len(declined))
         for reply in declined:
             log.info("round %s: a client declined: %s", server_round, reply_of.reason(reply))
@@ -272,7 +291,9 @@ class LoraStrategy(Strategy):
         for reply in trained:
             self._client_row(server_round, "train", reply, "ok")
         self.last_metrics = {"num_clients": float(len(trained)), "train_loss": math.nan}
-        if trained or self.privacy.aggregates_without_replies:
+        if self.secure is not None:
+            self._aggregate_secure(server_round, trained)
+        elif trained or self.privacy.aggregates_without_replies:
             self._aggregate_replies(server_round, trained)
         self.last_metrics.update({**self.privacy.round_metrics(), **self.diagnostics()})
         return to_arrays(self.global_state), MetricRecord(dict(self.last_metrics))  # type: ignore[arg-type]
@@ -301,6 +322,8 @@ class LoraStrategy(Strategy):
     def _problem(self, reply: Message, server_round: int) -> str | None:
         pid = reply_of.partition_of(reply)
         expected = self.expected_reply(pid, server_round)
+        if self.secure is not None:
+            return vector_problem(reply, 1 + _length(expected), self.secure.modulus)
         sent = self.client_arrays(pid, self._sent) if pid >= 0 else None
         return reply_of.problem(
             reply, expected, sent or self._sent, self.cfg.robustness.max_update_norm, updates=self._updates
@@ -333,6 +356,33 @@ class LoraStrategy(Strategy):
         self.global_state = {**self.global_state, **self.aggregate(self.global_state, released, weights)}
         if losses:
             self.last_metrics["train_loss"] = math.fsum(pk * loss for pk, loss in zip(p, losses, strict=True))
+
+    def _aggregate_secure(self, server_round: int, trained: Sequence[Message]) -> None:
+        """New global state from the unmasked sum of the valid masked vectors (SecAgg+); nothing changes
+        when the round is abandoned (too few shares to unmask it)."""
+        assert self.secure is not None and self._grid is not None
+        pids = [reply_of.partition_of(r) for r in trained]
+        vectors = {
+            pid: r.content[secagg.MASKED][secagg.VECTOR].numpy().astype("int64")  # type: ignore[union-attr]
+            for pid, r in zip(pids, trained, strict=True)
+        }
+        total = self.secure.close(self._grid, vectors) if self.secure.shared else None
+        self.last_metrics.update(self.secure.stats.row())
+        if total is None:
+            self.last_metrics["num_clients"] = 0.0
+            return
+        spec = self.expected_reply(pids[0], server_round)
+        codec = self.privacy.secure_codec(_length(spec))
+        summed, weight = codec.decode(total, len(vectors))
+        state = _unflatten(summed, spec)
+        released, weights = self.privacy.release_sum(self._sent, state, weight, len(vectors), server_round)
+        self.global_state = {**self.global_state, **self.aggregate(self.global_state, released, weights)}
+        counts = [float(r.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for r in trained]  # type: ignore[arg-type]
+        losses = [float(r.content[protocol.METRICS][protocol.TRAIN_LOSS]) for r in trained]  # type: ignore[arg-type]
+        p = self.privacy.weights(counts)
+        self.last_metrics["train_loss"] = math.fsum(pk * loss for pk, loss in zip(p, losses, strict=True))
+        clipped = [r.content[protocol.METRICS].get(protocol.SECAGG_CLIPPED, 0) for r in trained]
+        self.last_metrics["secagg_clipped"] = math.fsum(float(c) for c in clipped)  # type: ignore[arg-type]
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -388,3 +438,20 @@ class LoraStrategy(Strategy):
         self.base_offsets = dict(base_offsets)
         self.sampler.restore(saved["rng"])
         self.privacy.restore(saved["privacy"])
+
+
+def _length(spec: Spec) -> int:
+    """Values in a reply of this spec, all arrays flattened."""
+    return sum(math.prod(shape) for shape, _ in spec.values())
+
+
+def _unflatten(flat: Any, spec: Spec) -> State:
+    """A flat float vector back into the spec's arrays, keys in sorted order (as clients flatten them)."""
+    out: State = {}
+    start = 0
+    for key in sorted(spec):
+        shape, dtype = spec[key]
+        size = math.prod(shape)
+        out[key] = torch.from_numpy(flat[start : start + size].reshape(shape)).to(dtype)
+        start += size
+    return out

@@ -28,6 +28,10 @@ class FedExLora(LoraStrategy):
     """FedIT with the averaging error folded into every client's frozen weights."""
 
     description = "FedIT + residual s·(mean(B·A) − mean(B)·mean(A)) folded into frozen weights (exact)"
+    nonlinear_reason = (
+        "its residual needs the sum of the clients' products B_k A_k (d_out x d_in per adapted layer), "
+        "which clients do not send"
+    )
 
     def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
         self.base_offsets = fedex_offsets(self.base_offsets, updates, weights, lora_scale(self.cfg.lora))

@@ -87,6 +87,7 @@ class Flora(LoraStrategy):
 
     description = "stack clients' adapters (any ranks) so the product is exact; merge into frozen weights"
     Options = FloraOptions
+    nonlinear_reason = "its stacking needs each client's own factors B_k and A_k"
 
     def __init__(self, cfg: ExperimentConfig, global_state: State) -> None:
         super().__init__(cfg, global_state)

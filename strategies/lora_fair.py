@@ -305,6 +305,10 @@ class LoraFair(LoraStrategy):
 
     description = "FedAvg + server-side residual ΔB so (B̄+ΔB)·Ā matches Σ p_k B_k A_k (cosine, λ‖ΔB‖)"
     Options = FairOptions
+    nonlinear_reason = (
+        "its correction needs the sum of the clients' products B_k A_k (d_out x d_in per adapted layer), "
+        "which clients do not send"
+    )
 
     def aggregate(self, global_state: State, updates: Sequence[State], weights: Sequence[float]) -> State:
         started = time.perf_counter()

@@ -116,7 +116,14 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     mechanisms.validate(cfg)
     cfg.strategy.options = validate_options(cfg.strategy.name, cfg.strategy.options)
     resolve_evaluation(cfg)
-    get(cfg.strategy.name).check(cfg)
+    cls = get(cfg.strategy.name)
+    if cfg.secure_aggregation.enabled and not cls.linear_aggregate:
+        raise ConfigError(
+            f"strategy '{cfg.strategy.name}' cannot run under secure aggregation: {cls.nonlinear_reason}, "
+            f"and the server only learns the sum; use {', '.join(linear_strategies())} or set "
+            "secure_aggregation.enabled = false"
+        )
+    cls.check(cfg)
     if cfg.privacy.mode not in privacy_modes(cfg.strategy.name):
         others = dp_modes(cfg.strategy.name)
         raise ConfigError(

@@ -42,7 +42,7 @@ BAD_FILES: dict[str, tuple[str, str]] = {
     ),
     "unknown privacy mode": (
         '[privacy]\nmode = "dp"\n',
-        "privacy.mode = 'dp' is invalid: expected one of dp-sgd, dp-updates, none",
+        "privacy.mode = 'dp' is invalid: expected one of ddp, dp-sgd, dp-updates, none",
     ),
     "unknown strategy": (
         '[strategy]\nname = "fedprox"\n',

@@ -30,7 +30,7 @@ from strategies import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "clip_updates.py"
-BUILT_IN = ("dp-sgd", "dp-updates", "none")
+BUILT_IN = ("ddp", "dp-sgd", "dp-updates", "none")
 MODES = sorted(mechanisms.available())
 
 
@@ -52,13 +52,16 @@ def one_line_error(privacy: dict[str, Any], **sections: Any) -> str:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mechanism_keeps_the_contract(mode: str) -> None:
-    """Registered under its mode, documented, with frozen options made of ``[privacy]`` keys."""
+    """Registered under its mode, documented, with frozen options made of ``[privacy]`` keys and keys of
+    its own (read from ``[privacy.options]``, so they need a default)."""
     cls = mechanisms.get(mode)
-    keys = {f.name for f in dataclasses.fields(PrivacyConfig)}
-    options = {f.name for f in dataclasses.fields(cls.Options)}
+    keys = {f.name for f in dataclasses.fields(PrivacyConfig)} - {"mode", "options"}
+    fields = dataclasses.fields(cls.Options)
+    own = [f for f in fields if f.name not in keys]
     assert cls.mode == mode and cls.__doc__
     assert cls.Options.__dataclass_params__.frozen  # type: ignore[attr-defined]
-    assert options <= keys - {"mode"} and cls.ignores <= keys - {"mode"} and not options & cls.ignores
+    assert all(f.default is not dataclasses.MISSING for f in own), [f.name for f in own]
+    assert cls.ignores <= keys and not {f.name for f in fields} & cls.ignores
 
 
 def test_an_unknown_mode_lists_the_registered_ones() -> None:
@@ -132,8 +135,8 @@ def test_dp_sgd_refuses_gradient_checkpointing() -> None:
 
 
 def test_fedlora_strategies_lists_only_the_modes_that_give_dp() -> None:
-    assert mechanisms.private_modes() == ["dp-sgd", "dp-updates"]
-    assert registry.dp_modes("fedit") == ["dp-sgd", "dp-updates"]
+    assert mechanisms.private_modes() == ["ddp", "dp-sgd", "dp-updates"]
+    assert registry.dp_modes("fedit") == ["ddp", "dp-sgd", "dp-updates"]
     assert registry.dp_modes("lora-fair") == ["dp-sgd"]
     assert "none" in registry.privacy_modes("lora-fair")
 
@@ -211,11 +214,12 @@ def test_the_example_is_discovered_and_selectable(example: type[Any]) -> None:
     assert "clip-updates" in mechanisms.available() and example.__module__.endswith(".clip_updates")
     assert "clip-updates" in registry.privacy_modes("fedit")
     assert "clip-updates" not in registry.privacy_modes("lora-fair")  # not a linear aggregate
-    assert registry.dp_modes("fedit") == ["dp-sgd", "dp-updates"]  # it gives no DP
+    assert registry.dp_modes("fedit") == ["ddp", "dp-sgd", "dp-updates"]  # it gives no DP
     cfg = load({"mode": "clip-updates", "clip_norm": 0.5})
     assert mechanism_for(cfg).options.clip_norm == 0.5
-    assert "privacy.target_epsilon = 3.0 only applies to privacy.mode = 'dp-sgd' or 'dp-updates' (mode is " \
-        "'clip-updates')" in one_line_error({"mode": "clip-updates", "target_epsilon": 3.0})  # fmt: skip
+    refused = one_line_error({"mode": "clip-updates", "target_epsilon": 3.0})
+    assert "privacy.target_epsilon = 3.0 only applies to privacy.mode = 'ddp' or 'dp-sgd' or 'dp-updates' " \
+        "(mode is 'clip-updates')" in refused  # fmt: skip
     assert "privacy.mode = 'clip-updates' cannot protect strategy 'flora'" in one_line_error(
         {"mode": "clip-updates"}, strategy={"name": "flora"}
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
-from clients.local import _partition_id
+from clients.node import partition_id as _partition_id
 from fedlora.core.config import from_dict
 from fedlora.core.model.arrays import to_arrays
 from fedlora.core.protocol import keys as protocol

@@ -351,15 +351,18 @@ class PrivacyConfig:
     """
 
     mode: str = _help(
-        "privacy mechanism: none, dp-sgd (sample-level, Opacus in each client), dp-updates (user-level) "
-        "or one added to fedlora/privacy/mechanisms/ (docs/privacy.md)",
+        "privacy mechanism: none, dp-sgd (sample-level, Opacus in each client), dp-updates (user-level), "
+        "ddp (user-level, client noise under secure aggregation) or one added to fedlora/privacy/mechanisms/ "
+        "(docs/privacy.md)",
         "none",
     )
     target_epsilon: float = _help(
         "privacy budget for the whole run; 0 = no budget (needs noise_multiplier)", 0.0
     )
     noise_multiplier: float = _help("Gaussian noise std over clip_norm; 0 = calibrate to target_epsilon", 0.0)
-    clip_norm: float = _help("L2 clip: per-example gradient (dp-sgd) or per-client update (dp-updates)", 1.0)
+    clip_norm: float = _help(
+        "L2 clip: per-example gradient (dp-sgd) or per-client update (dp-updates, ddp)", 1.0
+    )
     delta: float = _help("delta of (epsilon, delta)-DP; must be below 1 / (examples or clients)", 1e-5)
     accountant: str = _help("privacy accountant by its name in Opacus's registry: rdp, prv or gdp", "rdp")
     opacus_mode: str = _help("Opacus per-sample gradient mode for dp-sgd: hooks or ghost", "hooks")
@@ -367,6 +370,13 @@ class PrivacyConfig:
         "dp-sgd: split Poisson batches into at most this many examples; 0 = off", 0
     )
     placement: str = _help("dp-updates: who clips and adds noise, server or client", "server")
+    options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={
+            "help": "keys only one mechanism reads (e.g. ddp's wrap_bound), checked by its Options "
+            "(docs/privacy.md)"
+        },
+    )
 
     def __post_init__(self) -> None:
         _check(bool(self.mode.strip()), "privacy.mode", self.mode, "a privacy mechanism's name, e.g. 'none'")
@@ -417,6 +427,62 @@ class CompressionConfig:
 
 
 @dataclass
+class SecureAggregationConfig:
+    """SecAgg+ (Bell et al., CCS 2020): clients mask their updates so that the server decodes only their
+    sum (docs/privacy.md). Defaults are those of Flower's ``SecAggPlusWorkflow`` where it has one."""
+
+    enabled: bool = _help("mask every client's update; the server learns only the round's sum", False)
+    num_shares: float = _help(
+        "clients holding shares of each client's secrets, itself included: 0 = SecAgg+'s logarithmic "
+        "degree 2*ceil(log2 m)+1, a fraction (<= 1) of the m sampled clients, or a count (>= 3); Flower's "
+        "workflow takes the same forms and has no default",
+        0.0,
+    )
+    reconstruction_threshold: float = _help(
+        "shares that rebuild a secret: a fraction (<= 1) of num_shares or a count (>= 2); above one half, "
+        "no minority of a client's neighbours can unmask it; n - t dropouts per neighbourhood are survived",
+        0.6,
+    )
+    clipping_range: float = _help(
+        "coordinates of a weighted update are clipped to [-c, c] (Flower: 8.0)", 8.0
+    )
+    quantization_bits: int = _help("2**bits quantisation levels over [-c, c] (Flower: 2**22)", 22)
+    modulus_bits: int = _help("masks and sums are taken modulo 2**bits (Flower: 2**32)", 32)
+    max_weight: float = _help(
+        "the weight (num-examples) a client's update is scaled by is sent as weight / max_weight, "
+        "quantised (Flower: 1000.0)",
+        1000.0,
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            self.num_shares == 0 or 0 < self.num_shares <= 1 or self.num_shares >= 3,
+            "secure_aggregation.num_shares",
+            self.num_shares,
+            "0 (logarithmic), a fraction in (0, 1] or a count >= 3",
+        )
+        t = self.reconstruction_threshold
+        _check(
+            0 < t <= 1 or (t >= 2 and t == int(t)),
+            "secure_aggregation.reconstruction_threshold",
+            t,
+            "a fraction in (0, 1] or a whole count >= 2",
+        )
+        key = "secure_aggregation."
+        _check(self.clipping_range > 0, key + "clipping_range", self.clipping_range, "a number > 0")
+        _check(
+            2 <= self.quantization_bits <= 30, key + "quantization_bits", self.quantization_bits, "2 to 30"
+        )
+        _check(
+            self.quantization_bits < self.modulus_bits <= 62,
+            key + "modulus_bits",
+            self.modulus_bits,
+            f"more than quantization_bits ({self.quantization_bits}) and at most 62",
+        )
+        _check(self.max_weight > 0, key + "max_weight", self.max_weight, "a number > 0")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: everything a server and its clients need to agree on."""
 
@@ -434,6 +500,7 @@ class ExperimentConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
@@ -483,6 +550,7 @@ def _check_cross(config: ExperimentConfig) -> None:
         clients_per_round=fed.clients_per_round(),
         num_clients=fed.num_clients,
     )
+    _check_secure(config)
 
 
 def _check_sizes(config: ExperimentConfig) -> None:
@@ -534,6 +602,34 @@ def _check_compression(config: ExperimentConfig) -> None:
         raise ConfigError(
             "[compression] cannot be combined with secure aggregation (it quantises the masked updates "
             "itself); set compression.uplink and compression.downlink to none"
+        )
+
+
+def _check_secure(config: ExperimentConfig) -> None:
+    """Secure aggregation needs two clients a round, no per-update check, and a field that holds the sum."""
+    sa, fed = config.secure_aggregation, config.federation
+    if not sa.enabled:
+        return
+    if config.schedule.mode != "sync":
+        raise ConfigError(
+            f"secure_aggregation.enabled needs schedule.mode = 'sync' (it is {config.schedule.mode!r}): "
+            "its masks cancel only over one synchronous round's clients"
+        )
+    if fed.min_clients < 2:
+        raise ConfigError(
+            "secure_aggregation.enabled needs federation.min_clients >= 2: a sum of one update is the update"
+        )
+    if config.robustness.max_update_norm > 0:
+        raise ConfigError(
+            "robustness.max_update_norm cannot be checked under secure aggregation (the server never sees "
+            "one update); set it to 0 (secure_aggregation.clipping_range bounds each coordinate instead)"
+        )
+    m = fed.clients_per_round()
+    if m * 2**sa.quantization_bits >= 2**sa.modulus_bits:
+        raise ConfigError(
+            f"secure_aggregation.modulus_bits = {sa.modulus_bits} is too small: {m} clients' sums of "
+            f"2**{sa.quantization_bits} levels wrap around; use modulus_bits >= "
+            f"{sa.quantization_bits + m.bit_length()} or fewer quantization_bits"
         )
 
 

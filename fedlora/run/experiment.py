@@ -71,6 +71,7 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
     check_model(cfg)
     cfg, splits = check_data(cfg)
     mechanism_for(cfg).preflight(splits.train_sizes())
+    check_secure_weights(cfg, splits.train_sizes())
     notice = model_notice(cfg)
     if notice:
         _note_once(notice)
@@ -81,6 +82,25 @@ def preflight(cfg: ExperimentConfig, *, simulation: bool = False) -> ExperimentC
 def _note_once(message: str) -> None:
     """Print a notice on stderr, once per process (a comparison checks many runs of one model)."""
     print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def check_secure_weights(cfg: ExperimentConfig, client_sizes: list[int] | tuple[int, ...]) -> None:
+    """Under secure aggregation the clients' quantised weights are summed in the field too: the m largest
+    (num-examples / secure_aggregation.max_weight, times 2**quantization_bits) must not wrap around it."""
+    sa = cfg.secure_aggregation
+    if not sa.enabled:
+        return
+    mechanism = mechanism_for(cfg)
+    m = cfg.federation.clients_per_round()
+    weights = sorted((mechanism.client_weight(n) for n in client_sizes), reverse=True)[:m]
+    levels, modulus = 2**sa.quantization_bits, 2**sa.modulus_bits
+    if sum(round(w / sa.max_weight * levels) for w in weights) >= modulus:
+        need = sum(weights) * levels / modulus
+        raise ConfigError(
+            f"secure_aggregation.max_weight = {sa.max_weight:g} is too small: the {m} largest clients' "
+            f"weights (up to {weights[0]:g} examples) sum past the field 2**{sa.modulus_bits} once "
+            f"quantised; set secure_aggregation.max_weight > {need:g}"
+        )
 
 
 def check_data(cfg: ExperimentConfig) -> tuple[ExperimentConfig, FederatedSplits]:

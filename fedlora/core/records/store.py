@@ -16,12 +16,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context
-from safetensors.torch import load_file, save_file
 
-from fedlora.core.model.arrays import State, from_arrays, to_arrays
+if TYPE_CHECKING:
+    from fedlora.core.model.arrays import State
 
 _VERSION = re.compile(r"^(?P<name>.+)\.r(?P<round>\d+)\.(?P<ext>safetensors|json)$")
 
@@ -36,6 +36,10 @@ class ClientStore:
 
     def load_arrays(self, name: str, *, include_current: bool = False) -> State | None:
         """The newest tensors saved under ``name`` before this round (or in it, with ``include_current``)."""
+        # start-up: torch (safetensors) only where tensors are stored; secure-aggregation stages store none
+        from safetensors.torch import load_file
+
+        from fedlora.core.model.arrays import from_arrays
 
         if self.dir is None:
             record = self.context.state.array_records.get(name)
@@ -48,6 +52,10 @@ class ClientStore:
 
     def save_arrays(self, name: str, state: State) -> None:
         """Keep ``state`` as this round's version of ``name``."""
+        # start-up: as in load_arrays
+        from safetensors.torch import save_file
+
+        from fedlora.core.model.arrays import to_arrays
 
         if self.dir is None:
             self.context.state[name] = to_arrays(state)
@@ -69,6 +77,16 @@ class ClientStore:
             self.context.state[name] = ConfigRecord(values)
             return
         self._write(name, "json", lambda tmp: Path(tmp).write_text(json.dumps(values), encoding="utf-8"))
+
+    def delete(self, name: str) -> None:
+        """Forget every version of ``name`` (secrets that must not outlive their round)."""
+        if self.dir is None:
+            self.context.state.config_records.pop(name, None)
+            self.context.state.array_records.pop(name, None)
+            return
+        for ext in ("json", "safetensors"):
+            for path in self._versions(name, ext).values():
+                path.unlink(missing_ok=True)
 
     # ----- files ------------------------------------------------------------------------------
     def _versions(self, name: str, ext: str) -> dict[int, Path]:

@@ -11,16 +11,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from fedlora.core.config import ConfigError, ExperimentConfig, PrivacyConfig
 from fedlora.core.model.arrays import State
+from fedlora.core.protocol.codec import Codec, WeightedQuantiser
 from fedlora.core.records.store import ClientStore
 from fedlora.core.training.loops import Encoded, train_local
+from fedlora.core.typed_toml import coerce
 from fedlora.privacy import accounting
 
 
@@ -103,8 +107,21 @@ class Mechanism:
 
     @classmethod
     def read_options(cls, privacy: PrivacyConfig) -> Any:
-        """:attr:`Options` built (and so checked) from the ``[privacy]`` table."""
-        return cls.Options(**{f.name: getattr(privacy, f.name) for f in dataclasses.fields(cls.Options)})
+        """:attr:`Options` built (and so checked) from the ``[privacy]`` table: fields named like a
+        ``[privacy]`` key read that key; the others (a mechanism's own keys) read ``[privacy.options]``,
+        whose other keys are refused."""
+        shared = {f.name for f in dataclasses.fields(PrivacyConfig)}
+        fields = dataclasses.fields(cls.Options)
+        own = sorted(f.name for f in fields if f.name not in shared)
+        unknown = sorted(set(privacy.options) - set(own))
+        if unknown:
+            raise ConfigError(
+                f"privacy.options.{unknown[0]} is unknown for privacy.mode = {cls.mode!r}; valid options: "
+                f"{', '.join(own) or 'none'}"
+            )
+        hints = typing.get_type_hints(cls.Options)
+        extra = {k: coerce(hints[k], v, f"privacy.options.{k}") for k, v in privacy.options.items()}
+        return cls.Options(**{f.name: getattr(privacy, f.name) for f in fields if f.name in shared}, **extra)
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
@@ -135,6 +152,24 @@ class Mechanism:
         """What the strategy aggregates: the clients' states and weights (default: as they came)."""
         return list(updates), list(weights)
 
+    def secure_codec(self, length: int) -> Codec:
+        """Under secure aggregation, how a client's update of ``length`` values becomes integers and the
+        sum comes back (default: Flower's quantiser, example-weighted)."""
+        return WeightedQuantiser.of(self.cfg.secure_aggregation)
+
+    def client_weight(self, num_examples: int) -> float:
+        """A client's unnormalised weight, sent inside its masked vector (default: its examples, so that
+        the decoded mean is :meth:`weights`' p_k = n_k / sum n)."""
+        return float(num_examples)
+
+    def release_sum(
+        self, sent: State, summed: State, weight: float, arrived: int, server_round: int
+    ) -> tuple[list[State], list[float]]:
+        """Under secure aggregation: what the strategy aggregates from ``summed`` (the sum of the
+        ``arrived`` clients' weighted updates) and their summed ``weight`` (default: the weighted mean,
+        applied to ``sent``, as one state)."""
+        return [{k: sent[k] + summed[k] / weight for k in summed}], [1.0]
+
     def observe(self, metrics: Sequence[Mapping[str, Any]]) -> None:
         """Read the metrics of every reply without an error (declined ones included)."""
 
@@ -162,6 +197,18 @@ class Mechanism:
     def privatise(self, received: State, reply: State, *, seed: int) -> State:
         """The arrays a client sends, from the ones it trained (default: unchanged)."""
         return reply
+
+
+def flat_update(received: State, reply: State, keys: Sequence[str]) -> np.ndarray:
+    """``reply - received`` (the reply itself where nothing of its shape was received) for ``keys`` in
+    order, as one float64 vector: what a client encodes under secure aggregation."""
+
+    def update(key: str) -> torch.Tensor:
+        sent = received.get(key)
+        return reply[key] - sent if sent is not None and sent.shape == reply[key].shape else reply[key]
+
+    parts = [update(k).double().reshape(-1) for k in keys]
+    return torch.cat(parts).numpy() if parts else np.zeros(0)
 
 
 def require_noise(mode: str, options: BudgetOptions) -> None:

@@ -88,8 +88,15 @@ class DpUpdates(Mechanism):
 
     @classmethod
     def check(cls, cfg: ExperimentConfig) -> None:
-        """A budget or a noise multiplier."""
+        """A budget or a noise multiplier; no secure aggregation (its Gaussian shares would be rounded to
+        integers after noising, which voids the guarantee on the sum: ``ddp`` noises the integers)."""
         require_noise(cls.mode, cls.read_options(cfg.privacy))
+        if cfg.secure_aggregation.enabled:
+            raise ConfigError(
+                "privacy.mode = 'dp-updates' cannot run under secure aggregation: its Gaussian noise shares "
+                "would be rounded to integers after noising, which voids the guarantee on the sum; use "
+                "privacy.mode = 'ddp' (Skellam noise added to the integers)"
+            )
 
     def preflight(self, client_sizes: Sequence[int]) -> None:
         """delta below 1 / N clients; a given noise multiplier must keep the planned rounds in budget."""

@@ -89,7 +89,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 def refuse_foreign_keys(cls: type[Mechanism], privacy: PrivacyConfig) -> None:
     """ConfigError for a ``[privacy]`` key set away from its default that ``cls`` neither reads nor
     ignores, naming the modes that read it."""
-    own = {f.name for f in dataclasses.fields(cls.Options)} | cls.ignores | {"mode"}
+    own = {f.name for f in dataclasses.fields(cls.Options)} | cls.ignores | {"mode", "options"}
     for key, default in _defaults().items():
         value = getattr(privacy, key)
         if key in own or value == default:
