@@ -16,11 +16,11 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from clients.local import encode_reply
 from fedlora.core.config import CompressionConfig, ConfigError, ExperimentConfig, from_dict
-from fedlora.core.config import _check_compression as check_compression
 from fedlora.core.model import codecs
 from fedlora.core.model.arrays import from_arrays, payload_bytes, to_arrays
 from fedlora.core.protocol import keys as protocol
 from fedlora.core.records.store import ClientStore
+from fedlora.core.transport import check_compression
 from fedlora.run.experiment import load_experiment
 from fedlora.server import replies
 from tests.helpers import client_state

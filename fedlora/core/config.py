@@ -21,7 +21,14 @@ import tomli_w
 
 from fedlora.core.devices.profiles import DevicesConfig, ScheduleConfig, check_devices
 from fedlora.core.errors import ConfigError
-from fedlora.core.typed_toml import apply_overrides, build, read_toml
+from fedlora.core.reliability import FaultsConfig, RobustnessConfig, check_faults
+from fedlora.core.transport import (
+    CompressionConfig,
+    SecureAggregationConfig,
+    check_compression,
+    check_secure,
+)
+from fedlora.core.typed_toml import apply_overrides, build, check, help_field, read_toml
 
 PARTITIONERS = ("natural", "dirichlet", "iid", "shards")
 TWEETS = "tweets"
@@ -30,16 +37,13 @@ TARGET_PRESETS = ("qv", "qkvo", "vo", "mlp")
 TASK_DATA_KEYS = ("template", "response")
 """``[data]`` keys that only some tasks read (each task names those it reads; others refuse them)."""
 OPTIMIZERS = ("adamw", "sgd")
-CODECS = ("none", "fp16", "bf16", "int8")
 """``compression.uplink`` / ``downlink`` values (:mod:`fedlora.core.model.codecs`)."""
 CORPUS_SIZE = 38_158
 """Tweets in the corpus (docs/data.md); lets the config refuse impossible sizes before loading it (other
 sources are checked once loaded, by the experiment's pre-flight)."""
 
 
-def _help(text: str, default: Any) -> Any:
-    """A dataclass field with a default and its help text (immutable defaults only)."""
-    return field(default=default, metadata={"help": text})
+_help = help_field
 
 
 def _is_host_port(text: str) -> bool:
@@ -48,9 +52,7 @@ def _is_host_port(text: str) -> bool:
     return bool(host) and " " not in host and port.isdigit() and 1 <= int(port) <= 65535
 
 
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
+_check = check
 
 
 @dataclass
@@ -274,65 +276,6 @@ class FederationConfig:
 
 
 @dataclass
-class RobustnessConfig:
-    """What the server does with bad replies and failed rounds."""
-
-    max_update_norm: float = _help(
-        "reject a reply whose update (reply minus what was sent) has an L2 norm above this; 0 = no bound", 0.0
-    )
-    round_retries: int = _help(
-        "times a round is retried when fewer than federation.min_clients valid replies arrive", 0
-    )
-
-    def __post_init__(self) -> None:
-        _check(
-            self.max_update_norm >= 0,
-            "robustness.max_update_norm",
-            self.max_update_norm,
-            "0 (no bound) or a number > 0",
-        )
-        _check(self.round_retries >= 0, "robustness.round_retries", self.round_retries, "an integer >= 0")
-
-
-@dataclass
-class FaultsConfig:
-    """Fault injection for simulations: exact shares of the clients, drawn anew each round from the seed."""
-
-    raise_fraction: float = _help(
-        "share of the clients (drawn anew each round) whose train handler raises an error", 0.0
-    )
-    straggle_fraction: float = _help("share of the clients that wait straggle_s seconds before training", 0.0)
-    straggle_s: float = _help(
-        "seconds a straggler waits (above federation.round_timeout: never answers)", 0.0
-    )
-    nan_fraction: float = _help("share of the clients that reply with NaN in every array", 0.0)
-    corrupt_fraction: float = _help("share of the clients that reply with one array of a wrong shape", 0.0)
-
-    def __post_init__(self) -> None:
-        for name in ("raise_fraction", "straggle_fraction", "nan_fraction", "corrupt_fraction"):
-            value = getattr(self, name)
-            _check(0.0 <= value <= 1.0, f"faults.{name}", value, "a number in [0, 1]")
-        _check(self.straggle_s >= 0, "faults.straggle_s", self.straggle_s, "a number of seconds >= 0")
-        if self.total > 1.0:
-            raise ConfigError(
-                f"faults: raise_fraction + straggle_fraction + nan_fraction + corrupt_fraction = "
-                f"{self.total:g} is invalid: expected at most 1 (each client plays one fault per round)"
-            )
-        if self.straggle_fraction > 0 and self.straggle_s == 0:
-            raise ConfigError("faults.straggle_fraction > 0 needs faults.straggle_s > 0 (seconds to wait)")
-
-    @property
-    def total(self) -> float:
-        """Share of sampled clients given any fault."""
-        return self.raise_fraction + self.straggle_fraction + self.nan_fraction + self.corrupt_fraction
-
-    @property
-    def enabled(self) -> bool:
-        """Whether any fault is injected."""
-        return self.total > 0
-
-
-@dataclass
 class StrategyConfig:
     """The server-side aggregation strategy; ``options`` are checked by the strategy itself."""
 
@@ -393,96 +336,6 @@ class PrivacyConfig:
 
 
 @dataclass
-class CompressionConfig:
-    """Lossy codecs for the arrays that travel (``[compression]``, :mod:`fedlora.core.model.codecs`)."""
-
-    uplink: str = _help(
-        "codec of the clients' updates (reply minus what was received): none, fp16, bf16 or int8 "
-        "(per-row scales)",
-        "none",
-    )
-    downlink: str = _help(
-        "codec of the arrays the server sends (adapter, head, full base offsets): none, fp16, bf16 or int8",
-        "none",
-    )
-    error_feedback: bool = _help(
-        "each client keeps what the uplink codec lost and adds it to its next update (linear strategies)",
-        False,
-    )
-
-    def __post_init__(self) -> None:
-        for key in ("uplink", "downlink"):
-            value = getattr(self, key)
-            _check(value in CODECS, f"compression.{key}", value, f"one of {', '.join(CODECS)}")
-        if self.error_feedback and self.uplink == "none":
-            raise ConfigError(
-                "compression.error_feedback = true needs compression.uplink = fp16, bf16 or int8 "
-                "(with none nothing is lost to feed back)"
-            )
-
-    @property
-    def active(self) -> bool:
-        """Whether any array travels compressed."""
-        return self.uplink != "none" or self.downlink != "none"
-
-
-@dataclass
-class SecureAggregationConfig:
-    """SecAgg+ (Bell et al., CCS 2020): clients mask their updates so that the server decodes only their
-    sum (docs/privacy.md). Defaults are those of Flower's ``SecAggPlusWorkflow`` where it has one."""
-
-    enabled: bool = _help("mask every client's update; the server learns only the round's sum", False)
-    num_shares: float = _help(
-        "clients holding shares of each client's secrets, itself included: 0 = SecAgg+'s logarithmic "
-        "degree 2*ceil(log2 m)+1, a fraction (<= 1) of the m sampled clients, or a count (>= 3); Flower's "
-        "workflow takes the same forms and has no default",
-        0.0,
-    )
-    reconstruction_threshold: float = _help(
-        "shares that rebuild a secret: a fraction (<= 1) of num_shares or a count (>= 2); above one half, "
-        "no minority of a client's neighbours can unmask it; n - t dropouts per neighbourhood are survived",
-        0.6,
-    )
-    clipping_range: float = _help(
-        "coordinates of a weighted update are clipped to [-c, c] (Flower: 8.0)", 8.0
-    )
-    quantization_bits: int = _help("2**bits quantisation levels over [-c, c] (Flower: 2**22)", 22)
-    modulus_bits: int = _help("masks and sums are taken modulo 2**bits (Flower: 2**32)", 32)
-    max_weight: float = _help(
-        "the weight (num-examples) a client's update is scaled by is sent as weight / max_weight, "
-        "quantised (Flower: 1000.0)",
-        1000.0,
-    )
-
-    def __post_init__(self) -> None:
-        _check(
-            self.num_shares == 0 or 0 < self.num_shares <= 1 or self.num_shares >= 3,
-            "secure_aggregation.num_shares",
-            self.num_shares,
-            "0 (logarithmic), a fraction in (0, 1] or a count >= 3",
-        )
-        t = self.reconstruction_threshold
-        _check(
-            0 < t <= 1 or (t >= 2 and t == int(t)),
-            "secure_aggregation.reconstruction_threshold",
-            t,
-            "a fraction in (0, 1] or a whole count >= 2",
-        )
-        key = "secure_aggregation."
-        _check(self.clipping_range > 0, key + "clipping_range", self.clipping_range, "a number > 0")
-        _check(
-            2 <= self.quantization_bits <= 30, key + "quantization_bits", self.quantization_bits, "2 to 30"
-        )
-        _check(
-            self.quantization_bits < self.modulus_bits <= 62,
-            key + "modulus_bits",
-            self.modulus_bits,
-            f"more than quantization_bits ({self.quantization_bits}) and at most 62",
-        )
-        _check(self.max_weight > 0, key + "max_weight", self.max_weight, "a number > 0")
-
-
-@dataclass
 class ExperimentConfig:
     """A whole experiment: everything a server and its clients need to agree on."""
 
@@ -538,8 +391,8 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
 def _check_cross(config: ExperimentConfig) -> None:
     """Checks that involve more than one section."""
     _check_sizes(config)
-    _check_faults(config)
-    _check_compression(config)
+    check_faults(config)
+    check_compression(config)
     fed = config.federation
     check_devices(
         config.devices,
@@ -550,7 +403,7 @@ def _check_cross(config: ExperimentConfig) -> None:
         clients_per_round=fed.clients_per_round(),
         num_clients=fed.num_clients,
     )
-    _check_secure(config)
+    check_secure(config)
 
 
 def _check_sizes(config: ExperimentConfig) -> None:
@@ -577,60 +430,6 @@ def _check_sizes(config: ExperimentConfig) -> None:
         fed.num_clients,
         f"at most the {pool} training tweets (data.max_examples - data.test_size)",
     )
-
-
-def _check_faults(config: ExperimentConfig) -> None:
-    """Fault injection that would make every round fail."""
-    f = config.faults
-    broken = f.raise_fraction + f.nan_fraction + f.corrupt_fraction
-    if f.straggle_s > config.federation.round_timeout:
-        broken += f.straggle_fraction
-    if broken >= 1.0:
-        raise ConfigError(
-            f"faults: {broken:g} of the clients would never send a valid update, so no round could finish; "
-            "keep faults.raise_fraction + nan_fraction + corrupt_fraction (+ straggle_fraction when "
-            "straggle_s > federation.round_timeout) below 1"
-        )
-
-
-def _check_compression(config: ExperimentConfig) -> None:
-    """Compression and secure aggregation exclude each other: secure aggregation quantises what it masks
-    itself, into its own integer field. Reads the ``[secure_aggregation]`` table's ``enabled`` switch
-    wherever that table exists."""
-    secure = getattr(config, "secure_aggregation", None)
-    if config.compression.active and bool(getattr(secure, "enabled", False)):
-        raise ConfigError(
-            "[compression] cannot be combined with secure aggregation (it quantises the masked updates "
-            "itself); set compression.uplink and compression.downlink to none"
-        )
-
-
-def _check_secure(config: ExperimentConfig) -> None:
-    """Secure aggregation needs two clients a round, no per-update check, and a field that holds the sum."""
-    sa, fed = config.secure_aggregation, config.federation
-    if not sa.enabled:
-        return
-    if config.schedule.mode != "sync":
-        raise ConfigError(
-            f"secure_aggregation.enabled needs schedule.mode = 'sync' (it is {config.schedule.mode!r}): "
-            "its masks cancel only over one synchronous round's clients"
-        )
-    if fed.min_clients < 2:
-        raise ConfigError(
-            "secure_aggregation.enabled needs federation.min_clients >= 2: a sum of one update is the update"
-        )
-    if config.robustness.max_update_norm > 0:
-        raise ConfigError(
-            "robustness.max_update_norm cannot be checked under secure aggregation (the server never sees "
-            "one update); set it to 0 (secure_aggregation.clipping_range bounds each coordinate instead)"
-        )
-    m = fed.clients_per_round()
-    if m * 2**sa.quantization_bits >= 2**sa.modulus_bits:
-        raise ConfigError(
-            f"secure_aggregation.modulus_bits = {sa.modulus_bits} is too small: {m} clients' sums of "
-            f"2**{sa.quantization_bits} levels wrap around; use modulus_bits >= "
-            f"{sa.quantization_bits + m.bit_length()} or fewer quantization_bits"
-        )
 
 
 def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -15,6 +15,17 @@ from typing import Any
 from fedlora.core.errors import ConfigError
 
 
+def help_field(text: str, default: Any) -> Any:
+    """A dataclass field with a default and its help text (immutable defaults only)."""
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+def check(ok: bool, key: str, value: Any, expected: str) -> None:
+    """ConfigError ``<key> = <value> is invalid: expected <expected>`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: expected {expected}")
+
+
 def build(cls: type[Any], data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'experiment'} must be a table, got {data!r}")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from flwr.app import Array
 
-from fedlora.core.config import CODECS
+from fedlora.core.transport import CODECS
 
 Tensors = dict[str, torch.Tensor]
 
