@@ -169,3 +169,12 @@ def test_the_report_gives_virtual_time_to_target_beside_rounds_and_bytes(tmp_pat
     assert "Virtual time: seconds on the device clock" in markdown(cells, 0.6)
     png = plots.accuracy_vs_virtual_time(cells, tmp_path / "virtual.png", "accuracy against virtual time")
     assert png is not None and png.stat().st_size > 10_000
+
+
+def test_the_estimate_calibrates_each_schedule_apart() -> None:
+    from fedlora.compare.estimate import cost_key
+
+    classes = 'devices.classes=[{name="a", share=1.0}]'
+    assert cost_key(load_config(None, [])) == ("fedit", "none")
+    assert cost_key(load_config(None, [classes, "schedule.deadline_s=5.0"])) == ("fedit", "none", "deadline")
+    assert cost_key(load_config(None, [classes, 'schedule.mode="fedbuff"'])) == ("fedit", "none", "fedbuff")
