@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fedlora.compare.estimate import cost_key
 from fedlora.core.config import ConfigError, load_config
 from fedlora.core.devices.clock import Trip, staleness_weight, sync_round, trip, trip_seconds
 from fedlora.core.devices.profiles import DeviceClass, DevicesConfig, available, class_counts, class_of
@@ -172,8 +173,6 @@ def test_the_report_gives_virtual_time_to_target_beside_rounds_and_bytes(tmp_pat
 
 
 def test_the_estimate_calibrates_each_schedule_apart() -> None:
-    from fedlora.compare.estimate import cost_key
-
     classes = 'devices.classes=[{name="a", share=1.0}]'
     assert cost_key(load_config(None, [])) == ("fedit", "none")
     assert cost_key(load_config(None, [classes, "schedule.deadline_s=5.0"])) == ("fedit", "none", "deadline")
