@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from fedlora.compare.estimate import cost_key
 from fedlora.core.config import ConfigError, load_config
 from fedlora.core.devices.clock import Trip, staleness_weight, sync_round, trip, trip_seconds
 from fedlora.core.devices.profiles import DeviceClass, DevicesConfig, available, class_counts, class_of
@@ -169,3 +170,10 @@ def test_the_report_gives_virtual_time_to_target_beside_rounds_and_bytes(tmp_pat
     assert "Virtual time: seconds on the device clock" in markdown(cells, 0.6)
     png = plots.accuracy_vs_virtual_time(cells, tmp_path / "virtual.png", "accuracy against virtual time")
     assert png is not None and png.stat().st_size > 10_000
+
+
+def test_the_estimate_calibrates_each_schedule_apart() -> None:
+    classes = 'devices.classes=[{name="a", share=1.0}]'
+    assert cost_key(load_config(None, [])) == ("fedit", "none")
+    assert cost_key(load_config(None, [classes, "schedule.deadline_s=5.0"])) == ("fedit", "none", "deadline")
+    assert cost_key(load_config(None, [classes, 'schedule.mode="fedbuff"'])) == ("fedit", "none", "fedbuff")
