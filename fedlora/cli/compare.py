@@ -86,7 +86,8 @@ def compare(
     prepare(grid, plan.tasks, root)
     _compare_with_progress(grid, plan.todo, plan.done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
     chosen: dict[str, Any] = {}
-    if grid.tune_seeds:  # the tuning runs have finished (else the call above exits): the chosen ones next
+    if grid.tune_seeds and grid.search is None:  # the listed settings' tuning runs have finished (else the
+        # call above exits): the chosen ones next
         chosen, todo, done = session.tuned(plan)
         typer.echo(
             f"tuned on seed(s) {', '.join(map(str, grid.tune_seeds))}: "
