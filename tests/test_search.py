@@ -45,12 +45,13 @@ FFA-LoRA (its choice must be flagged on the edge)."""
 RUN = r"""
 import json, math, signal, sys, time
 run_dir, lr, best, rounds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+noise = 0.02 * ((int(sys.argv[6]) * 3 + len(sys.argv[5])) % 5 - 2)  # seeds differ, on the test set
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
 rows = []
 for r in range(1, rounds + 1):
     time.sleep(0.15)
     validation = (0.9 - 0.08 * (math.log10(lr) - math.log10(best)) ** 2) * (0.5 + 0.5 * r / rounds)
-    row = {"round": r, "client_eval_accuracy": validation, "eval_accuracy": 1.0 - validation,
+    row = {"round": r, "client_eval_accuracy": validation, "eval_accuracy": 1.0 - validation + noise,
            "uplink_bytes": 10, "downlink_bytes": 10}
     rows.append(row)
     with open(f"{run_dir}/rounds.jsonl", "a") as f:
@@ -83,7 +84,7 @@ def stand_in_runs(monkeypatch: pytest.MonkeyPatch) -> None:
             repr(cfg.train.lr),
             repr(BEST_LR[cfg.strategy.name]),
         ]
-        command += [str(cfg.federation.rounds), cfg.strategy.name]
+        command += [str(cfg.federation.rounds), cfg.strategy.name, str(cfg.seed)]
         return subprocess.Popen(command), (run_dir / "log").open("wb")
 
     def unchanged(cfg, simulation=False):  # type: ignore[no-untyped-def]
@@ -248,3 +249,30 @@ def test_a_range_with_when_is_searched_only_in_the_cells_it_names() -> None:
     }
     with pytest.raises(ConfigError, match="when"):
         grid(tune={"train.lr": {"low": 1e-3, "high": 0.1, "when": ["dp"]}})
+
+
+def test_the_cli_searches_then_adds_seeds_until_the_rule_stops(
+    tmp_path: Path, stand_in_runs: None, run_in_process
+) -> None:  # type: ignore[no-untyped-def]
+    """``fedlora compare`` end to end on stand-in runs: the search, each cell's choice with its edge flag,
+    the chosen values at seeds 0 and 1 (seed 0 reused from the best trial), one seed added while the
+    comparison is undecided, then stopped by max_seeds; the report says so."""
+    grid_file = tmp_path / "grid.toml"
+    text = GRID.format(base=SIMS / "quickstart.toml").replace("trials = 6", "trials = 3")
+    grid_file.write_text(
+        text.replace(
+            "[[compare.axes]]", "stop = { max_seeds = 3, smallest_effect = 0.001 }\n\n[[compare.axes]]"
+        )
+    )
+    root = tmp_path / "cmp"
+    done = run_in_process("compare", str(grid_file), "--out", str(root))
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "tuned fedit -> lr=" in out and "tuned ffa-lora -> lr=" in out and "on the edge" in out
+    assert "2 cells x 2 seeds = 4 runs, 2 already finished" in out  # the best trials are the seed-0 runs
+    assert "adding seed 2" in out and "2 cells x seed 2 = 2 runs" in out
+    assert "stopped after 3 seeds" in out and "max_seeds = 3" in out
+    assert (root / "runs" / "ffa-lora" / "seed-2" / "summary.json").is_file()
+    report = (root / "comparison.md").read_text()
+    assert "Seeds added until the answer was clear: 3 seeds (0, 1, 2); stopped" in report
+    assert "## Tuning (searched on validation)" in report and "widen the range" in report

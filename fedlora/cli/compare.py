@@ -81,12 +81,13 @@ def compare(
     # a grid (or --set) that names a Ray cluster runs there; otherwise the comparison brings its own
     shared = shared_ray and not plan.on_a_cluster
     grid, root = plan.grid, plan.root
+    chosen: dict[str, Any] = {}
     if grid.search is not None:
-        plan = _search_with_progress(plan, len(trials), jobs=jobs, verbose=verbose, shared_ray=shared)
+        plan, chosen = _search_with_progress(plan, len(trials), jobs=jobs, verbose=verbose, shared_ray=shared)
     prepare(grid, plan.tasks, root)
     _compare_with_progress(grid, plan.todo, plan.done, root, jobs=jobs, verbose=verbose, shared_ray=shared)
-    chosen: dict[str, Any] = {}
-    if grid.tune_seeds:  # the tuning runs have finished (else the call above exits): the chosen ones next
+    if grid.tune_seeds and grid.search is None:  # the listed settings' tuning runs have finished (else the
+        # call above exits): the chosen ones next
         chosen, todo, done = session.tuned(plan)
         typer.echo(
             f"tuned on seed(s) {', '.join(map(str, grid.tune_seeds))}: "
@@ -100,17 +101,19 @@ def compare(
         _seeds_until_clear(plan, chosen, started, jobs=jobs, verbose=verbose, shared_ray=shared)
 
 
-def _search_with_progress(plan: Any, most: int, *, jobs: int, verbose: bool, shared_ray: bool) -> Any:
+def _search_with_progress(
+    plan: Any, most: int, *, jobs: int, verbose: bool, shared_ray: bool
+) -> tuple[Any, dict[str, Any]]:
     """Every cell's search (``compare.tune`` with ranges), then each cell's choice printed with its edge
-    flags; returns the comparison of the chosen values at every seed."""
+    flags; returns the comparison of the chosen values at every seed, and the choices."""
     # start-up: imported when the command runs, so `fedlora --help` stays fast
     from fedlora.compare import session
 
     tuner = session.start_search(plan)
     what = f"search of {len(plan.grid.cells)} cells, at most {most} trials"
     _compare_with_progress(
-        plan.grid, tuner, [], plan.root, jobs=jobs, verbose=verbose, shared_ray=shared_ray, what=what,
-        total=most,
+        plan.grid, tuner, [None] * tuner.trials_ended(), plan.root, jobs=jobs, verbose=verbose,
+        shared_ray=shared_ray, what=what, total=most,
     )  # fmt: skip
     try:
         plan, chosen = session.after_search(plan, tuner)
@@ -121,7 +124,7 @@ def _search_with_progress(plan: Any, most: int, *, jobs: int, verbose: bool, sha
         edges = found.get(cell, {}).get("edges") or []
         flag = f"  [on the edge: {'; '.join(edges)}]" if edges else ""
         typer.echo(f"tuned {cell} -> {setting.label} (validation {100 * found[cell]['value']:.1f}%){flag}")
-    return plan
+    return plan, chosen
 
 
 def _seeds_until_clear(

@@ -202,7 +202,7 @@ def seed_phase(comparison: Plan, chosen: dict[str, Setting], seeds: list[int]) -
 
 def shape(grid: Grid) -> str:
     """``6 cells x 2 tuning settings x 5 seeds`` (with ``tune_seeds``: the tuning seeds only)."""
-    seeds = grid.tune_seeds or grid.seeds
+    seeds = grid.seeds if grid.search is not None else (grid.tune_seeds or grid.seeds)
     tuning = f"{len(grid.settings)} tuning settings x " if grid.settings else ""
     return f"{len(grid.cells)} cells x {tuning}{len(seeds)} seed{'s' * (len(seeds) > 1)}"
 

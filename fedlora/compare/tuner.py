@@ -146,6 +146,11 @@ class Tuner:
         prepare_config(task, self.root)
         return task
 
+    def trials_ended(self) -> int:
+        """How many trials have ended (finished, pruned or failed) in every cell's search so far."""
+        done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        return sum(len(s.get_trials(deepcopy=False, states=done)) for s in self.studies.values())
+
     def exhausted(self) -> bool:
         return not self.pending and not any(self._budget_left(c) for c in self.grid.cells)
 
