@@ -7,7 +7,9 @@ checkout first on ``PYTHONPATH``, federating in-process (the tests' ``InProcessG
 loop, strategy and ClientApp, no Ray) on a tiny random BERT, many clients per round and one small local
 step each, so the server's per-round and per-message work is as large a share of a round as it gets.
 Runs alternate before / after (and after with one device class, the clock on) ``--repeats`` times; each
-reports the sum of its rounds' ``wall_s`` (round 1 excluded: model loading); the ratio is of the medians.
+reports the sum of its rounds' ``wall_s`` (round 1 excluded: model loading) and the CPU seconds of the
+whole federation in its process (less sensitive to other load on the machine than wall time); the
+ratios are of the medians.
 
 Usage: ``python benchmarks/clock_overhead.py --before REV [--clients 200] [--per-round 100]
 [--rounds 4] [--repeats 3]``.
@@ -22,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,9 +57,11 @@ def child(args: argparse.Namespace) -> None:
     ]
     cfg = preflight(load_experiment(None, overrides))
     with tempfile.TemporaryDirectory() as out:
+        cpu = time.process_time()
         run = federate_in_process(cfg, Path(out) / "run")
+        cpu = time.process_time() - cpu
         rows = [_json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
-    print(_json.dumps({"round_s": sum(r["wall_s"] for r in rows[1:])}))
+    print(_json.dumps({"round_s": sum(r["wall_s"] for r in rows[1:]), "cpu_s": cpu}))
 
 
 def prepare(work: Path, clients: int) -> tuple[Path, Path]:
@@ -77,8 +82,8 @@ def prepare(work: Path, clients: int) -> tuple[Path, Path]:
     return Path(model.path), data
 
 
-def run_child(code: Path, args: argparse.Namespace, model: Path, data: Path, clock: bool) -> float:
-    """Round seconds of one child federation with ``code`` first on the path."""
+def run_child(code: Path, args: argparse.Namespace, model: Path, data: Path, clock: bool) -> dict[str, float]:
+    """Round seconds and CPU seconds of one child federation with ``code`` first on the path."""
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -92,7 +97,8 @@ def run_child(code: Path, args: argparse.Namespace, model: Path, data: Path, clo
         *(["--clock"] if clock else []),
     ]
     done = subprocess.run(command, cwd=code, env=env, capture_output=True, text=True, check=True)
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["round_s"])
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return {k: float(v) for k, v in found.items()}
 
 
 def main() -> None:
@@ -120,22 +126,26 @@ def main() -> None:
         )
         try:
             model, data = prepare(work, args.clients)
-            times: dict[str, list[float]] = {"before": [], "after": [], "after, clock on": []}
+            times: dict[str, list[dict[str, float]]] = {"before": [], "after": [], "after, clock on": []}
             for _ in range(args.repeats):
                 times["before"].append(run_child(before, args, model, data, clock=False))
                 times["after"].append(run_child(ROOT, args, model, data, clock=False))
                 times["after, clock on"].append(run_child(ROOT, args, model, data, clock=True))
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=True)
-    base = statistics.median(times["before"])
     print(
         f"load average {os.getloadavg()[0]:.2f}; {args.clients} clients, {args.per_round} per round, "
         f"rounds 2-{args.rounds} timed, {args.repeats} repeats (median)"
     )
-    for name, values in times.items():
-        median = statistics.median(values)
-        spread = ", ".join(f"{v:.2f}" for v in values)
-        print(f"{name:>16}: {median:7.2f} s  (runs: {spread})  ratio to before {median / base:.3f}")
+    for key, what in (("round_s", "round wall s"), ("cpu_s", "process CPU s")):
+        base = statistics.median(r[key] for r in times["before"])
+        for name, runs in times.items():
+            values = [r[key] for r in runs]
+            median = statistics.median(values)
+            spread = ", ".join(f"{v:.2f}" for v in values)
+            print(
+                f"{what:>14} {name:>16}: {median:7.2f}  (runs: {spread})  ratio to before {median / base:.3f}"
+            )
 
 
 if __name__ == "__main__":
