@@ -9,7 +9,8 @@ step each, so the server's per-round and per-message work is as large a share of
 Runs alternate before / after (and after with one device class, the clock on) ``--repeats`` times; each
 reports the sum of its rounds' ``wall_s`` (round 1 excluded: model loading) and the CPU seconds of the
 whole federation in its process (less sensitive to other load on the machine than wall time); the
-ratios are of the medians.
+ratios are of the medians, and the paired ratio the median of each repeat's ratio to the run before it
+(robust to load that drifts during the benchmark).
 
 Usage: ``python benchmarks/clock_overhead.py --before REV [--clients 200] [--per-round 100]
 [--rounds 4] [--repeats 3]``.
@@ -143,8 +144,10 @@ def main() -> None:
             values = [r[key] for r in runs]
             median = statistics.median(values)
             spread = ", ".join(f"{v:.2f}" for v in values)
+            paired = statistics.median(r[key] / b[key] for r, b in zip(runs, times["before"], strict=True))
             print(
-                f"{what:>14} {name:>16}: {median:7.2f}  (runs: {spread})  ratio to before {median / base:.3f}"
+                f"{what:>14} {name:>16}: {median:7.2f}  (runs: {spread})  ratio to before "
+                f"{median / base:.3f}, paired (median of per-repeat ratios) {paired:.3f}"
             )
 
 

@@ -9,7 +9,6 @@ which strategy or privacy mode runs.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -29,7 +28,7 @@ from fedlora.core.records.store import ClientStore
 from fedlora.core.training import faults
 from fedlora.core.training.alternation import set_alternation
 from fedlora.core.training.loops import evaluate as evaluate_model
-from fedlora.core.training.pruning import tail_norm, tail_penalty
+from fedlora.core.training.pruning import rank_pruning
 from fedlora.privacy.mechanisms import mechanism_for
 from fedlora.privacy.mechanisms.base import flat_update
 
@@ -78,17 +77,8 @@ def train(message: Message, context: Context) -> Message:
     faults.before_training(cfg, fault, pid, server_round)
     seed = runtime.client_seed(cfg, server_round, pid)
     privacy = mechanism_for(cfg)
-    before = tail_norm(model, plan.prune_from) if plan.prune_weight else None  # HetLoRA's self-pruning
-    with tail_penalty(model, plan.prune_from, plan.prune_weight) if plan.prune_weight else nullcontext():
+    with rank_pruning(model, plan.prune_from, plan.prune_weight) as pruning:  # HetLoRA's self-pruning
         trained = privacy.train(store, model, data.train, seed=seed)
-    pruning = (
-        {}
-        if before is None
-        else {
-            protocol.TAIL_NORM_BEFORE: before,
-            protocol.TAIL_NORM_AFTER: tail_norm(model, plan.prune_from),
-        }
-    )
     if trained.declined:
         return _declined(message, pid, trained.declined, trained.metrics)
     state = adapter_state(model)

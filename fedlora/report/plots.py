@@ -142,6 +142,13 @@ def accuracy_per_round(
     return _finish_panels(fig, axes, "test accuracy (%)", path, title)
 
 
+def _time_unit(seconds: float) -> tuple[float, str]:
+    """Seconds per unit and its name for an axis reaching ``seconds``: seconds, minutes or hours."""
+    if seconds < 600:
+        return 1.0, "seconds"
+    return (60.0, "minutes") if seconds < 36_000 else (3600.0, "hours")
+
+
 def accuracy_vs_virtual_time(cells: list[CellStats], path: Path, title: str) -> Path | None:
     """Per cell, its mean test accuracy at each evaluated round against the mean virtual time (device
     clock, ``virtual_time_s``) the run had reached by then, the range over seeds shaded; None when no
@@ -149,17 +156,18 @@ def accuracy_vs_virtual_time(cells: list[CellStats], path: Path, title: str) -> 
     timed = [c for c in cells if any(r.virtual_time_s is not None for r in c.runs)]
     if not timed:
         return None
+    unit, name = _time_unit(max(r.virtual_time_s or 0.0 for c in timed for r in c.runs))
     fig, ax = plt.subplots(figsize=SIZE)
     for cell, colour in zip(timed, _colours(len(timed)), strict=True):
         scored = [[r for r in run.history if r.get("eval_accuracy") is not None] for run in cell.runs]
         mean, low, high = _mean_min_max([[100 * float(r["eval_accuracy"]) for r in rows] for rows in scored])
-        hours = _mean_min_max(
-            [[float(r.get("virtual_time_s") or 0.0) / 3600 for r in rows] for rows in scored]
-        )[0]
-        ax.fill_between(hours, low, high, color=colour, alpha=0.2, linewidth=0)
-        ax.plot(hours, mean, color=colour, marker="o", markersize=3, label=cell.label)
+        times = _mean_min_max(
+            [[float(r.get("virtual_time_s") or 0.0) / unit for r in rows] for rows in scored]
+        )
+        ax.fill_between(times[0], low, high, color=colour, alpha=0.2, linewidth=0)
+        ax.plot(times[0], mean, color=colour, marker="o", markersize=3, label=cell.label)
     _majority(ax, timed)
-    ax.set_xlabel("virtual time (hours on the device clock)")
+    ax.set_xlabel(f"virtual time ({name} on the device clock)")
     ax.set_ylabel("test accuracy (%)")
     return _finish(fig, ax, path, title)
 

@@ -24,10 +24,10 @@ from typing import Any
 
 from fedlora.core.errors import ConfigError
 
-STEP_COST_S = 0.64
+STEP_COST_S = 0.50
 """Default seconds of one local step at speed 1: the packaged MiniLM with LoRA r=8 on query/value, AdamW,
 batch 16, real tweets (padded width about 48), one torch thread, on the 2-core AMD EPYC machine kind this
-project's CI uses, idle (610-666 ms, docs/devices.md; ``benchmarks/step_cost.py`` measures it). A
+project's CI uses, idle (``benchmarks/step_cost.py``: median 0.504 s, 2026-12-07; docs/devices.md). A
 constant, never measured during a run, so virtual times do not depend on how loaded the machine is."""
 MODES = ("sync", "fedbuff")
 SHARE_TOLERANCE = 1e-6

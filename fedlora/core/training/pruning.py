@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from fedlora.core.protocol.keys import TAIL_NORM_AFTER, TAIL_NORM_BEFORE
+
 ADAPTER = "default"
 
 
@@ -66,3 +68,18 @@ def tail_penalty(model: nn.Module, start: int, weight: float) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def rank_pruning(model: nn.Module, start: int, weight: float) -> Iterator[dict[str, float]]:
+    """Train inside this block for rank self-pruning: with ``weight`` > 0 the tail penalty is active and
+    the yielded dict is filled on exit with the tail's norm before and after (the reply's metrics);
+    with ``weight`` 0 nothing happens and the dict stays empty."""
+    found: dict[str, float] = {}
+    if not weight:
+        yield found
+        return
+    before = tail_norm(model, start)
+    with tail_penalty(model, start, weight):
+        yield found
+    found.update({TAIL_NORM_BEFORE: before, TAIL_NORM_AFTER: tail_norm(model, start)})
