@@ -145,14 +145,18 @@ def random_vectors(pids: list[int], length: int = 4000, seed: int = 0) -> dict[i
 
 def test_each_masked_vector_is_uniform_and_the_sum_is_exact(tmp_path: Path) -> None:
     """Every array the server receives from a client looks uniform on the field (chi-square), which the
-    unmasked vectors are far from; the unmasked sum is exactly the sum of the clients' vectors."""
+    unmasked vectors are far from; the unmasked sum is exactly the sum of the clients' vectors.
+
+    The masks come from fresh key pairs, so under uniformity each p-value is itself uniform: a 1e-6
+    threshold fails a correct protocol once in 200,000 runs of this test (five vectors); an unmasked or
+    badly masked vector scores below 1e-12."""
     cfg = experiment(5, num_shares=1.0)
     vectors = random_vectors(list(range(5)))
     total, masked, server, grid = play_round(cfg, tmp_path, vectors)
     assert total is not None
     np.testing.assert_array_equal(total, sum(vectors.values()) % MODULUS)
     for pid in vectors:
-        assert uniformity(masked[pid]) > 1e-3
+        assert uniformity(masked[pid]) > 1e-6
         assert uniformity(vectors[pid]) < 1e-12
     assert server.stats.shares == 5 and server.stats.threshold == 3 and not server.stats.abandoned
     arrays = [r for r in grid.received if r.content.array_records]
