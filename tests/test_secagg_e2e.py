@@ -128,7 +128,9 @@ def test_a_curious_server_sees_uniform_vectors_and_the_plain_mean(
     with_arrays = [r for r in wire["replies"] if r.content.array_records]
     assert len(with_arrays) == 6 and all(set(r.content.array_records) == {secagg.MASKED} for r in with_arrays)
     for reply in with_arrays:
-        assert uniform_p(reply.content[secagg.MASKED][secagg.VECTOR].numpy(), modulus) > 1e-3
+        assert (
+            uniform_p(reply.content[secagg.MASKED][secagg.VECTOR].numpy(), modulus) > 1e-6
+        )  # fresh masks: a correct run fails this once in a million
     assert all("label-counts" not in r.content.metric_records.get("metrics", {}) for r in wire["replies"])
     codec = WeightedQuantiser.of(cfg.secure_aggregation)
     for reply in plain_replies:  # the same update, encoded but not masked: far from uniform
