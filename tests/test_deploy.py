@@ -366,9 +366,9 @@ def intruders(deployment: TracedDeployment) -> dict[str, tuple[int, str]]:
     stranger = make_credentials(deployment.directory / "stranger", 1)
     ports = free_ports(3)
     args = {
-        "stranger": deployment.plain_args(0, ports[0], key=stranger.node_key(0)),
-        "anonymous": deployment.plain_args(0, ports[1], auth=False),
-        "plaintext": deployment.plain_args(0, ports[2], tls=False, auth=False),
+        "stranger": deployment.plain_args(0, ports[0], key=stranger.node_key(0), trainer=False),
+        "anonymous": deployment.plain_args(0, ports[1], auth=False, trainer=False),
+        "plaintext": deployment.plain_args(0, ports[2], tls=False, auth=False, trainer=False),
     }
     procs = {name: deployment.spawn(name, [*a, "--max-retries", "2"]) for name, a in args.items()}
     deadline = time.monotonic() + 90
@@ -398,8 +398,11 @@ def test_ffa_lora_job_completes_on_three_authenticated_nodes(
     assert summary["labels"] == TOPIC_NAMES
     assert summary["majority_accuracy"] == pytest.approx(0.2)  # the server's own test file: 12 per topic
     assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()
-    for i in range(NODES):  # every SuperNode started ClientApp processes for its messages
-        assert "Start `flwr-clientapp` process" in (deployment.logs / f"supernode-{i}.log").read_text()
+    for i in range(NODES):  # every SuperNode started ClientApp processes, which handed over to its trainer
+        log = (deployment.logs / f"supernode-{i}.log").read_text()
+        assert "Start `flwr-clientapp` process" in log and "fedlora: warm trainer ready at " in log
+        assert log.count("fedlora: warm trainer: train message of run ") == 2, log[-3000:]
+        assert log.count("fedlora: warm trainer: evaluate message of run ") == 1, log[-3000:]
 
 
 @pytest.mark.e2e
