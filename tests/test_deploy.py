@@ -481,6 +481,23 @@ def test_health_command_answers_for_the_superlink(deployment: TracedDeployment, 
 
 
 @pytest.mark.e2e
+def test_status_shows_every_node_online_and_the_runs_last_round(  # type: ignore[no-untyped-def]
+    deployment: TracedDeployment, finished_run: Path, run_cli
+) -> None:
+    proc = run_cli(
+        "deploy", "status", deployment.federation, env={"FLWR_HOME": str(deployment.home)}, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"SuperLink {deployment.federation} ({deployment.address}): ")
+    assert lines[0].endswith(f"{NODES} SuperNodes registered, {NODES} online"), lines
+    nodes = [line for line in lines if line.startswith("  node ")]
+    assert len(nodes) == NODES and all(": online, last heartbeat " in line for line in nodes), lines
+    (run,) = [line for line in lines if line.startswith("run ")]
+    assert ": finished:completed, round 2/2: done: clients 3 " in run, lines
+
+
+@pytest.mark.e2e
 def test_stop_leaves_nothing_running(deployment: TracedDeployment) -> None:
     pids = deployment.pids()
     assert len(pids) > NODES + 1  # the SuperLink, the SuperNodes and what they started

@@ -162,3 +162,26 @@ def deploy_health(
     if not healthy(address):
         fail(f"no healthy Flower process answers at {address}", code=1)
     typer.echo(f"{address}: serving")
+
+
+@deploy_app.command("status")
+def deploy_status(
+    superlink: Annotated[
+        str | None,
+        typer.Argument(help="the connection's name in $FLWR_HOME/config.toml (default: its default)"),
+    ] = None,
+    runs: Annotated[int, typer.Option(help="how many of the newest runs to show")] = 3,
+) -> None:
+    """The federation as the SuperLink sees it: its SuperNodes (online or not, last heartbeat), its runs
+    and the current run's round. Uses the connection `flwr` uses (FLWR_HOME)."""
+    if runs < 1:
+        fail(f"--runs {runs} is invalid: expected an integer >= 1")
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.run.status import DeployError, federation_status, status_lines
+
+    try:
+        status = federation_status(superlink)
+    except DeployError as exc:
+        fail(str(exc), code=1)
+    for line in status_lines(status, runs):
+        typer.echo(line)
