@@ -255,6 +255,10 @@ def test_gpu_override_reserves_a_gpu_per_node_and_keeps_each_nodes_mounts() -> N
             {"FEDLORA_CI_PROJECT": "Bad Name"},
             "deploy-ci: error: FEDLORA_CI_PROJECT 'Bad Name' must be lowercase",
         ),
+        (
+            {"FEDLORA_DEPLOY_MARGIN": "ten"},
+            "deploy-ci: error: FEDLORA_DEPLOY_MARGIN must be a number between 0 and 1, got 'ten'",
+        ),
     ],
 )
 def test_deploy_ci_script_rejects_bad_input_before_any_work(env: dict[str, str], expected: str) -> None:
@@ -266,6 +270,48 @@ def test_deploy_ci_script_rejects_bad_input_before_any_work(env: dict[str, str],
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(expected), line
     assert proc.stdout == ""  # nothing installed, built or started
+
+
+def _walkthrough(*args: str, doc: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHON": sys.executable}
+    if doc is not None:
+        env["FEDLORA_WALKTHROUGH_DOC"] = str(doc)
+    script = str(ROOT / "deploy" / "walkthrough.sh")
+    return subprocess.run(["bash", script, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_walkthrough_runs_the_docs_podman_steps_for_each_machine_as_printed() -> None:
+    """deploy/walkthrough.sh --list: the blocks it runs, per machine, straight from docs/deploy.md."""
+    proc = _walkthrough("--list")
+    assert proc.returncode == 0, proc.stderr
+    machines = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("### ")]
+    assert machines[:3] == ["operator", "owner-a", "owner-b"]  # CONTAINERS_CONF on every machine
+    text = proc.stdout
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    for command in (
+        "podman-compose up -d superlink",
+        "flwr supernode register owner-a.pub fedlora",
+        '--filter label=com.docker.compose.service=superlink)":/data/runs ./runs',
+    ):
+        assert command in text and command in doc
+    assert "podman-compose up -d supernode-0" in text and "podman-compose up -d supernode-1" in text
+    assert "fedlora deploy keygen /keys/supernode-1 --comment owner-b" in text  # owner B's own key
+    assert "operator.example.org" not in text  # the host's address and port instead
+    assert "docker compose" not in text and "docker build" not in text  # engine=docker blocks are skipped
+
+
+def test_walkthrough_fails_when_the_doc_loses_a_step(tmp_path: Path) -> None:
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    marked = "```bash walkthrough=operator\nmkdir -p ~/.flwr-fedlora"
+    assert marked in doc
+    broken = tmp_path / "deploy.md"
+    broken.write_text(doc.replace(marked, "```bash\nmkdir -p ~/.flwr-fedlora"))  # step 6 unmarked
+    proc = _walkthrough("--list", doc=broken)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"walkthrough: error: {broken} has no walkthrough=operator block that runs "
+        "'flwr supernode register owner-a.pub' (a step is missing or unmarked)"
+    )
 
 
 # -- the live topology ---------------------------------------------------------------------------
