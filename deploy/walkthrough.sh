@@ -207,8 +207,11 @@ run_block() {  # run_block MACHINE BLOCK_FILE: as printed (after substitution), 
   (cd "$dir" && env -i bash --noprofile --norc "$script") 2>&1 | sed "s/^/  [$machine] /"
 }
 running_ok() {  # every container of MACHINE's compose project is running
-  local dir=$work/$PREFIX-$1 states
-  states=$(podman ps -a --filter "label=com.docker.compose.project.working_dir=$dir" --format '{{.Names}}={{.State}}')
+  local dir=$work/$PREFIX-$1 states="" name
+  for name in $(podman ps -a --filter "label=com.docker.compose.project.working_dir=$dir" --format '{{.Names}}'); do
+    states+="$name=$(podman inspect --format '{{.State.Status}}' "$name")"$'\n'
+  done
+  states=${states%$'\n'}
   [[ -n "$states" ]] || fail "$1: no container started"
   if grep -v '=running$' <<<"$states" | grep -q .; then
     for c in $(grep -v '=running$' <<<"$states" | cut -d= -f1); do podman logs "$c" 2>&1 | tail -n 20; done

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -404,18 +405,25 @@ def finished_run(deployment: TracedDeployment, own_data: OwnData) -> Path:
 
 @pytest.fixture(scope="module")
 def intruders(deployment: TracedDeployment) -> dict[str, tuple[int, str]]:
-    """Start, side by side, three SuperNodes the SuperLink must refuse; their exit codes and logs.
+    """Start, side by side, four SuperNodes the SuperLink must refuse; their exit codes and logs, and
+    what the SuperLink logged meanwhile (under ``"superlink"``).
 
     ``stranger``: TLS and a key that was never registered; ``anonymous``: TLS, no key;
-    ``plaintext``: no TLS (and no key: Flower itself refuses a key over plaintext).
+    ``plaintext``: no TLS (and no key: Flower itself refuses a key over plaintext); ``wrong-ca``: its own
+    registered key, but another CA's certificate to check the SuperLink with.
     """
     stranger = make_credentials(deployment.directory / "stranger", 1)
-    ports = free_ports(3)
+    ports = free_ports(4)
     args = {
         "stranger": deployment.plain_args(0, ports[0], key=stranger.node_key(0), trainer=False),
         "anonymous": deployment.plain_args(0, ports[1], auth=False, trainer=False),
         "plaintext": deployment.plain_args(0, ports[2], tls=False, auth=False, trainer=False),
+        "wrong-ca": deployment.plain_args(0, ports[3], trainer=False),
     }
+    ca = args["wrong-ca"].index("--root-certificates") + 1
+    args["wrong-ca"][ca] = str(stranger.ca_cert)
+    superlink_log = deployment.logs / "superlink.log"
+    mark = superlink_log.stat().st_size
     procs = {name: deployment.spawn(name, [*a, "--max-retries", "2"]) for name, a in args.items()}
     deadline = time.monotonic() + 90
     for name, proc in procs.items():
@@ -424,7 +432,9 @@ def intruders(deployment: TracedDeployment) -> dict[str, tuple[int, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail(f"{name} was not refused within 90 s")
-    return {name: (p.returncode, (deployment.logs / f"{name}.log").read_text()) for name, p in procs.items()}
+    found = {name: (p.returncode, (deployment.logs / f"{name}.log").read_text()) for name, p in procs.items()}
+    time.sleep(1)  # the SuperLink's log lines for the last refusal
+    return {**found, "superlink": (0, superlink_log.read_text()[mark:])}
 
 
 @pytest.mark.e2e
@@ -502,6 +512,27 @@ def test_unregistered_key_is_refused(
 def test_supernode_without_a_key_is_refused(intruders: dict[str, tuple[int, str]]) -> None:
     code, log = intruders["anonymous"]
     assert code != 0 and "SuperNode authentication is enabled" in log, log
+
+
+@pytest.mark.e2e
+def test_supernode_with_another_ca_is_refused(intruders: dict[str, tuple[int, str]]) -> None:
+    code, log = intruders["wrong-ca"]
+    assert code == 1 and "could not establish a connection" in log, log
+
+
+@pytest.mark.e2e
+def test_the_superlink_logs_the_refusals_flower_sees(intruders: dict[str, tuple[int, str]]) -> None:
+    """Flower logs a refused key (an error line and the access line's 412) and a node without a key;
+    plaintext and wrong-CA connections fail in the TLS handshake, before Flower sees a request: Flower
+    1.42 logs nothing for them (docs/deploy.md, section 9)."""
+    _, log = intruders["superlink"]
+    assert (
+        "[/v1/fleet/activate-node][ApiError:2004]" in log
+        and "No SuperNode found with the given public key" in log
+    )
+    assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in log
+    assert "[/v1/fleet/register-node][ApiError:2001]" in log
+    assert set(re.findall(r"ApiError:(\d+)", log)) == {"2004", "2001"}, log  # none for plaintext, wrong CA
 
 
 @pytest.mark.e2e
