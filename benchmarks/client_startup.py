@@ -27,8 +27,12 @@ step), or ``both`` (default: one deployment of each, one after the other, each w
 baseline). With the trainer, a node's first message also builds the model in the trainer (its
 imports were paid when the node started): the table gives the median and the first message apart.
 
+``--experiment`` names fedlora's experiment (default ``sims/quickstart.toml``, MiniLM;
+``sims/llm_quickstart.toml`` runs SmolLM2-135M, after ``fedlora models convert-smollm2``), with the
+overrides above.
+
 Usage, from the repository root:
-``python benchmarks/client_startup.py [--nodes 2] [--rounds 3] [--trainer both]``.
+``python benchmarks/client_startup.py [--nodes 2] [--rounds 3] [--trainer both] [--experiment FILE]``.
 """
 
 from __future__ import annotations
@@ -173,7 +177,7 @@ def summarise(rows: list[dict[str, float]]) -> tuple[int, float, float, float, f
 Summary = tuple[int, float, float, float, float]
 
 
-def measure(work: Path, nodes: int, rounds: int, trainer: bool) -> dict[str, Summary]:
+def measure(work: Path, nodes: int, rounds: int, trainer: bool, experiment: Path) -> dict[str, Summary]:
     """One deployment (with or without warm trainers): the empty app, then fedlora's; their summaries."""
     empty = write_empty_app(work / "emptyapp")
     # The log is named before the SuperNodes start: they pass their environment to every ClientApp
@@ -184,7 +188,7 @@ def measure(work: Path, nodes: int, rounds: int, trainer: bool) -> dict[str, Sum
         empty_rows = run_app(deployment, empty, f"rounds={rounds} nodes={nodes}", log)
         seen = len(empty_rows)
         job = ";".join(fedlora_overrides(nodes, rounds))
-        config = f"overrides='{job}' out-dir='{work / 'runs'}'"
+        config = f"experiment='{experiment}' overrides='{job}' out-dir='{work / 'runs'}'"
         fedlora_rows = run_app(deployment, ROOT, config, log)[seen:]
     return {"empty": summarise(empty_rows), "fedlora": summarise(fedlora_rows)}
 
@@ -198,16 +202,21 @@ def main() -> None:
     parser.add_argument(
         "--trainer", choices=("on", "off", "both"), default="both", help="warm trainers on the nodes"
     )
+    parser.add_argument(
+        "--experiment", type=Path, default=ROOT / "sims" / "quickstart.toml", help="fedlora's experiment"
+    )
     args = parser.parse_args()
     if args.nodes < 1 or args.rounds < 1:
         sys.exit("error: --nodes and --rounds must be at least 1")
+    if not args.experiment.is_file():
+        sys.exit(f"error: --experiment {args.experiment}: no such file")
     modes = {"on": [True], "off": [False], "both": [False, True]}[args.trainer]
     head = f"{'SuperNodes':<14} {'ClientApp':<10} {'messages':>8} {'CPU s':>7} {'first CPU s':>11}"
     print(f"{head} {'wall s':>7} {'wall s, rounds >= 2':>20}")
     for trainer in modes:
         load_before = os.getloadavg()[0]
         with tempfile.TemporaryDirectory(prefix="fedlora-startup-") as tmp:
-            results = measure(Path(tmp), args.nodes, args.rounds, trainer)
+            results = measure(Path(tmp), args.nodes, args.rounds, trainer, args.experiment.resolve())
         load_after = os.getloadavg()[0]
         label = "warm trainer" if trainer else "no trainer"
         for name, (messages, cpu, wall, later, first) in results.items():
@@ -220,7 +229,7 @@ def main() -> None:
         )
     print(
         f"command: python benchmarks/client_startup.py --nodes {args.nodes} --rounds {args.rounds} "
-        f"--trainer {args.trainer}"
+        f"--trainer {args.trainer} --experiment {args.experiment}"
     )
 
 
