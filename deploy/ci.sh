@@ -333,5 +333,6 @@ say "refused (exit $code): $(grep -m1 -o 'Failed to activate SuperNode.*' "$work
 refusals=$(podman logs "${PROJECT}_superlink_1" 2>&1 | grep -c 'activate-node.* 4[0-9][0-9]') || true
 say "the SuperLink logged $refusals refused activation requests"
 
+timings+=("whole script up to the teardown: $SECONDS s")
 printf '%s\n' "deploy-ci: passed ($(date -u +%FT%TZ), $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg))" \
   "${timings[@]/#/  }" | tee "$CACHE/last.txt"
