@@ -124,22 +124,7 @@ def hand_over(message: Message, context: Context, path: str) -> Message | None:
         message_to_proto(message).SerializeToString(),
         context_to_proto(context).SerializeToString(),
     ]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.connect(path)
-            send_frames(sock, request)
-            head, reply, state = recv_frames(sock, 3)
-    except EOFError as exc:
-        raise TrainerError(
-            f"the warm trainer at {path} closed the connection before replying ({exc}); "
-            "see the SuperNode's log (did the trainer die?)"
-        ) from None
-    except OSError as exc:
-        raise TrainerError(
-            f"the warm trainer at {path} ({SOCKET_ENV}) is not reachable: {exc.strerror or exc}; restart "
-            f"this SuperNode (fedlora deploy supernode starts its trainer), or unset {SOCKET_ENV} to train "
-            "in each ClientApp process"
-        ) from None
+    head, reply, state = _exchange(path, request)
     answer = json.loads(head)
     if answer["status"] == "other-code":
         print(
@@ -151,12 +136,29 @@ def hand_over(message: Message, context: Context, path: str) -> Message | None:
         return None
     if answer["status"] != "ok":
         raise TrainerError(f"the warm trainer failed: {answer['error']}")
-    proto_context = ProtoContext()
-    proto_context.ParseFromString(state)
-    context.state = context_from_proto(proto_context).state
-    proto_reply = ProtoMessage()
-    proto_reply.ParseFromString(reply)
-    return message_from_proto(proto_reply)
+    context.state = context_from_proto(ProtoContext.FromString(state)).state
+    return message_from_proto(ProtoMessage.FromString(reply))
+
+
+def _exchange(path: str, request: list[bytes]) -> list[bytes]:
+    """Send ``request`` to the trainer at ``path`` and read its three-frame answer (TrainerError if the
+    trainer is not there or closes the connection first)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(path)
+            send_frames(sock, request)
+            return recv_frames(sock, 3)
+    except EOFError as exc:
+        raise TrainerError(
+            f"the warm trainer at {path} closed the connection before replying ({exc}); "
+            "see the SuperNode's log (did the trainer die?)"
+        ) from None
+    except OSError as exc:
+        raise TrainerError(
+            f"the warm trainer at {path} ({SOCKET_ENV}) is not reachable: {exc.strerror or exc}; restart "
+            f"this SuperNode (fedlora deploy supernode starts its trainer), or unset {SOCKET_ENV} to train "
+            "in each ClientApp process"
+        ) from None
 
 
 # -- the trainer side -------------------------------------------------------------------------------
@@ -171,10 +173,8 @@ def handle(frames: list[bytes], handler: Handler, code: str) -> list[bytes]:
         return [json.dumps({"status": "error", "error": error}).encode(), b"", b""]
     if header.get("code") != code:
         return [json.dumps({"status": "other-code", "code": code}).encode(), b"", b""]
-    proto_message, proto_context = ProtoMessage(), ProtoContext()
-    proto_message.ParseFromString(frames[1])
-    proto_context.ParseFromString(frames[2])
-    message, context = message_from_proto(proto_message), context_from_proto(proto_context)
+    message = message_from_proto(ProtoMessage.FromString(frames[1]))
+    context = context_from_proto(ProtoContext.FromString(frames[2]))
     charge_cpu(float(header.get("cpu_s", 0.0)))
     start, what = time.monotonic(), f"{message.metadata.message_type} message of run {context.run_id}"
     try:
