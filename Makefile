@@ -11,7 +11,8 @@ STAMP := $(VENV)/.fedlora-installed
 # the tests that read one simulation run stay on one worker and the run is made once.
 TEST_WORKERS ?= 2
 
-.PHONY: setup run run-llm llm-model test test-fast lint typecheck clean deploy-test
+.PHONY: setup run run-llm llm-model test test-fast lint typecheck clean deploy-test base-image wheelhouse \
+	deploy-walkthrough
 
 setup: $(STAMP)
 
@@ -49,10 +50,25 @@ lint: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-# The image built and docker-compose.yml run for real with podman (root, Debian): a 2-round run on three
-# authenticated SuperNodes, an unregistered node refused, everything taken down. Not part of `test`.
+# The image built and docker-compose.yml run for real with podman (root, Debian): a 4-round run on three
+# authenticated SuperNodes with warm trainers, each on its own file, that must beat the majority class;
+# an unregistered node refused; everything taken down. Then docs/deploy.md's walkthrough, executed
+# command by command (operator and two data owners as separate compose projects). Not part of `test`.
 deploy-test: setup
 	PYTHON=$(BIN)/python deploy/ci.sh
+	PYTHON=$(BIN)/python deploy/walkthrough.sh
+
+# docs/deploy.md's three-machine walkthrough alone (reuses the image deploy-test builds).
+deploy-walkthrough: setup
+	PYTHON=$(BIN)/python deploy/walkthrough.sh
+
+# Offline image building blocks (docs/deploy.md, section 4): the Python base image from Debian's packages
+# (mmdebstrap + podman import, no registry) and a wheelhouse of every package the image installs.
+base-image:
+	deploy/base-image.sh
+
+wheelhouse:
+	PYTHON=$(BIN)/python deploy/wheelhouse.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

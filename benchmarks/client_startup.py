@@ -20,7 +20,19 @@ machine barely inflates), and **wall s**, seconds from the server creating the m
 (includes the node's polling and waiting for a CPU). The ratio fedlora / empty is taken on CPU s.
 The 1-minute load average is printed before and after (other jobs inflate wall s, much less CPU s).
 
-Usage, from the repository root: ``python benchmarks/client_startup.py [--nodes 2] [--rounds 3]``.
+``--trainer`` chooses the SuperNodes: ``off`` (each message's ClientApp process trains itself),
+``on`` (each node's warm trainer trains, :mod:`clients.warm`; CPU s is then the ClientApp process's
+CPU until it handed the message over plus the trainer's CPU for that message until its first training
+step), or ``both`` (default: one deployment of each, one after the other, each with its own empty-app
+baseline). With the trainer, a node's first message also builds the model in the trainer (its
+imports were paid when the node started): the table gives the median and the first message apart.
+
+``--experiment`` names fedlora's experiment (default ``sims/quickstart.toml``, MiniLM;
+``sims/llm_quickstart.toml`` runs SmolLM2-135M, after ``fedlora models convert-smollm2``), with the
+overrides above.
+
+Usage, from the repository root:
+``python benchmarks/client_startup.py [--nodes 2] [--rounds 3] [--trainer both] [--experiment FILE]``.
 """
 
 from __future__ import annotations
@@ -153,12 +165,32 @@ def run_app(deployment: LocalDeployment, app: Path, run_config: str, log: Path) 
     return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
 
 
-def summarise(rows: list[dict[str, float]]) -> tuple[int, float, float, float]:
-    """(messages, median CPU s, median wall s over all rounds, median wall s over rounds >= 2)."""
+def summarise(rows: list[dict[str, float]]) -> tuple[int, float, float, float, float]:
+    """(messages, median CPU s, median wall s over all rounds, median wall s over rounds >= 2, the
+    largest CPU s: a trainer's first message, which builds the model)."""
     cpu = statistics.median(r["cpu_s"] for r in rows)
     wall = statistics.median(r["startup_s"] for r in rows)
     later = [r["startup_s"] for r in rows if r["round"] > 1] or [wall]
-    return len(rows), cpu, wall, statistics.median(later)
+    return len(rows), cpu, wall, statistics.median(later), max(r["cpu_s"] for r in rows)
+
+
+Summary = tuple[int, float, float, float, float]
+
+
+def measure(work: Path, nodes: int, rounds: int, trainer: bool, experiment: Path) -> dict[str, Summary]:
+    """One deployment (with or without warm trainers): the empty app, then fedlora's; their summaries."""
+    empty = write_empty_app(work / "emptyapp")
+    # The log is named before the SuperNodes start: they pass their environment to every ClientApp
+    # process they start (and to their trainers), so both apps log to one file, told apart by order.
+    log = work / "startup.jsonl"
+    os.environ[STARTUP_LOG] = str(log)
+    with LocalDeployment(work / "deployment", nodes, app_dir=ROOT, trainer=trainer) as deployment:
+        empty_rows = run_app(deployment, empty, f"rounds={rounds} nodes={nodes}", log)
+        seen = len(empty_rows)
+        job = ";".join(fedlora_overrides(nodes, rounds))
+        config = f"experiment='{experiment}' overrides='{job}' out-dir='{work / 'runs'}'"
+        fedlora_rows = run_app(deployment, ROOT, config, log)[seen:]
+    return {"empty": summarise(empty_rows), "fedlora": summarise(fedlora_rows)}
 
 
 def main() -> None:
@@ -167,32 +199,38 @@ def main() -> None:
     )
     parser.add_argument("--nodes", type=int, default=2, help="SuperNodes, all sampled each round (default 2)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per app (default 3)")
+    parser.add_argument(
+        "--trainer", choices=("on", "off", "both"), default="both", help="warm trainers on the nodes"
+    )
+    parser.add_argument(
+        "--experiment", type=Path, default=ROOT / "sims" / "quickstart.toml", help="fedlora's experiment"
+    )
     args = parser.parse_args()
     if args.nodes < 1 or args.rounds < 1:
         sys.exit("error: --nodes and --rounds must be at least 1")
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="fedlora-startup-") as tmp:
-        work = Path(tmp)
-        empty = write_empty_app(work / "emptyapp")
-        # The log is named before the SuperNodes start: they pass their environment to every
-        # ClientApp process they start, so both apps log to one file, told apart by run order.
-        log = work / "startup.jsonl"
-        os.environ[STARTUP_LOG] = str(log)
-        with LocalDeployment(work / "deployment", args.nodes, app_dir=ROOT) as deployment:
-            empty_rows = run_app(deployment, empty, f"rounds={args.rounds} nodes={args.nodes}", log)
-            seen = len(empty_rows)
-            job = ";".join(fedlora_overrides(args.nodes, args.rounds))
-            config = f"overrides='{job}' out-dir='{work / 'runs'}'"
-            fedlora_rows = run_app(deployment, ROOT, config, log)[seen:]
-    load_after = os.getloadavg()[0]
-    print(f"{'ClientApp':<10} {'messages':>8} {'CPU s':>7} {'wall s':>7} {'wall s, rounds >= 2':>20}")
-    results = {"empty": summarise(empty_rows), "fedlora": summarise(fedlora_rows)}
-    for name, (messages, cpu, wall, later) in results.items():
-        print(f"{name:<10} {messages:>8} {cpu:>7.2f} {wall:>7.2f} {later:>20.2f}")
-    ratio = results["fedlora"][1] / results["empty"][1]
-    print(f"start-up ratio fedlora / empty (median CPU s per message): {ratio:.2f}x")
-    print(f"load average (1 min): {load_before:.2f} before, {load_after:.2f} after; {os.cpu_count()} CPUs")
-    print(f"command: python benchmarks/client_startup.py --nodes {args.nodes} --rounds {args.rounds}")
+    if not args.experiment.is_file():
+        sys.exit(f"error: --experiment {args.experiment}: no such file")
+    modes = {"on": [True], "off": [False], "both": [False, True]}[args.trainer]
+    head = f"{'SuperNodes':<14} {'ClientApp':<10} {'messages':>8} {'CPU s':>7} {'first CPU s':>11}"
+    print(f"{head} {'wall s':>7} {'wall s, rounds >= 2':>20}")
+    for trainer in modes:
+        load_before = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory(prefix="fedlora-startup-") as tmp:
+            results = measure(Path(tmp), args.nodes, args.rounds, trainer, args.experiment.resolve())
+        load_after = os.getloadavg()[0]
+        label = "warm trainer" if trainer else "no trainer"
+        for name, (messages, cpu, wall, later, first) in results.items():
+            row = f"{label:<14} {name:<10} {messages:>8} {cpu:>7.2f} {first:>11.2f}"
+            print(f"{row} {wall:>7.2f} {later:>20.2f}")
+        ratio = results["fedlora"][1] / results["empty"][1]
+        print(
+            f"{label}: start-up ratio fedlora / empty (median CPU s per message) {ratio:.2f}x; "
+            f"load average (1 min) {load_before:.2f} before, {load_after:.2f} after; {os.cpu_count()} CPUs"
+        )
+    print(
+        f"command: python benchmarks/client_startup.py --nodes {args.nodes} --rounds {args.rounds} "
+        f"--trainer {args.trainer} --experiment {args.experiment}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """The ClientApp: the same code runs in simulated (Ray) and deployed (SuperNode) clients.
 
 ``train`` and ``evaluate`` do the client's work (:mod:`clients.local`: the message's plan, the model,
-the local data, the privacy mechanism); ``query`` tells the server which partition a deployed node
-holds. Nothing here knows which strategy or privacy mode runs.
+the local data, the privacy mechanism), or hand the message to the node's warm trainer when one is
+configured (:mod:`clients.warm`); ``query`` tells the server which partition a deployed node holds.
+Nothing here knows which strategy or privacy mode runs.
 """
 
 from __future__ import annotations
@@ -10,15 +11,24 @@ from __future__ import annotations
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients import warm
 from fedlora.core.protocol import keys as protocol
 
 app = ClientApp()
 
 
+def _handed_over(message: Message, context: Context) -> Message | None:
+    """The warm trainer's reply to ``message``; None when no trainer is configured (FEDLORA_TRAINER_SOCKET)
+    or it runs other code: the caller trains in this process."""
+    path = warm.socket_path()
+    return warm.hand_over(message, context, path) if path else None
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    """Train this round's adapter on the local split (:func:`clients.local.train`), or take part in a
-    secure-aggregation stage that does not train (:func:`clients.secagg.handle`, without torch)."""
+    """Train this round's adapter on the local split (:func:`clients.local.train`), in the node's warm
+    trainer when it has one, or take part in a secure-aggregation stage that does not train
+    (:func:`clients.secagg.handle`, here, without torch)."""
     # start-up: a SuperNode starts a new process for every message, and a query needs neither torch nor
     # the model (5.2 CPU-seconds of imports a query process no longer pays; 0.5 remain); the SecAgg+
     # stages that do not train need the crypto primitives only
@@ -26,6 +36,9 @@ def train(message: Message, context: Context) -> Message:
 
     if secagg.handles(message):
         return secagg.handle(message, context)
+    reply = _handed_over(message, context)
+    if reply is not None:
+        return reply
     # start-up: as above
     from clients import local
 
@@ -34,7 +47,11 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    """Evaluate this client's adapter on its validation split (:func:`clients.local.evaluate`)."""
+    """Evaluate this client's adapter on its validation split (:func:`clients.local.evaluate`), in the
+    node's warm trainer when it has one."""
+    reply = _handed_over(message, context)
+    if reply is not None:
+        return reply
     # start-up: as in train()
     from clients import local
 

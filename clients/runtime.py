@@ -189,6 +189,9 @@ def base_offsets(content: RecordDict, config: ConfigRecord, store: ClientStore) 
 STARTUP_LOG = "FEDLORA_STARTUP_LOG"
 """Environment variable: a file to which :func:`log_startup` appends one JSON line per message."""
 _messages_seen = 0
+cpu_offset = 0.0
+"""Added to this process's CPU time in the start-up log: a warm trainer sets it per message
+(:func:`clients.warm.charge_cpu`) so that ``cpu_s`` is that message's cost, not the trainer's total."""
 
 
 def log_startup(message: Message) -> None:
@@ -207,7 +210,7 @@ def log_startup(message: Message) -> None:
     row = {
         "round": int(message.content[protocol.CONFIG][protocol.SERVER_ROUND]),  # type: ignore[arg-type,index]
         "startup_s": time.time() - message.metadata.created_at,
-        "cpu_s": time.process_time(),  # CPU seconds this process has used so far
+        "cpu_s": time.process_time() + cpu_offset,  # CPU seconds this process has used so far
         "pid": os.getpid(),
         "fresh": _messages_seen == 1,
     }

@@ -13,9 +13,11 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import string
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -336,6 +338,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return (0, E2E_ORDER.index(name) if name in E2E_ORDER else len(E2E_ORDER))
 
     items.sort(key=rank)
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A fresh folder directly under /tmp, removed afterwards: for Unix sockets, whose paths may have
+    107 bytes at most (pytest's ``tmp_path`` under xdist is longer)."""
+    folder = Path(tempfile.mkdtemp(prefix="fl-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

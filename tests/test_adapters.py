@@ -155,6 +155,18 @@ def test_load_adapter_state_rejects_foreign_keys(bert) -> None:  # type: ignore[
         load_adapter_state(bert, {"base_model.model.nope.lora_A.weight": torch.zeros(1)})
 
 
+def test_adapter_state_keys_are_peft_keys_listed_once_per_model(bert, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from fedlora.core.model import adapters
+
+    expected = list(adapter_state(bert))
+    assert adapters.adapter_state_keys(bert) == expected
+    calls = []
+    monkeypatch.setattr(adapters, "get_peft_model_state_dict", lambda model: calls.append(1) or {})
+    assert adapters.adapter_state_keys(bert) == expected and calls == []  # the model's keys, kept
+    with pytest.raises(KeyError, match="lacks"):  # and still checked against them
+        load_adapter_state(bert, {"base_model.model.nope.lora_A.weight": torch.zeros(1)})
+
+
 def test_lora_scale_conventions() -> None:
     assert lora_scale(LoraConfig(rank=8, alpha=16)) == 2.0
     assert lora_scale(LoraConfig(rank=16, alpha=16, rslora=True)) == 4.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -255,6 +256,10 @@ def test_gpu_override_reserves_a_gpu_per_node_and_keeps_each_nodes_mounts() -> N
             {"FEDLORA_CI_PROJECT": "Bad Name"},
             "deploy-ci: error: FEDLORA_CI_PROJECT 'Bad Name' must be lowercase",
         ),
+        (
+            {"FEDLORA_DEPLOY_MARGIN": "ten"},
+            "deploy-ci: error: FEDLORA_DEPLOY_MARGIN must be a number between 0 and 1, got 'ten'",
+        ),
     ],
 )
 def test_deploy_ci_script_rejects_bad_input_before_any_work(env: dict[str, str], expected: str) -> None:
@@ -266,6 +271,48 @@ def test_deploy_ci_script_rejects_bad_input_before_any_work(env: dict[str, str],
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith(expected), line
     assert proc.stdout == ""  # nothing installed, built or started
+
+
+def _walkthrough(*args: str, doc: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHON": sys.executable}
+    if doc is not None:
+        env["FEDLORA_WALKTHROUGH_DOC"] = str(doc)
+    script = str(ROOT / "deploy" / "walkthrough.sh")
+    return subprocess.run(["bash", script, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_walkthrough_runs_the_docs_podman_steps_for_each_machine_as_printed() -> None:
+    """deploy/walkthrough.sh --list: the blocks it runs, per machine, straight from docs/deploy.md."""
+    proc = _walkthrough("--list")
+    assert proc.returncode == 0, proc.stderr
+    machines = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("### ")]
+    assert machines[:3] == ["operator", "owner-a", "owner-b"]  # CONTAINERS_CONF on every machine
+    text = proc.stdout
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    for command in (
+        "podman-compose up -d superlink",
+        "flwr supernode register owner-a.pub fedlora",
+        '--filter label=com.docker.compose.service=superlink)":/data/runs ./runs',
+    ):
+        assert command in text and command in doc
+    assert "podman-compose up -d supernode-0" in text and "podman-compose up -d supernode-1" in text
+    assert "fedlora deploy keygen /keys/supernode-1 --comment owner-b" in text  # owner B's own key
+    assert "operator.example.org" not in text  # the host's address and port instead
+    assert "docker compose" not in text and "docker build" not in text  # engine=docker blocks are skipped
+
+
+def test_walkthrough_fails_when_the_doc_loses_a_step(tmp_path: Path) -> None:
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    marked = "```bash walkthrough=operator\nmkdir -p ~/.flwr-fedlora"
+    assert marked in doc
+    broken = tmp_path / "deploy.md"
+    broken.write_text(doc.replace(marked, "```bash\nmkdir -p ~/.flwr-fedlora"))  # step 6 unmarked
+    proc = _walkthrough("--list", doc=broken)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"walkthrough: error: {broken} has no walkthrough=operator block that runs "
+        "'flwr supernode register owner-a.pub' (a step is missing or unmarked)"
+    )
 
 
 # -- the live topology ---------------------------------------------------------------------------
@@ -358,18 +405,25 @@ def finished_run(deployment: TracedDeployment, own_data: OwnData) -> Path:
 
 @pytest.fixture(scope="module")
 def intruders(deployment: TracedDeployment) -> dict[str, tuple[int, str]]:
-    """Start, side by side, three SuperNodes the SuperLink must refuse; their exit codes and logs.
+    """Start, side by side, four SuperNodes the SuperLink must refuse; their exit codes and logs, and
+    what the SuperLink logged meanwhile (under ``"superlink"``).
 
     ``stranger``: TLS and a key that was never registered; ``anonymous``: TLS, no key;
-    ``plaintext``: no TLS (and no key: Flower itself refuses a key over plaintext).
+    ``plaintext``: no TLS (and no key: Flower itself refuses a key over plaintext); ``wrong-ca``: its own
+    registered key, but another CA's certificate to check the SuperLink with.
     """
     stranger = make_credentials(deployment.directory / "stranger", 1)
-    ports = free_ports(3)
+    ports = free_ports(4)
     args = {
-        "stranger": deployment.plain_args(0, ports[0], key=stranger.node_key(0)),
-        "anonymous": deployment.plain_args(0, ports[1], auth=False),
-        "plaintext": deployment.plain_args(0, ports[2], tls=False, auth=False),
+        "stranger": deployment.plain_args(0, ports[0], key=stranger.node_key(0), trainer=False),
+        "anonymous": deployment.plain_args(0, ports[1], auth=False, trainer=False),
+        "plaintext": deployment.plain_args(0, ports[2], tls=False, auth=False, trainer=False),
+        "wrong-ca": deployment.plain_args(0, ports[3], trainer=False),
     }
+    ca = args["wrong-ca"].index("--root-certificates") + 1
+    args["wrong-ca"][ca] = str(stranger.ca_cert)
+    superlink_log = deployment.logs / "superlink.log"
+    mark = superlink_log.stat().st_size
     procs = {name: deployment.spawn(name, [*a, "--max-retries", "2"]) for name, a in args.items()}
     deadline = time.monotonic() + 90
     for name, proc in procs.items():
@@ -378,7 +432,9 @@ def intruders(deployment: TracedDeployment) -> dict[str, tuple[int, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail(f"{name} was not refused within 90 s")
-    return {name: (p.returncode, (deployment.logs / f"{name}.log").read_text()) for name, p in procs.items()}
+    found = {name: (p.returncode, (deployment.logs / f"{name}.log").read_text()) for name, p in procs.items()}
+    time.sleep(1)  # the SuperLink's log lines for the last refusal
+    return {**found, "superlink": (0, superlink_log.read_text()[mark:])}
 
 
 @pytest.mark.e2e
@@ -398,8 +454,11 @@ def test_ffa_lora_job_completes_on_three_authenticated_nodes(
     assert summary["labels"] == TOPIC_NAMES
     assert summary["majority_accuracy"] == pytest.approx(0.2)  # the server's own test file: 12 per topic
     assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()
-    for i in range(NODES):  # every SuperNode started ClientApp processes for its messages
-        assert "Start `flwr-clientapp` process" in (deployment.logs / f"supernode-{i}.log").read_text()
+    for i in range(NODES):  # every SuperNode started ClientApp processes, which handed over to its trainer
+        log = (deployment.logs / f"supernode-{i}.log").read_text()
+        assert "Start `flwr-clientapp` process" in log and "fedlora: warm trainer ready at " in log
+        assert log.count("fedlora: warm trainer: train message of run ") == 2, log[-3000:]
+        assert log.count("fedlora: warm trainer: evaluate message of run ") == 1, log[-3000:]
 
 
 @pytest.mark.e2e
@@ -492,6 +551,27 @@ def test_supernode_without_a_key_is_refused(intruders: dict[str, tuple[int, str]
 
 
 @pytest.mark.e2e
+def test_supernode_with_another_ca_is_refused(intruders: dict[str, tuple[int, str]]) -> None:
+    code, log = intruders["wrong-ca"]
+    assert code == 1 and "could not establish a connection" in log, log
+
+
+@pytest.mark.e2e
+def test_the_superlink_logs_the_refusals_flower_sees(intruders: dict[str, tuple[int, str]]) -> None:
+    """Flower logs a refused key (an error line and the access line's 412) and a node without a key;
+    plaintext and wrong-CA connections fail in the TLS handshake, before Flower sees a request: Flower
+    1.42 logs nothing for them (docs/deploy.md, section 9)."""
+    _, log = intruders["superlink"]
+    assert (
+        "[/v1/fleet/activate-node][ApiError:2004]" in log
+        and "No SuperNode found with the given public key" in log
+    )
+    assert '"POST /v1/fleet/activate-node HTTP/1.1" 412' in log
+    assert "[/v1/fleet/register-node][ApiError:2001]" in log
+    assert set(re.findall(r"ApiError:(\d+)", log)) == {"2004", "2001"}, log  # none for plaintext, wrong CA
+
+
+@pytest.mark.e2e
 def test_plaintext_client_is_refused(
     deployment: TracedDeployment, intruders: dict[str, tuple[int, str]]
 ) -> None:
@@ -511,6 +591,23 @@ def test_health_command_answers_for_the_superlink(deployment: TracedDeployment, 
     dead = health(f"127.0.0.1:{free_ports(1)[0]}")
     assert dead.returncode == 1
     assert dead.stderr.strip().startswith("error: no healthy Flower process answers at 127.0.0.1:")
+
+
+@pytest.mark.e2e
+def test_status_shows_every_node_online_and_the_runs_last_round(  # type: ignore[no-untyped-def]
+    deployment: TracedDeployment, finished_run: Path, run_cli
+) -> None:
+    proc = run_cli(
+        "deploy", "status", deployment.federation, env={"FLWR_HOME": str(deployment.home)}, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith(f"SuperLink {deployment.federation} ({deployment.address}): ")
+    assert lines[0].endswith(f"{NODES} SuperNodes registered, {NODES} online"), lines
+    nodes = [line for line in lines if line.startswith("  node ")]
+    assert len(nodes) == NODES and all(": online, last heartbeat " in line for line in nodes), lines
+    (run,) = [line for line in lines if line.startswith("run ")]
+    assert ": finished:completed, round 2/2: done: clients 3 " in run, lines
 
 
 @pytest.mark.e2e

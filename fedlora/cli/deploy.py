@@ -1,4 +1,5 @@
-"""``fedlora deploy`` (SuperNodes on loopback, a node's key pair, health checks) and ``fedlora models``."""
+"""``fedlora deploy`` (SuperNodes on loopback, a SuperNode with its warm trainer, a node's key pair, health
+checks, the federation's status) and ``fedlora models``."""
 
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ def deploy_local(
         typer.Option(help="experiment to check first (the --data files against its labels) and to print"),
     ] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a key of --experiment")] = None,
+    trainer: Annotated[
+        bool,
+        typer.Option(help="a warm trainer per SuperNode (keeps torch, the model and the data loaded)"),
+    ] = True,
 ) -> None:
     """Bring up a SuperLink (TLS, node authentication) and N SuperNodes on loopback until Ctrl-C."""
     files = tuple(data or ())
@@ -85,9 +90,38 @@ def deploy_local(
             data_paths=files,
             experiment=experiment,
             overrides=overrides,
+            trainer=trainer,
         )
     except DeployError as exc:
         fail(str(exc), code=1)
+
+
+@deploy_app.command("supernode", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def deploy_supernode(
+    command: Annotated[
+        list[str], typer.Argument(help="the SuperNode's command line, after --: flower-supernode ARGS")
+    ],
+    trainer: Annotated[
+        bool, typer.Option(help="start the node's warm trainer (--no-trainer: each message trains itself)")
+    ] = True,
+    socket_dir: Annotated[
+        Path | None, typer.Option(help="where the trainer's private socket folder goes (default: TMPDIR)")
+    ] = None,
+) -> None:
+    """Start this node's warm trainer, then run the SuperNode (it replaces this process).
+
+    The trainer keeps torch, the base model and the node's tokenised data loaded; each message's
+    ClientApp process hands its message to it over a Unix socket only the node's user can open, and
+    the trainer ends with the SuperNode. Example: fedlora deploy supernode -- flower-supernode
+    --superlink operator.example.org:8000 --root-certificates ca.crt ...
+    """
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.run.trainer import DeployError, launch_supernode
+
+    try:
+        launch_supernode(command, trainer=trainer, socket_dir=socket_dir)
+    except DeployError as exc:
+        fail(str(exc))
 
 
 @deploy_app.command("keygen")
@@ -128,3 +162,26 @@ def deploy_health(
     if not healthy(address):
         fail(f"no healthy Flower process answers at {address}", code=1)
     typer.echo(f"{address}: serving")
+
+
+@deploy_app.command("status")
+def deploy_status(
+    superlink: Annotated[
+        str | None,
+        typer.Argument(help="the connection's name in $FLWR_HOME/config.toml (default: its default)"),
+    ] = None,
+    runs: Annotated[int, typer.Option(help="how many of the newest runs to show")] = 3,
+) -> None:
+    """The federation as the SuperLink sees it: its SuperNodes (online or not, last heartbeat), its runs
+    and the current run's round. Uses the connection `flwr` uses (FLWR_HOME)."""
+    if runs < 1:
+        fail(f"--runs {runs} is invalid: expected an integer >= 1")
+    # start-up: imported when the command runs, so `fedlora --help` stays fast
+    from fedlora.run.status import DeployError, federation_status, status_lines
+
+    try:
+        status = federation_status(superlink)
+    except DeployError as exc:
+        fail(str(exc), code=1)
+    for line in status_lines(status, runs):
+        typer.echo(line)

@@ -76,6 +76,8 @@ class LocalDeployment:
     ``app_dir`` is the Flower App (the repository root), the working directory of every process.
     ``data_paths``: one labelled file per SuperNode (its node config's ``data-path``: the node trains on
     that file and reads no other data); empty = every node takes its partition of ``data.source``.
+    ``trainer``: each SuperNode starts with its warm trainer (``fedlora deploy supernode``,
+    :mod:`fedlora.run.trainer`); false: every message's ClientApp process trains itself.
     """
 
     directory: Path
@@ -85,6 +87,7 @@ class LocalDeployment:
     host: str = "127.0.0.1"
     start_timeout: float = 90.0
     data_paths: tuple[Path, ...] = ()
+    trainer: bool = True
     env: dict[str, str] = field(init=False)
     port: int = field(init=False, default=0)
     health_port: int = field(init=False, default=0)
@@ -203,14 +206,24 @@ class LocalDeployment:
             time.sleep(0.2)
 
     def supernode_args(
-        self, i: int, port: int, *, key: Path | None = None, tls: bool = True, auth: bool = True
+        self,
+        i: int,
+        port: int,
+        *,
+        key: Path | None = None,
+        tls: bool = True,
+        auth: bool = True,
+        trainer: bool | None = None,
     ) -> list[str]:
         """Command line of SuperNode ``i`` (partition ``i`` of ``num_nodes``), runtime API on ``port``.
 
         ``key`` defaults to node ``i``'s own key; ``tls=False`` or ``auth=False`` build the clients the
-        SuperLink must refuse (plaintext, or without an authentication key).
+        SuperLink must refuse (plaintext, or without an authentication key). ``trainer`` (default: the
+        deployment's) starts it through ``fedlora deploy supernode`` with its warm trainer.
         """
-        args = [flower_bin("flower-supernode"), "--superlink", self.address]
+        launcher = [sys.executable, "-m", "fedlora.cli", "deploy", "supernode", "--"]
+        warm = self.trainer if trainer is None else trainer
+        args = [*(launcher if warm else []), flower_bin("flower-supernode"), "--superlink", self.address]
         args += ["--root-certificates", str(self.credentials.ca_cert)] if tls else ["--insecure"]
         if auth:
             args += ["--auth-supernode-private-key", str(key or self.credentials.node_key(i))]
@@ -318,6 +331,7 @@ def serve(
     data_paths: tuple[Path, ...] = (),
     experiment: Path | None = None,
     overrides: tuple[str, ...] = (),
+    trainer: bool = True,
 ) -> None:
     """``fedlora deploy local``: bring the topology up, say how to submit a run, wait for Ctrl-C.
 
@@ -334,10 +348,13 @@ def serve(
 
     previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with LocalDeployment(directory, num_nodes, federation, data_paths=data_paths) as deployment:
+        with LocalDeployment(
+            directory, num_nodes, federation, data_paths=data_paths, trainer=trainer
+        ) as deployment:
+            warm = ", each with its warm trainer" if trainer else ""
             echo(
                 f"SuperLink {deployment.address} (TLS, SuperNode authentication) with {num_nodes} "
-                f"registered SuperNodes online; logs in {deployment.logs}"
+                f"registered SuperNodes online{warm}; logs in {deployment.logs}"
             )
             echo("Submit a run from this directory in another terminal:")
             echo(f"  {deployment.submit_command(experiment, overrides)}")
