@@ -43,7 +43,7 @@ test: setup
 
 # Leaves out end-to-end runs (e2e), the real MiniLM and corpus (real_model) and CLI subprocesses (cli).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not e2e and not real_model and not cli"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not e2e and not real_model and not cli"
 
 lint: setup
 	$(BIN)/ruff check .

@@ -251,6 +251,7 @@ def test_a_range_with_when_is_searched_only_in_the_cells_it_names() -> None:
         grid(tune={"train.lr": {"low": 1e-3, "high": 0.1, "when": ["dp"]}})
 
 
+@pytest.mark.cli
 def test_the_cli_searches_then_adds_seeds_until_the_rule_stops(
     tmp_path: Path, stand_in_runs: None, run_in_process
 ) -> None:  # type: ignore[no-untyped-def]
