@@ -167,6 +167,19 @@ def test_adapter_state_keys_are_peft_keys_listed_once_per_model(bert, monkeypatc
         load_adapter_state(bert, {"base_model.model.nope.lora_A.weight": torch.zeros(1)})
 
 
+def test_adapter_state_keys_follow_cores_added_and_removed(bert) -> None:  # type: ignore[no-untyped-def]
+    """Fed-SB adds an r x r core to every adapted layer after its warm-up (and a later message may come
+    without it): the listed keys follow the model, or loading R would fail as 'keys the model lacks'."""
+    from fedlora.core.model import adapters, cores
+
+    before = adapters.adapter_state_keys(bert)
+    cores.set_cores(bert, True)
+    with_cores = adapters.adapter_state_keys(bert)
+    assert with_cores == list(adapter_state(bert)) and any(".lora_R." in k for k in with_cores)
+    cores.set_cores(bert, False)
+    assert adapters.adapter_state_keys(bert) == before
+
+
 def test_lora_scale_conventions() -> None:
     assert lora_scale(LoraConfig(rank=8, alpha=16)) == 2.0
     assert lora_scale(LoraConfig(rank=16, alpha=16, rslora=True)) == 4.0

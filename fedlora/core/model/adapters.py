@@ -73,17 +73,19 @@ def load_adapter_state(model: PeftModel, state: Mapping[str, torch.Tensor]) -> N
         raise KeyError(f"peft rejected adapter keys: {unexpected[:3]}")
 
 
-_KEYS: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
+_KEYS: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[str, ...]]] = weakref.WeakKeyDictionary()
 
 
 def adapter_state_keys(model: PeftModel) -> list[str]:
-    """The names of all adapter and head tensors, in peft's order; computed once per model (they are
-    fixed once LoRA is injected, and peft takes 0.3 CPU-seconds to list them for SmolLM2: a warm
-    trainer or a Ray actor would pay that for every message)."""
-    keys = _KEYS.get(model)
-    if keys is None:
-        keys = _KEYS[model] = tuple(get_peft_model_state_dict(model))
-    return list(keys)
+    """The names of all adapter and head tensors, in peft's order; listed again only when the model's
+    parameters change in number (a strategy that adds adapter matrices, as Fed-SB's R after its warm-up):
+    peft takes 0.3 CPU-seconds to list them for SmolLM2, which a warm trainer or a Ray actor would
+    otherwise pay for every message; counting the parameters takes about a millisecond."""
+    count = sum(1 for _ in model.parameters())
+    cached = _KEYS.get(model)
+    if cached is None or cached[0] != count:
+        cached = _KEYS[model] = (count, tuple(get_peft_model_state_dict(model)))
+    return list(cached[1])
 
 
 def set_trainable(model: nn.Module, frozen: frozenset[str] = frozenset()) -> None:
