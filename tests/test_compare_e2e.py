@@ -25,9 +25,9 @@ seeds = [0, 1]
 tune_seeds = [0]
 tune = {{ "train.lr" = [1e-4, 1e-2] }}
 target_accuracy = 0.4
-set = ["federation.num_clients=3", "federation.rounds=2", "train.local_steps=2", "data.max_examples=2000",
-       "data.test_size=100", "federation.fraction_evaluate=1.0", "data.max_length=32",
-       "federation.client_cpus=2", "federation.evaluate_every=2"]
+set = ["federation.num_clients=3", "federation.rounds=1", "train.local_steps=2", "data.max_examples=900",
+       "data.test_size=60", "federation.fraction_evaluate=1.0", "data.max_length=32",
+       "federation.client_cpus=2"]
 
 [[compare.axes]]
 key = "strategy.name"
