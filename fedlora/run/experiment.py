@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from fedlora.core.config import ConfigError, ExperimentConfig, load_config
+from fedlora.core.model.loading import load_tokenizer
 from fedlora.core.model.targets import resolve
 from fedlora.core.model.tree import head_notice, missing_weights, model_tree
 from fedlora.core.model.weights import model_dir, model_label, weight_shapes
@@ -178,6 +179,40 @@ def check_model(cfg: ExperimentConfig) -> None:
             f"config.json describes (no weight for {missing[0]}); copy the model's files again from the "
             "original, config.json and weights together"
         )
+    check_tokenizer(cfg, tree)
+
+
+def check_tokenizer(cfg: ExperimentConfig, tree: torch.nn.Module) -> None:
+    """The folder has a tokenizer with a vocabulary (transformers builds one of special tokens only from a
+    folder without tokenizer files, without a word), and every id it can produce has a row in the
+    model's input embeddings (added tokens without resized embeddings would fail in the first batch)."""
+    label = model_label(cfg.model.path)
+    try:
+        tokenizer = load_tokenizer(cfg.model.path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"model.path: {label} has no tokenizer transformers can load ({_first_line(exc)}); copy the "
+            "tokenizer files saved with the model into the folder"
+        ) from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ConfigError(
+            f"model.path: {label} has no tokenizer vocabulary (transformers built one of its "
+            f"{len(tokenizer)} special tokens only, so every word would be unknown); copy the tokenizer "
+            "files saved with the model (tokenizer.json, vocab.txt, ...) into the folder"
+        )
+    embeddings = tree.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ConfigError(
+            f"model.path: the tokenizer of {label} has {len(tokenizer)} tokens but the model's input "
+            f"embeddings have {rows} rows (ids from {rows} on would fail in training); use the tokenizer "
+            "saved with these weights, or resize the embeddings (model.resize_token_embeddings) and save both"
+        )
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:limit]
 
 
 def model_notice(cfg: ExperimentConfig) -> str:
