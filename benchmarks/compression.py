@@ -29,9 +29,13 @@ SHORT = [
     "federation.rounds=4",
     "train.local_steps=4",
     "federation.evaluate_every=2",
+    "data.partitioner='iid'",
+    "train.lr=1e-2",
 ]
-"""The quickstart (10 clients by tweet source, all sampled, batch 16, lr 5e-3) cut to 4 rounds of 4 local
-steps: a quarter of its training, about 100 s a run on an idle 2-core machine."""
+"""The quickstart (10 clients, all sampled, batch 16) cut to 4 rounds of 4 local steps, a quarter of its
+training, on an IID split at lr 1e-2: about 100 s a run on an idle 2-core machine. The quickstart's own
+split (by tweet source) and lr 5e-3 stay at the majority class for this long (42.4% at seed 0), so they
+could not show what compression costs."""
 VARIANTS = {
     "none": [],
     "fp16": ['compression.uplink="fp16"', 'compression.downlink="fp16"'],

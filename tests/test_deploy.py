@@ -315,6 +315,31 @@ def test_walkthrough_fails_when_the_doc_loses_a_step(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.e2e
+def test_walkthrough_fails_on_a_doc_command_that_does_not_work_as_printed(tmp_path: Path) -> None:
+    """The walkthrough runs the doc's commands for real: a typo in one (here the operator's `make
+    base-image` step) fails it with the block named, exit 1, and nothing of its projects left behind.
+    Needs podman (skips itself where podman cannot run, as the walkthrough does)."""
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    step = "```bash walkthrough=operator engine=podman\nmake base-image wheelhouse"
+    assert step in doc
+    broken = tmp_path / "deploy.md"
+    broken.write_text(doc.replace(step, step.replace("make base-image", "make base-imag")))
+    env = {**os.environ, "PYTHON": sys.executable, "FEDLORA_WALKTHROUGH_DOC": str(broken)}
+    script = str(ROOT / "deploy" / "walkthrough.sh")
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode == 0 and "walkthrough: skipped:" in proc.stdout:
+        pytest.skip(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "make: *** No rule to make target 'base-imag'" in proc.stdout, proc.stdout[-2000:]
+    assert re.search(
+        r"walkthrough: error: operator: a command of block \d+ failed \(see above\); the doc's step does "
+        r"not work as printed",
+        proc.stderr,
+    ), proc.stderr
+    assert "nothing left: no container, volume or network of fedlora-walk-*" in proc.stdout
+
+
 # -- the live topology ---------------------------------------------------------------------------
 class TracedDeployment(LocalDeployment):
     """A deployment whose SuperNodes run under strace (where it is installed): ``opens(i)`` is every
