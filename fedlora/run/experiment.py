@@ -200,7 +200,7 @@ def check_tokenizer(cfg: ExperimentConfig, tree: torch.nn.Module) -> None:
             f"{len(tokenizer)} special tokens only, so every word would be unknown); copy the tokenizer "
             "files saved with the model (tokenizer.json, vocab.txt, ...) into the folder"
         )
-    embeddings = tree.get_input_embeddings()
+    embeddings = getattr(tree, "get_input_embeddings", lambda: None)()  # a transformers model's
     rows = getattr(embeddings, "num_embeddings", None)
     if rows is not None and len(tokenizer) > rows:
         raise ConfigError(
