@@ -243,7 +243,9 @@ timings+=("compose up to $NODES nodes online: $(since "$t_up") s")
 # -- what each node's processes open from now on: strace on the host, attached to every process of the
 # container (the SuperNode, its warm trainer) and following the ClientApp processes they start -------
 for ((i = 0; i < NODES; i++)); do
-  pids=$(podman top "${PROJECT}_supernode-${i}_1" hpid | tail -n +2 | tr -s ' \n' ' ')
+  # host PIDs only: podman top prints '?' for a process it cannot map (one that just ended), and a
+  # single '?' among strace's -p arguments would leave the whole node untraced
+  pids=$(podman top "${PROJECT}_supernode-${i}_1" hpid | tail -n +2 | grep -Eo '^ *[0-9]+' | tr -s ' \n' ' ')
   [[ -n "${pids// /}" ]] || fail "no process in ${PROJECT}_supernode-${i}_1 to trace"
   args=()
   for pid in $pids; do args+=(-p "$pid"); done
